@@ -1,0 +1,74 @@
+"""The Krotov-Hopfield rank-update rule: the torch reference every faster backend is tested against.
+
+Grinberg, Hopfield & Krotov (2019), with the options of Krotov & Hopfield's original code (PNAS
+2019). For a minibatch of patches v^A (B x N) and weights M (K x N):
+
+    h_mu(A)  = sum_i sign(M_mu,i) |M_mu,i|^(p-1) v^A_i          currents, Lebesgue power p
+    g_mu(A)  = 1 for the unit with the largest current, -delta for the unit of rank m, else 0
+    ds       = g^T v - (sum_A g h) * M                            (K x N)
+    M       += eps * ds / max|ds|
+
+p = 2 gives the plain dot product. Rows converge to unit length (for p = 2; to unit p-norm in
+general). Ties between equal currents have probability zero for continuous data; ``torch.topk``
+breaks them as it likes, the CUDA kernel breaks them towards the lower unit index.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from edgehebb.errors import EdgehebbError
+
+# Floor of the max|ds| normaliser, as in the original code: a minibatch that moves nothing
+# (all-zero patches) must not divide by zero.
+PRECISION = 1e-30
+
+
+@dataclass
+class StepResult:
+    winners: torch.Tensor  # (B,) int64 index of the top-1 unit of each patch
+    ranked: torch.Tensor  # (B,) int64 index of the rank-m unit of each patch
+    scale: torch.Tensor  # 0-d, max|ds| of the step before the floor (a tensor: no device sync)
+
+
+def check_rule(filters: int, rank: int, power: float, delta: float) -> None:
+    """Reject settings under which the rule is undefined."""
+    if filters < 2:
+        raise EdgehebbError(f"need at least 2 filters for the rank-update rule, got K={filters}")
+    if not 2 <= rank <= filters:
+        raise EdgehebbError(f"rank m must be in [2, K={filters}], got m={rank}")
+    if power < 1:
+        raise EdgehebbError(f"Lebesgue power p must be >= 1, got p={power}")
+    if delta < 0:
+        raise EdgehebbError(f"anti-Hebbian strength delta must be >= 0, got {delta}")
+
+
+def init_weights(filters: int, dim: int, seed: int) -> torch.Tensor:
+    """Standard-normal K x N weights from a CPU generator, so every device starts from the same M."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(filters, dim, generator=gen, dtype=torch.float32)
+
+
+def currents(M: torch.Tensor, v: torch.Tensor, power: float) -> torch.Tensor:
+    """h (B x K): each patch's input current into every unit."""
+    if power == 2.0:
+        return v @ M.T
+    return v @ (M.sign() * M.abs().pow(power - 1.0)).T
+
+
+def rank_update(M: torch.Tensor, v: torch.Tensor, eps: float, power: float = 2.0,
+                delta: float = 0.4, rank: int = 2) -> StepResult:
+    """One minibatch step of the rule, updating ``M`` in place."""
+    h = currents(M, v, power)
+    top = torch.topk(h, rank, dim=1).indices
+    winners, ranked = top[:, 0], top[:, rank - 1]
+    rows = torch.arange(v.shape[0], device=v.device)
+    g = torch.zeros_like(h)
+    g[rows, winners] = 1.0
+    g[rows, ranked] = -delta
+    ds = g.T @ v - (g * h).sum(dim=0)[:, None] * M
+    scale = ds.abs().max()
+    M.add_(ds * (eps / scale.clamp_min(PRECISION)))
+    return StepResult(winners, ranked, scale)

@@ -1,0 +1,77 @@
+"""Cutting W x W x C patches out of images on the fly, and the per-patch preprocessing.
+
+Images stay resident on the device as one uint8 tensor (N, C, H, Wd); a patch is named by one
+integer ``index = (image * ny + row) * nx + col`` over the grid of patch positions. Gathering a
+minibatch of patches reads ``B * C * W * W`` bytes and never builds the full patch matrix, which for
+CIFAR-10 (50,000 images, W=4, stride 1) would be 42 M patches x 48 values.
+
+A patch vector is laid out (C, W, W) row-major, the same order as a ``conv2d`` weight of shape
+(K, C, W, W): a filter bank learned here is a convolution weight without any transposition.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from edgehebb.errors import EdgehebbError
+
+PREPROCESS = ("none", "center", "unit", "center-unit")
+
+
+def patch_grid(height: int, width: int, kernel: int, stride: int) -> tuple[int, int]:
+    """Number of patch positions (rows, cols) of a ``kernel`` window moved by ``stride``."""
+    if kernel < 1 or stride < 1:
+        raise EdgehebbError(f"kernel and stride must be >= 1, got kernel={kernel}, stride={stride}")
+    if kernel > height or kernel > width:
+        raise EdgehebbError(f"kernel W={kernel} is larger than the images ({height}x{width})")
+    return (height - kernel) // stride + 1, (width - kernel) // stride + 1
+
+
+class PatchSampler:
+    """Gathers patches by index from a stack of uint8 images held on one device."""
+
+    def __init__(self, images: torch.Tensor, kernel: int, stride: int = 1):
+        if images.dtype != torch.uint8 or images.dim() != 4:
+            raise EdgehebbError(f"images must be a uint8 tensor (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
+        self.images = images.contiguous()
+        n, c, h, w = images.shape
+        self.kernel, self.stride = kernel, stride
+        self.ny, self.nx = patch_grid(h, w, kernel, stride)
+        self.n_patches = n * self.ny * self.nx
+        self.dim = c * kernel * kernel
+        dev = images.device
+        ch, i, j = torch.meshgrid(torch.arange(c), torch.arange(kernel), torch.arange(kernel), indexing="ij")
+        # offset of each patch element from the patch's top-left corner in the flat image buffer
+        self._offsets = (ch * h * w + i * w + j).reshape(-1).to(dev)
+        self._hw, self._w, self._chw = h * w, w, c * h * w
+
+    def corners(self, index: torch.Tensor) -> torch.Tensor:
+        """Flat buffer offset of the top-left element of each indexed patch."""
+        per_image = self.ny * self.nx
+        img, r = index // per_image, index % per_image
+        row, col = r // self.nx, r % self.nx
+        return img * self._chw + row * self.stride * self._w + col * self.stride
+
+    def gather(self, index: torch.Tensor) -> torch.Tensor:
+        """float32 patches (B, C*W*W) in [0, 1] for int64 patch indices ``index`` (B,)."""
+        flat = self.images.view(-1)
+        at = self.corners(index.to(self.images.device))[:, None] + self._offsets[None, :]
+        return flat[at].float().div_(255.0)
+
+
+def preprocess(v: torch.Tensor, mode: str, eps: float = 1e-8) -> torch.Tensor:
+    """Per-patch preprocessing before learning.
+
+    ``none``: pixel values in [0, 1] as in Krotov & Hopfield's code. ``center``: subtract each patch's
+    mean. ``unit``: scale each patch to unit length (the NNL-CONV patch normalisation).
+    ``center-unit``: both. ``eps`` keeps a flat black patch from dividing by zero.
+    """
+    if mode == "none":
+        return v
+    if mode not in PREPROCESS:
+        raise EdgehebbError(f"unknown preprocessing {mode!r}; choose one of {', '.join(PREPROCESS)}")
+    if mode.startswith("center"):
+        v = v - v.mean(dim=1, keepdim=True)
+    if mode.endswith("unit"):
+        v = v / (v.norm(dim=1, keepdim=True) + eps)
+    return v

@@ -1,0 +1,97 @@
+"""Model directories and checkpoints: tensors in safetensors, everything else in JSON, written atomically.
+
+A learned filter bank is a directory with ``config.json`` (hyperparameters, data source, seed,
+package version, per-epoch history) and ``filters.safetensors`` (tensor ``filters``, float32,
+shape (K, C, W, W): a ``conv2d`` weight). Nothing here unpickles anything.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from edgehebb.errors import EdgehebbError
+
+FILTERS_FILE = "filters.safetensors"
+CONFIG_FILE = "config.json"
+CHECKPOINT_FILE = "checkpoint.safetensors"
+FORMAT = "edgehebb.filters/1"
+
+
+def atomic_write(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that a reader sees the old file or the new one, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: str | os.PathLike, obj) -> None:
+    atomic_write(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+def read_json(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise EdgehebbError(f"{path} does not exist")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise EdgehebbError(f"{path} is not valid JSON: {e}") from None
+
+
+def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict | None = None) -> None:
+    """safetensors file; ``meta`` travels JSON-encoded in the header's metadata."""
+    header = {"json": json.dumps(meta)} if meta is not None else None
+    atomic_write(path, st_save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=header))
+
+
+def load_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict | None]:
+    path = Path(path)
+    if not path.is_file():
+        raise EdgehebbError(f"{path} does not exist")
+    data = path.read_bytes()
+    try:
+        tensors = st_load(data)
+        header_len = int.from_bytes(data[:8], "little")
+        meta = json.loads(data[8:8 + header_len]).get("__metadata__", {})
+    except (SafetensorError, ValueError, json.JSONDecodeError) as e:
+        raise EdgehebbError(f"{path} is not a safetensors file: {e}") from None
+    return tensors, (json.loads(meta["json"]) if "json" in meta else None)
+
+
+def save_filters(model_dir: str | os.PathLike, filters: torch.Tensor, config: dict) -> None:
+    """Write a filter bank (K, C, W, W) and its config into ``model_dir``."""
+    model_dir = Path(model_dir)
+    save_tensors(model_dir / FILTERS_FILE, {"filters": filters.float()})
+    atomic_write_json(model_dir / CONFIG_FILE, {"format": FORMAT, **config})
+
+
+def load_filters(model_dir: str | os.PathLike) -> tuple[torch.Tensor, dict]:
+    """(filters (K, C, W, W) float32, config) of a model directory written by ``save_filters``."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise EdgehebbError(f"{model_dir} is not a directory")
+    config = read_json(model_dir / CONFIG_FILE)
+    if config.get("format") != FORMAT:
+        raise EdgehebbError(f"{model_dir / CONFIG_FILE} is not an edgehebb filter bank (format {config.get('format')!r})")
+    tensors, _ = load_tensors(model_dir / FILTERS_FILE)
+    filters = tensors.get("filters")
+    if filters is None or filters.dim() != 4:
+        raise EdgehebbError(f"{model_dir / FILTERS_FILE} holds no (K, C, W, W) tensor named 'filters'")
+    return filters, config

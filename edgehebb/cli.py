@@ -40,14 +40,14 @@ def data_option(f):
 @click.option("--filters", "-K", type=click.IntRange(min=1), default=400, help="Number of filters K.")
 @click.option("--kernel", "-W", type=click.IntRange(min=1), default=4, help="Filter size W (W x W x C patches).")
 @click.option("--stride", type=click.IntRange(min=1), default=1, help="Step between patch positions.")
-@click.option("--epochs", type=click.IntRange(min=1), default=2, help="Passes over all patches; eps anneals to 0 over them.")
+@click.option("--epochs", type=click.IntRange(min=1), default=1, help="Passes over all patches; eps anneals to 0 over them.")
 @click.option("--batch", "-B", type=click.IntRange(min=1), default=1000, help="Patches per minibatch.")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=0.02, help="Initial learning rate eps0.")
 @click.option("--power", "-p", type=click.FloatRange(min=1), default=2.0, help="Lebesgue power p of the currents (2: dot product).")
 @click.option("--delta", type=click.FloatRange(min=0), default=0.4, help="Anti-Hebbian strength for the rank-m unit.")
 @click.option("--rank", "-m", type=click.IntRange(min=2), default=2, help="Rank m of the unit pushed away.")
-@click.option("--preprocess", type=click.Choice(["none", "center", "unit", "center-unit"]), default="none",
-              help="Per-patch preprocessing before learning.")
+@click.option("--preprocess", type=click.Choice(["none", "center", "unit", "center-unit"]), default="center-unit",
+              help="Per-patch preprocessing before learning (none: raw [0, 1] pixels, which collapse most units).")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Use a class-balanced subset of N training images.")
 @click.option("--skip-bad", is_flag=True, help="Skip unreadable images (counted) instead of stopping.")
 @click.option("--backend", type=click.Choice(["auto", "torch", "pycuda"]), default="torch",

@@ -31,13 +31,13 @@ class LearnConfig:
     filters: int = 400
     kernel: int = 4
     stride: int = 1
-    epochs: int = 2
+    epochs: int = 1
     batch: int = 1000
     lr: float = 0.02
     power: float = 2.0
     delta: float = 0.4
     rank: int = 2
-    preprocess: str = "none"
+    preprocess: str = "center-unit"
     seed: int = 0
 
     def check(self, image_shape: tuple[int, int, int]) -> None:

@@ -63,12 +63,12 @@ def learn_to_dir(images, config: LearnConfig, out: str | Path, *, data_key: dict
         raise EdgehebbError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
 
     def checkpoint(s: LearnState) -> None:
-        h = s.history[-1]
-        log(f"epoch {h.epoch}/{config.epochs}  eps {h.eps:.4g}  |norm-1| {h.norm_error:.4f}  "
-            f"dead {h.dead_fraction:.1%}  {h.seconds:.1f}s  {h.patches_per_s / 1e6:.2f} M patches/s")
         meta = {"learn": dataclasses.asdict(config), "data": data_key, "epochs_done": s.epochs_done,
                 "history": [dataclasses.asdict(x) for x in s.history]}
         save_tensors(out / CHECKPOINT_FILE, {"weights": s.weights}, meta)
+        h = s.history[-1]
+        log(f"epoch {h.epoch}/{config.epochs}  eps {h.eps:.4g}  |norm-1| {h.norm_error:.4f}  "
+            f"dead {h.dead_fraction:.1%}  {h.seconds:.1f}s  {h.patches_per_s / 1e6:.2f} M patches/s")
 
     c = images.shape[3]
     state = learn(images, config, backend=backend, device=device, state=state, on_epoch=checkpoint, progress=progress)

@@ -22,7 +22,7 @@ class TorchBackend:
     def __init__(self, images: np.ndarray, config, weights: torch.Tensor, device: str = "cpu"):
         self.config = config
         self.device = torch.device(device)
-        nchw = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).contiguous()
+        nchw = torch.tensor(images).permute(0, 3, 1, 2).contiguous()  # copies: images may be a read-only memmap
         self.sampler = PatchSampler(nchw.to(self.device), config.kernel, config.stride)
         self.M = weights.to(self.device, torch.float32).clone()
 

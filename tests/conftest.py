@@ -1,0 +1,62 @@
+"""Shared fixtures: synthetic image folders, the optional real CIFAR-10 copy, and assert_close."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+
+def assert_close(actual, expected, rtol: float, atol: float, what: str = "values") -> None:
+    """Like torch.testing.assert_close, but names the worst element and its index."""
+    a = torch.as_tensor(actual).double()
+    e = torch.as_tensor(expected).double()
+    assert a.shape == e.shape, f"{what}: shape {tuple(a.shape)} != {tuple(e.shape)}"
+    assert not torch.isnan(a).any(), f"{what}: NaN in result"
+    err = (a - e).abs() - (atol + rtol * e.abs())
+    worst = int(err.flatten().argmax())
+    if err.flatten()[worst] > 0:
+        idx = np.unravel_index(worst, tuple(a.shape))
+        raise AssertionError(f"{what}: worst element {idx}: {a.flatten()[worst].item():.8g} vs "
+                             f"{e.flatten()[worst].item():.8g} (rtol={rtol}, atol={atol})")
+
+
+@pytest.fixture(scope="session")
+def cifar_root() -> Path:
+    path = os.environ.get("EDGEHEBB_DATA")
+    if not path or not Path(path).is_dir():
+        pytest.skip("real-data test: set EDGEHEBB_DATA to a CIFAR-10 copy (CI uses ../shared/data/cifar10)")
+    return Path(path)
+
+
+@pytest.fixture
+def image_tree(tmp_path) -> Path:
+    """A tiny image-folder tree: train/ and test/ with 3 classes of 8 random 16x16 PNGs each."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for cls in ("cat", "dog", "frog"):
+            d = tmp_path / "data" / split / cls
+            d.mkdir(parents=True)
+            for i in range(8):
+                Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(d / f"{i:04d}.png")
+    return tmp_path / "data"
+
+
+@pytest.fixture
+def images() -> np.ndarray:
+    """Structured synthetic images (oriented gratings plus noise) for learning tests."""
+    rng = np.random.default_rng(1)
+    yy, xx = np.mgrid[0:16, 0:16]
+    out = []
+    for _ in range(40):
+        angle, freq = rng.uniform(0, np.pi), rng.uniform(0.3, 1.2)
+        wave = np.sin(freq * (np.cos(angle) * xx + np.sin(angle) * yy) + rng.uniform(0, 6.3))
+        colour = rng.uniform(0.2, 1.0, 3)
+        img = 128 + 100 * wave[..., None] * colour + rng.normal(0, 10, (16, 16, 3))
+        out.append(np.clip(img, 0, 255).astype(np.uint8))
+    return np.stack(out)

@@ -1,0 +1,30 @@
+"""The README's two set-up commands stay the ones that CI runs and that exist as commands."""
+
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def readme_commands() -> list[str]:
+    blocks = re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    return [b.strip() for b in blocks]
+
+
+def test_ci_runs_the_readme_test_command():
+    commands = readme_commands()
+    assert len(commands) == 2, commands
+    assert "pytest" in commands[1]
+    ci_lines = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
+    assert commands[1] in ci_lines
+
+
+def test_readme_main_job_uses_real_options():
+    from click.testing import CliRunner
+
+    from edgehebb.cli import cli
+
+    main_job = readme_commands()[0].split("&& edgehebb ")[-1].split()
+    help_text = CliRunner().invoke(cli, [main_job[0], "--help"]).output
+    for option in (w for w in main_job if w.startswith("--")):
+        assert option in help_text, option

@@ -50,7 +50,7 @@ def data_option(f):
               help="Per-patch preprocessing before learning (none: raw [0, 1] pixels, which collapse most units).")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Use a class-balanced subset of N training images.")
 @click.option("--skip-bad", is_flag=True, help="Skip unreadable images (counted) instead of stopping.")
-@click.option("--backend", type=click.Choice(["auto", "torch", "pycuda"]), default="torch",
+@click.option("--backend", type=click.Choice(["auto", "torch", "pycuda"]), default="auto",
               help="torch (CPU or CUDA), pycuda (our CUDA kernel), auto (pycuda when usable).")
 @click.option("--device", type=DEVICES, default="auto", help="Device of the torch backend.")
 @click.option("--seed", type=int, default=0, help="Seeds the initial weights and every epoch's shuffle.")

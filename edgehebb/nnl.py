@@ -1,0 +1,343 @@
+"""NNL-CONV networks (Grinberg, Hopfield & Krotov 2019) and their standard-CONV twins.
+
+One NNL-CONV block, for every W x W x C patch v of the image (a filter bank M with rows M_mu)::
+
+    v   <- v - mean(v)                         (center=True; center=False is the paper's plain norm)
+    u    = v / (|v| + eps)                     patch normalisation (eps: see EPS below)
+    c_mu = <M_mu / |M_mu|, u>                  a cosine in [-1, 1]
+    h_mu = max over a pool window of f(c_mu),  f(x) = ReLU(x)^n  (x clipped at 1 against rounding)
+
+ReLU(x)^n is monotonic, so max-pooling the cosines first and raising only the pooled values to n
+gives the same numbers for a fraction of the work; both orders are kept (``pool_first``) so the
+tests can show it. A network runs several blocks side by side on the input image, flattens and
+concatenates their pooled maps, and a linear layer (softmax classifier) maps them to logits.
+
+Nothing cuts patches out of the image: with s_1 = sum of v and s_2 = sum of v^2 over a window
+(``conv2d`` with a ones kernel), |v - mean|^2 = s_2 - s_1^2 / N and, for a unit filter m,
+<m, v - mean> = <m - mean(m), v>, one ordinary convolution with the centred filters.
+
+Filters are (K, C, W, W) ``conv2d`` weights, as :mod:`edgehebb.patches` lays out a patch; images
+are float NCHW in [0, 1]. Architectures are :class:`NetSpec` objects read from JSON in ``models/``.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import json
+import math
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from edgehebb.errors import EdgehebbError
+
+# Added to the patch norm before dividing, u = v / (|v| + EPS). It keeps a flat patch (|v| = 0: black,
+# or with centring any uniform region) at cosine ~0 instead of 0/0 or rounding noise: in float32
+# the centred dot product of a flat patch is not exactly 0 but up to ~2e-7 (measured on CIFAR-10),
+# so EPS = 1e-6 would let flat patches report cosines up to ~0.2, while 1e-4 keeps them below 2e-3.
+# It is still small beside a patch that differs from flat by one grey level
+# (|v| >= (1/255) * sqrt(1 - 1/N) ~ 3.9e-3: at most 2.5% attenuation there, ~0.1% for typical patches).
+EPS = 1e-4
+
+
+# ----------------------------------------------------------------------------- specs
+
+@dataclass(frozen=True)
+class BlockSpec:
+    kernel: int            # W: patches are W x W x C
+    filters: int           # K: filters (units) in the bank
+    power: float           # n in ReLU(x)^n
+    pool: int              # max-pool window (square)
+    pool_stride: int       # max-pool stride
+    stride: int = 1        # convolution stride
+    padding: int = 0       # zero padding around the image
+    center: bool = True    # subtract each patch's mean (filters learned with --preprocess center-unit);
+                           # False: the paper's plain patch norm (filters learned with --preprocess unit)
+
+    @property
+    def preprocess(self) -> str:
+        """The ``edgehebb learn --preprocess`` mode whose filters this block expects."""
+        return "center-unit" if self.center else "unit"
+
+    def map_size(self, height: int, width: int) -> tuple[int, int]:
+        """(rows, cols) of the convolution map, before pooling."""
+        return ((height + 2 * self.padding - self.kernel) // self.stride + 1,
+                (width + 2 * self.padding - self.kernel) // self.stride + 1)
+
+    def out_size(self, height: int, width: int) -> tuple[int, int]:
+        """(rows, cols) of the pooled map."""
+        mh, mw = self.map_size(height, width)
+        return (mh - self.pool) // self.pool_stride + 1, (mw - self.pool) // self.pool_stride + 1
+
+
+@dataclass(frozen=True)
+class NetSpec:
+    name: str
+    blocks: tuple[BlockSpec, ...]
+    input: tuple[int, int, int] = (3, 32, 32)   # (C, H, W)
+    classes: int = 10
+    description: str = ""
+
+    def to_dict(self) -> dict:
+        """JSON-ready form; :func:`spec_from_dict` reads it back."""
+        d = asdict(self)
+        d["input"], d["blocks"] = list(self.input), [asdict(b) for b in self.blocks]
+        return d
+
+
+def feature_dim(spec: NetSpec) -> int:
+    """Length of the concatenated feature vector: sum over blocks of K * pooled rows * cols."""
+    _, h, w = spec.input
+    return sum(b.filters * math.prod(b.out_size(h, w)) for b in spec.blocks)
+
+
+_BLOCK_KEYS = {f.name for f in fields(BlockSpec)}
+_NET_KEYS = {"name", "blocks", "input", "classes", "description"}
+
+
+def _int(value, where: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise EdgehebbError(f"{where} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def spec_from_dict(d: dict, source: str = "spec") -> NetSpec:
+    """A checked :class:`NetSpec`; errors name ``source`` (the file) and the offending key."""
+    if not isinstance(d, dict):
+        raise EdgehebbError(f"{source}: expected a JSON object, got {type(d).__name__}")
+    if unknown := set(d) - _NET_KEYS:
+        raise EdgehebbError(f"{source}: unknown key(s) {sorted(unknown)}; allowed: {sorted(_NET_KEYS)}")
+    raw_input = d.get("input", [3, 32, 32])
+    if not isinstance(raw_input, (list, tuple)) or len(raw_input) != 3:
+        raise EdgehebbError(f"{source}: 'input' must be [C, H, W], got {raw_input!r}")
+    c, h, w = (_int(v, f"{source}: input[{i}]", 1) for i, v in enumerate(raw_input))
+    classes = _int(d.get("classes", 10), f"{source}: 'classes'", 2)
+    raw_blocks = d.get("blocks")
+    if not isinstance(raw_blocks, list) or not raw_blocks:
+        raise EdgehebbError(f"{source}: 'blocks' must be a non-empty list of block objects")
+    blocks = []
+    for i, b in enumerate(raw_blocks):
+        at = f"{source}: blocks[{i}]"
+        if not isinstance(b, dict):
+            raise EdgehebbError(f"{at} must be an object, got {b!r}")
+        if unknown := set(b) - _BLOCK_KEYS:
+            raise EdgehebbError(f"{at}: unknown key(s) {sorted(unknown)}; allowed: {sorted(_BLOCK_KEYS)}")
+        for key in ("kernel", "filters", "power", "pool"):
+            if key not in b:
+                raise EdgehebbError(f"{at}: missing key '{key}'")
+        power = b["power"]
+        if isinstance(power, bool) or not isinstance(power, (int, float)) or not power > 0:
+            raise EdgehebbError(f"{at}.power must be a number > 0, got {power!r}")
+        center = b.get("center", True)
+        if not isinstance(center, bool):
+            raise EdgehebbError(f"{at}.center must be true or false, got {center!r}")
+        pool = _int(b["pool"], f"{at}.pool", 1)
+        block = BlockSpec(kernel=_int(b["kernel"], f"{at}.kernel", 1),
+                          filters=_int(b["filters"], f"{at}.filters", 1),
+                          power=float(power), pool=pool,
+                          pool_stride=_int(b.get("pool_stride", pool), f"{at}.pool_stride", 1),
+                          stride=_int(b.get("stride", 1), f"{at}.stride", 1),
+                          padding=_int(b.get("padding", 0), f"{at}.padding", 0), center=center)
+        mh, mw = block.map_size(h, w)
+        if min(mh, mw) < 1:
+            raise EdgehebbError(f"{at}.kernel {block.kernel} does not fit a {h}x{w} input (padding {block.padding})")
+        if block.pool > min(mh, mw):
+            raise EdgehebbError(f"{at}.pool {block.pool} is larger than the {mh}x{mw} convolution map")
+        blocks.append(block)
+    name = d.get("name", Path(source).stem)
+    if not isinstance(name, str) or not name:
+        raise EdgehebbError(f"{source}: 'name' must be a non-empty string")
+    return NetSpec(name=name, blocks=tuple(blocks), input=(c, h, w), classes=classes,
+                   description=str(d.get("description", "")))
+
+
+_SOURCE_MODELS = Path(__file__).resolve().parent.parent / "models"
+
+
+def _models_dirs() -> list:
+    """Where bare spec names are looked up: package data (a wheel's edgehebb/models), then the source tree."""
+    dirs = []
+    try:
+        packaged = importlib.resources.files("edgehebb").joinpath("models")
+        if packaged.is_dir():
+            dirs.append(packaged)
+    except (ModuleNotFoundError, FileNotFoundError, NotADirectoryError):
+        pass
+    if _SOURCE_MODELS.is_dir():
+        dirs.append(_SOURCE_MODELS)
+    return dirs
+
+
+def available_specs() -> list[str]:
+    """Names of the shipped specs (``models/*.json``)."""
+    return sorted({p.name[:-5] for d in _models_dirs() for p in d.iterdir() if p.name.endswith(".json")})
+
+
+def load_spec(name_or_path: str | Path) -> NetSpec:
+    """A spec by bare name (``"fig2_left"`` -> ``models/fig2_left.json``) or by path to a JSON file."""
+    text = str(name_or_path)
+    path = Path(text).expanduser()
+    if path.is_file() or text.endswith(".json") or "/" in text or "\\" in text:
+        if not path.is_file():
+            raise EdgehebbError(f"spec file {path} does not exist")
+        source, raw = str(path), path.read_text(encoding="utf-8")
+    else:
+        found = [d.joinpath(f"{text}.json") for d in _models_dirs()]
+        found = [f for f in found if f.is_file()]
+        if not found:
+            raise EdgehebbError(f"unknown model spec {text!r}; shipped specs: {', '.join(available_specs()) or 'none'}"
+                                f" (or pass a path to a JSON file)")
+        source, raw = f"models/{text}.json", found[0].read_text(encoding="utf-8")
+    try:
+        d = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise EdgehebbError(f"{source} is not valid JSON: {e}") from None
+    return spec_from_dict(d, source)
+
+
+# ----------------------------------------------------------------------------- layers
+
+def _unit(w: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """Each filter (K, C, W, W) scaled to unit length."""
+    return w / w.flatten(1).norm(dim=1).clamp_min(eps)[:, None, None, None]
+
+
+def _relu_pow(x: torch.Tensor, n: float, upper: float | None = None) -> torch.Tensor:
+    """f(x) = ReLU(x)^n; ``upper`` also clips from above (a no-op for exact cosines, see NNLConv)."""
+    x = x.clamp(0, upper)
+    return x if n == 1 else x.pow(n)
+
+
+class NNLConv(nn.Module):
+    """Patch-normalised cosine convolution, f(x) = ReLU(x)^n, then max-pooling.
+
+    ``filters`` (K, C, W, W) are stored unit-normalised. Frozen by default (a buffer, normalised once
+    here: the local-learning setting); ``trainable=True`` makes them a parameter, normalised on every
+    forward pass, for the backprop ablations with patch normalisation.
+    """
+
+    def __init__(self, filters: torch.Tensor, power: float, stride: int = 1, padding: int = 0,
+                 pool: int = 1, pool_stride: int | None = None, center: bool = True, eps: float = EPS,
+                 pool_first: bool = True, trainable: bool = False):
+        super().__init__()
+        if filters.dim() != 4:
+            raise EdgehebbError(f"filters must be (K, C, W, W), got shape {tuple(filters.shape)}")
+        if not power > 0:
+            raise EdgehebbError(f"power must be > 0, got {power}")
+        self.power, self.stride, self.padding, self.center, self.eps = float(power), stride, padding, center, eps
+        self.pool, self.pool_stride, self.pool_first, self.trainable = pool, pool_stride or pool, pool_first, trainable
+        w = filters.detach().float().clone()
+        if trainable:
+            self.weight = nn.Parameter(w)
+        else:
+            self.register_buffer("weight", _unit(w))
+        self.register_buffer("ones", torch.ones(1, *w.shape[1:]), persistent=False)
+
+    def unit_weight(self) -> torch.Tensor:
+        return _unit(self.weight) if self.trainable else self.weight
+
+    def cosines(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, K, H', W') cosine between every unit filter and every (centred) unit patch of ``x``."""
+        m = self.unit_weight()
+        if self.padding:
+            x = F.pad(x, [self.padding] * 4)
+        n = self.ones.numel()
+        if self.center:
+            # Centred patches ignore a constant added to the whole image: shifting [0, 1] to
+            # [-0.5, 0.5] halves the values whose squares cancel in s_2 - s_1^2 / N (float32).
+            x = x - 0.5
+            m = m - m.mean(dim=(1, 2, 3), keepdim=True)    # <m, v - mean(v)> = <m - mean(m), v>
+        dot = F.conv2d(x, m, stride=self.stride)
+        sq = F.conv2d(x * x, self.ones, stride=self.stride)                  # s_2 = |v|^2
+        if self.center:
+            s1 = F.conv2d(x, self.ones, stride=self.stride)
+            sq = (sq - s1 * s1 / n).clamp_min(0)                             # |v - mean(v)|^2
+        return dot / (sq.sqrt() + self.eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # A cosine is <= 1; float32 rounding in |v - mean|^2 = s_2 - s_1^2 / N on the lowest-contrast
+        # patches can push it ~0.4% above, which x^40 would turn into +17%: clip at 1 (exact no-op).
+        c = self.cosines(x)
+        if self.pool_first:  # exact: ReLU(x)^n is monotonic, so it commutes with max
+            return _relu_pow(F.max_pool2d(c, self.pool, self.pool_stride), self.power, 1.0)
+        return F.max_pool2d(_relu_pow(c, self.power, 1.0), self.pool, self.pool_stride)
+
+
+class ConvBlock(nn.Module):
+    """The standard-CONV twin of a block: learnable conv (with bias), ReLU(x)^n, max-pool."""
+
+    def __init__(self, in_channels: int, block: BlockSpec, power: float = 1.0):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, block.filters, block.kernel, block.stride, block.padding)
+        self.power, self.pool, self.pool_stride = float(power), block.pool, block.pool_stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _relu_pow(F.max_pool2d(self.conv(x), self.pool, self.pool_stride), self.power)
+
+
+# ----------------------------------------------------------------------------- networks
+
+class _Net(nn.Module):
+    """Blocks side by side on the image, flattened and concatenated, then a linear head (logits)."""
+
+    spec: NetSpec
+    blocks: nn.ModuleList
+    head: nn.Linear
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if x.dim() != 4 or tuple(x.shape[1:]) != self.spec.input:
+            raise EdgehebbError(f"{self.spec.name} expects float images (N, {', '.join(map(str, self.spec.input))}), "
+                                f"got {tuple(x.shape)}")
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, feature_dim(spec)) pooled block outputs of float NCHW images in [0, 1]."""
+        self._check_input(x)
+        return torch.cat([block(x).flatten(1) for block in self.blocks], dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+class NNLNet(_Net):
+    """NNL-CONV network: one frozen (or, ``trainable_filters``, learnable) NNLConv per spec block."""
+
+    def __init__(self, spec: NetSpec, filter_banks: list[torch.Tensor], trainable_filters: bool = False):
+        super().__init__()
+        if len(filter_banks) != len(spec.blocks):
+            raise EdgehebbError(f"{spec.name} has {len(spec.blocks)} block(s) but "
+                                f"{len(filter_banks)} filter bank(s) were given")
+        c = spec.input[0]
+        for i, (b, bank) in enumerate(zip(spec.blocks, filter_banks)):
+            if tuple(bank.shape) != (b.filters, c, b.kernel, b.kernel):
+                raise EdgehebbError(f"{spec.name} block {i} needs filters of shape "
+                                    f"{(b.filters, c, b.kernel, b.kernel)}, got {tuple(bank.shape)}")
+        self.spec = spec
+        self.blocks = nn.ModuleList(
+            NNLConv(bank, b.power, b.stride, b.padding, b.pool, b.pool_stride, b.center, trainable=trainable_filters)
+            for b, bank in zip(spec.blocks, filter_banks))
+        self.head = nn.Linear(feature_dim(spec), spec.classes)
+
+
+class ConvNet(_Net):
+    """The standard CONV twin of a spec, trained end to end: same blocks, pools and head shapes.
+
+    ``power`` replaces every block's n (1 = plain ReLU, the paper's baseline; the ablation uses
+    others). ``patch_norm=True`` gives the ablation's backprop network *with* patch normalisation:
+    NNLConv blocks whose filters are learnable and start standard normal. Initialisation draws from
+    torch's global generator: seed it (``torch.manual_seed``) before building for a repeatable run.
+    """
+
+    def __init__(self, spec: NetSpec, power: float = 1.0, patch_norm: bool = False):
+        super().__init__()
+        c = spec.input[0]
+        self.spec = spec
+        if patch_norm:
+            self.blocks = nn.ModuleList(
+                NNLConv(torch.randn(b.filters, c, b.kernel, b.kernel), power, b.stride, b.padding,
+                        b.pool, b.pool_stride, b.center, trainable=True) for b in spec.blocks)
+        else:
+            self.blocks = nn.ModuleList(ConvBlock(c, b, power) for b in spec.blocks)
+        self.head = nn.Linear(feature_dim(spec), spec.classes)

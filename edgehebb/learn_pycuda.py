@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from edgehebb.cuda_sources import cuda_source
+from edgehebb.resources import cuda_source
 from edgehebb.errors import EdgehebbError, missing_dependency
 from edgehebb.hebbian import check_rule
 from edgehebb.patches import PREPROCESS, patch_grid

@@ -22,7 +22,6 @@ are float NCHW in [0, 1]. Architectures are :class:`NetSpec` objects read from J
 
 from __future__ import annotations
 
-import importlib.resources
 import json
 import math
 from dataclasses import asdict, dataclass, fields
@@ -33,6 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from edgehebb.errors import EdgehebbError
+from edgehebb.resources import data_dirs
 
 # Added to the patch norm before dividing, u = v / (|v| + EPS). It keeps a flat patch (|v| = 0: black,
 # or with centring any uniform region) at cosine ~0 instead of 0/0 or rounding noise: in float32
@@ -154,21 +154,9 @@ def spec_from_dict(d: dict, source: str = "spec") -> NetSpec:
                    description=str(d.get("description", "")))
 
 
-_SOURCE_MODELS = Path(__file__).resolve().parent.parent / "models"
-
-
 def _models_dirs() -> list:
     """Where bare spec names are looked up: package data (a wheel's edgehebb/models), then the source tree."""
-    dirs = []
-    try:
-        packaged = importlib.resources.files("edgehebb").joinpath("models")
-        if packaged.is_dir():
-            dirs.append(packaged)
-    except (ModuleNotFoundError, FileNotFoundError, NotADirectoryError):
-        pass
-    if _SOURCE_MODELS.is_dir():
-        dirs.append(_SOURCE_MODELS)
-    return dirs
+    return data_dirs("models")
 
 
 def available_specs() -> list[str]:

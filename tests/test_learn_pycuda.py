@@ -26,7 +26,7 @@ import pytest
 import torch
 
 from edgehebb import learn_pycuda
-from edgehebb.cuda_sources import cuda_source
+from edgehebb.resources import cuda_source
 from edgehebb.errors import EdgehebbError
 from edgehebb.hebbian import init_weights, rank_update
 from edgehebb.learn import LearnConfig, learn, make_backend

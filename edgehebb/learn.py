@@ -10,7 +10,7 @@ every backend (torch on CPU or CUDA, the PyCUDA kernel) sees the same order for 
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -148,7 +148,3 @@ def learn(images: np.ndarray, config: LearnConfig, *, backend: str = "torch", de
         if on_epoch is not None:
             on_epoch(state)
     return state
-
-
-def config_dict(config: LearnConfig) -> dict:
-    return asdict(config)

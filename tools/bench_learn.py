@@ -24,6 +24,7 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import sys
@@ -67,21 +68,30 @@ def why_absent(backend: str) -> str | None:
 
 def device_info() -> dict:
     """Name, multiprocessors and FP32 peak of GPU 0, through pycuda if present, else torch."""
-    try:
-        import pycuda.driver as cuda
-
-        cuda.init()
-        dev = cuda.Device(0)
-        a = cuda.device_attribute
-        sms, khz = dev.get_attribute(a.MULTIPROCESSOR_COUNT), dev.get_attribute(a.CLOCK_RATE)
-        return dict(device=dev.name(), sms=sms, clock_mhz=khz / 1e3,
-                    fp32_peak_tflops=sms * FP32_LANES_PER_SM * 2 * khz * 1e3 / 1e12)
-    except Exception:
-        pass
+    info = _pycuda_device_info()
+    if info is not None:
+        return info
     if torch.cuda.is_available():
         p = torch.cuda.get_device_properties(0)
         return dict(device=p.name, sms=p.multi_processor_count, clock_mhz=None, fp32_peak_tflops=None)
     return dict(device=None)
+
+
+def _pycuda_device_info() -> dict | None:
+    """The clock needed for the FP32 peak is only exposed by the driver API; None without pycuda or a GPU."""
+    try:
+        import pycuda.driver as cuda
+    except ImportError:
+        return None
+    try:
+        cuda.init()
+        dev = cuda.Device(0)
+    except cuda.Error:
+        return None
+    a = cuda.device_attribute
+    sms, khz = dev.get_attribute(a.MULTIPROCESSOR_COUNT), dev.get_attribute(a.CLOCK_RATE)
+    return dict(device=dev.name(), sms=sms, clock_mhz=khz / 1e3,
+                fp32_peak_tflops=sms * FP32_LANES_PER_SM * 2 * khz * 1e3 / 1e12)
 
 
 def make(backend: str, images: np.ndarray, cfg: LearnConfig, **kw):
@@ -232,7 +242,7 @@ def full_data(args, info: dict) -> None:
     for backend in args.full_backends:
         reason = why_absent(backend)
         rec = dict(kind="full-data", backend=backend, device=info.get("device") if backend != "torch-cpu" else "cpu",
-                   source=data.source, images=len(images), **L.config_dict(cfg))
+                   source=data.source, images=len(images), **dataclasses.asdict(cfg))
         if reason:
             emit({**rec, "skipped": reason}, args.out)
             continue

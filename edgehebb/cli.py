@@ -91,6 +91,100 @@ def show(model_dir, out, as_json):
     _report_filters(png, stats, stats, as_json)
 
 
+@cli.command()
+@click.option("--spec", default="fig2_left", help="Network spec: a shipped name (fig2_left, fig2_middle) or a JSON file.")
+@data_option
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Model directory to write.")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Use a class-balanced subset of N training images.")
+@click.option("--filters-from", "filters_from", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              multiple=True, help="Filter bank or model directory (or a folder of them) to take the blocks' filters "
+                                  "from instead of learning them; repeatable.")
+@click.option("--baseline", is_flag=True, help="Train the spec's standard CONV twin end to end instead.")
+@click.option("--baseline-power", type=click.FloatRange(min=1), default=1.0,
+              help="--baseline: n in ReLU(x)^n (1: plain ReLU).")
+@click.option("--patch-norm", is_flag=True, help="--baseline: keep patch normalisation (cosine blocks, learnable filters).")
+@click.option("--epochs", type=click.IntRange(min=1), default=30, help="Training epochs (the best validation epoch is kept).")
+@click.option("--batch", "-B", type=click.IntRange(min=1), default=256, help="Images per Adam step.")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, help="Adam learning rate.")
+@click.option("--weight-decay", type=click.FloatRange(min=0), default=0.0, help="Adam weight decay.")
+@click.option("--val-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.1,
+              help="Fraction of each class's training images held out to choose the epoch.")
+@click.option("--learn-epochs", type=click.IntRange(min=1), default=1, help="Epochs of `edgehebb learn` for missing banks.")
+@click.option("--learn-batch", type=click.IntRange(min=1), default=1000, help="Minibatch of `edgehebb learn` for missing banks.")
+@click.option("--backend", type=click.Choice(["auto", "torch", "pycuda"]), default="auto", help="Backend for learning banks.")
+@click.option("--device", type=DEVICES, default="auto", help="Device for features and training.")
+@click.option("--seed", type=int, default=0, help="Seeds the validation split, initialisation, shuffles and learning.")
+@click.option("--skip-bad", is_flag=True, help="Skip unreadable images (counted) instead of stopping.")
+@click.option("--no-cache", is_flag=True, help="Do not read or write the frozen-feature cache.")
+@click.option("--json", "as_json", is_flag=True, help="Print the training record as JSON on stdout.")
+def train(spec, data, out, limit, filters_from, baseline, baseline_power, patch_norm, epochs, batch, lr, weight_decay,
+          val_fraction, learn_epochs, learn_batch, backend, device, seed, skip_bad, no_cache, as_json):
+    """Train a classifier: the head on frozen learned filters, or (--baseline) the CONV twin end to end."""
+    from edgehebb.data import load_split, resolve_data_root
+    from edgehebb.io import CONFIG_FILE
+    from edgehebb.nnl import load_spec
+    from edgehebb.train import FitConfig, train_to_dir
+
+    net_spec = load_spec(spec)
+    if (out / CONFIG_FILE).exists():
+        raise EdgehebbError(f"{out} already holds a model; choose another --out")
+    if (baseline_power != 1.0 or patch_norm) and not baseline:
+        raise EdgehebbError("--baseline-power and --patch-norm only apply with --baseline")
+    train_set = load_split(resolve_data_root(data), "train", limit=limit, skip_bad=skip_bad)
+    click.echo(f"{len(train_set)} training images from {train_set.source}", err=True)
+    fit = FitConfig(epochs=epochs, batch=batch, lr=lr, weight_decay=weight_decay, val_fraction=val_fraction, seed=seed)
+    record = train_to_dir(net_spec, train_set, out, fit=fit, filters_from=list(filters_from), baseline=baseline,
+                          conv_power=baseline_power, patch_norm=patch_norm,
+                          learn={"epochs": learn_epochs, "batch": learn_batch, "seed": seed},
+                          backend=backend, device=device, cache="" if no_cache else None)
+    if as_json:
+        click.echo(json.dumps(record, indent=2))
+
+
+@cli.command(name="eval")
+@click.argument("models", nargs=-1, required=True)
+@data_option
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Use a class-balanced subset of N test images.")
+@click.option("--intensity", type=click.FloatRange(0, 1), default=0.3, help="Shadow intensity (pixel multiplier).")
+@click.option("--coverage", type=click.FloatRange(0, 1), default=0.8, help="Shadowed fraction of each image.")
+@click.option("--shadow-seed", type=int, default=0, help="Seed of the shadow shapes.")
+@click.option("--sweep/--no-sweep", default=True, help="Also measure error at shadow intensities 0.1 ... 1.0.")
+@click.option("--png", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Error-vs-intensity plot of all MODELS [default: MODEL/eval.png for one model directory, else ./eval.png].")
+@click.option("--device", type=DEVICES, default="auto", help="Device to run the models on.")
+@click.option("--skip-bad", is_flag=True, help="Skip unreadable images (counted) instead of stopping.")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON on stdout.")
+def eval_(models, data, limit, intensity, coverage, shadow_seed, sweep, png, device, skip_bad, as_json):
+    """Test accuracy of one or more trained MODELS on clean and shadowed images, per class.
+
+    MODELS are model directories or names of shipped models (e.g. fig2_left-cifar10).
+    """
+    from edgehebb.data import load_split, resolve_data_root
+    from edgehebb.evaluate import evaluate, save_sweep_png
+    from edgehebb.learn_dir import resolve_device
+    from edgehebb.model import load_model
+    from edgehebb.shadow import SWEEP_INTENSITIES
+
+    device = resolve_device(device)
+    test = load_split(resolve_data_root(data), "test", limit=limit, skip_bad=skip_bad)
+    results = {}
+    for name in models:
+        net, config = load_model(name, device)
+        r = evaluate(net, test, config["classes"], intensity=intensity, coverage=coverage, seed=shadow_seed,
+                     sweep=SWEEP_INTENSITIES if sweep else None, device=device)
+        results[name] = r
+        click.echo(f"{name}: clean accuracy {r['clean']['accuracy']:.2%}, shadowed ({coverage:.0%} x {intensity}) "
+                   f"{r['shadowed']['accuracy']:.2%} on {len(test)} images", err=True)
+    if sweep:
+        # beside a model the user trained; a shipped model's folder may be read-only
+        one = Path(models[0])
+        where = png or (one / "eval.png" if len(models) == 1 and one.is_dir() else Path("eval.png"))
+        save_sweep_png(results, where)
+        click.echo(f"wrote {where}", err=True)
+    if as_json:
+        click.echo(json.dumps(results[models[0]] if len(models) == 1 else results, indent=2))
+
+
 def _report_filters(where: Path, stats: dict, payload: dict, as_json: bool) -> None:
     click.echo(f"wrote {where}", err=True)
     click.echo(f"colour units {stats['colour_units']}, black-and-white {stats['bw_units']}; mean orientation "

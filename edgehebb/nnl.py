@@ -56,6 +56,8 @@ class BlockSpec:
     padding: int = 0       # zero padding around the image
     center: bool = True    # subtract each patch's mean (filters learned with --preprocess center-unit);
                            # False: the paper's plain patch norm (filters learned with --preprocess unit)
+    norm: bool = True      # divide by the patch norm (a cosine); False: the ablation without patch
+                           # normalisation, f(<unit filter, patch>) on the raw (centred) patch
 
     @property
     def preprocess(self) -> str:
@@ -131,16 +133,17 @@ def spec_from_dict(d: dict, source: str = "spec") -> NetSpec:
         power = b["power"]
         if isinstance(power, bool) or not isinstance(power, (int, float)) or not power > 0:
             raise EdgehebbError(f"{at}.power must be a number > 0, got {power!r}")
-        center = b.get("center", True)
-        if not isinstance(center, bool):
-            raise EdgehebbError(f"{at}.center must be true or false, got {center!r}")
+        center, norm = b.get("center", True), b.get("norm", True)
+        for key, flag in (("center", center), ("norm", norm)):
+            if not isinstance(flag, bool):
+                raise EdgehebbError(f"{at}.{key} must be true or false, got {flag!r}")
         pool = _int(b["pool"], f"{at}.pool", 1)
         block = BlockSpec(kernel=_int(b["kernel"], f"{at}.kernel", 1),
                           filters=_int(b["filters"], f"{at}.filters", 1),
                           power=float(power), pool=pool,
                           pool_stride=_int(b.get("pool_stride", pool), f"{at}.pool_stride", 1),
                           stride=_int(b.get("stride", 1), f"{at}.stride", 1),
-                          padding=_int(b.get("padding", 0), f"{at}.padding", 0), center=center)
+                          padding=_int(b.get("padding", 0), f"{at}.padding", 0), center=center, norm=norm)
         mh, mw = block.map_size(h, w)
         if min(mh, mw) < 1:
             raise EdgehebbError(f"{at}.kernel {block.kernel} does not fit a {h}x{w} input (padding {block.padding})")
@@ -204,12 +207,13 @@ class NNLConv(nn.Module):
 
     ``filters`` (K, C, W, W) are stored unit-normalised. Frozen by default (a buffer, normalised once
     here: the local-learning setting); ``trainable=True`` makes them a parameter, normalised on every
-    forward pass, for the backprop ablations with patch normalisation.
+    forward pass, for the backprop ablations with patch normalisation. ``norm=False`` skips the
+    division by the patch norm (the ablation without patch normalisation): f(<unit filter, patch>).
     """
 
     def __init__(self, filters: torch.Tensor, power: float, stride: int = 1, padding: int = 0,
                  pool: int = 1, pool_stride: int | None = None, center: bool = True, eps: float = EPS,
-                 pool_first: bool = True, trainable: bool = False):
+                 pool_first: bool = True, trainable: bool = False, norm: bool = True):
         super().__init__()
         if filters.dim() != 4:
             raise EdgehebbError(f"filters must be (K, C, W, W), got shape {tuple(filters.shape)}")
@@ -217,6 +221,7 @@ class NNLConv(nn.Module):
             raise EdgehebbError(f"power must be > 0, got {power}")
         self.power, self.stride, self.padding, self.center, self.eps = float(power), stride, padding, center, eps
         self.pool, self.pool_stride, self.pool_first, self.trainable = pool, pool_stride or pool, pool_first, trainable
+        self.norm = norm
         w = filters.detach().float().clone()
         if trainable:
             self.weight = nn.Parameter(w)
@@ -228,30 +233,34 @@ class NNLConv(nn.Module):
         return _unit(self.weight) if self.trainable else self.weight
 
     def cosines(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, K, H', W') cosine between every unit filter and every (centred) unit patch of ``x``."""
+        """(B, K, H', W') cosine between every unit filter and every (centred) unit patch of ``x``.
+
+        With ``norm=False``: the dot product of the unit filter with the (centred) raw patch.
+        """
         m = self.unit_weight()
         if self.padding:
             x = F.pad(x, [self.padding] * 4)
-        n = self.ones.numel()
         if self.center:
             # Centred patches ignore a constant added to the whole image: shifting [0, 1] to
             # [-0.5, 0.5] halves the values whose squares cancel in s_2 - s_1^2 / N (float32).
             x = x - 0.5
             m = m - m.mean(dim=(1, 2, 3), keepdim=True)    # <m, v - mean(v)> = <m - mean(m), v>
         dot = F.conv2d(x, m, stride=self.stride)
+        if not self.norm:
+            return dot
         sq = F.conv2d(x * x, self.ones, stride=self.stride)                  # s_2 = |v|^2
         if self.center:
             s1 = F.conv2d(x, self.ones, stride=self.stride)
-            sq = (sq - s1 * s1 / n).clamp_min(0)                             # |v - mean(v)|^2
+            sq = (sq - s1 * s1 / self.ones.numel()).clamp_min(0)             # |v - mean(v)|^2
         return dot / (sq.sqrt() + self.eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # A cosine is <= 1; float32 rounding in |v - mean|^2 = s_2 - s_1^2 / N on the lowest-contrast
         # patches can push it ~0.4% above, which x^40 would turn into +17%: clip at 1 (exact no-op).
-        c = self.cosines(x)
+        c, upper = self.cosines(x), (1.0 if self.norm else None)
         if self.pool_first:  # exact: ReLU(x)^n is monotonic, so it commutes with max
-            return _relu_pow(F.max_pool2d(c, self.pool, self.pool_stride), self.power, 1.0)
-        return F.max_pool2d(_relu_pow(c, self.power, 1.0), self.pool, self.pool_stride)
+            return _relu_pow(F.max_pool2d(c, self.pool, self.pool_stride), self.power, upper)
+        return F.max_pool2d(_relu_pow(c, self.power, upper), self.pool, self.pool_stride)
 
 
 class ConvBlock(nn.Module):
@@ -269,11 +278,22 @@ class ConvBlock(nn.Module):
 # ----------------------------------------------------------------------------- networks
 
 class _Net(nn.Module):
-    """Blocks side by side on the image, flattened and concatenated, then a linear head (logits)."""
+    """Blocks side by side on the image, flattened and concatenated, standardised, then a linear head.
+
+    With n = 40 the pooled features are tiny (0.85^40 ~ 2e-3, 0.5^40 ~ 1e-12) and spread over
+    orders of magnitude, so the head sees them standardised: ``(f - feature_mean) * feature_scale``
+    (buffers; 0 and 1, the identity, until :func:`edgehebb.train` fits them on training features).
+    """
 
     spec: NetSpec
     blocks: nn.ModuleList
     head: nn.Linear
+
+    def _init_head(self, spec: NetSpec) -> None:
+        d = feature_dim(spec)
+        self.register_buffer("feature_mean", torch.zeros(d))
+        self.register_buffer("feature_scale", torch.ones(d))
+        self.head = nn.Linear(d, spec.classes)
 
     def _check_input(self, x: torch.Tensor) -> None:
         if x.dim() != 4 or tuple(x.shape[1:]) != self.spec.input:
@@ -281,12 +301,16 @@ class _Net(nn.Module):
                                 f"got {tuple(x.shape)}")
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, feature_dim(spec)) pooled block outputs of float NCHW images in [0, 1]."""
+        """(N, feature_dim(spec)) pooled block outputs of float NCHW images in [0, 1] (unstandardised)."""
         self._check_input(x)
         return torch.cat([block(x).flatten(1) for block in self.blocks], dim=1)
 
+    def classify(self, features: torch.Tensor) -> torch.Tensor:
+        """Logits from :meth:`features` output: standardise, then the linear head."""
+        return self.head((features - self.feature_mean) * self.feature_scale)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
+        return self.classify(self.features(x))
 
 
 class NNLNet(_Net):
@@ -304,9 +328,10 @@ class NNLNet(_Net):
                                     f"{(b.filters, c, b.kernel, b.kernel)}, got {tuple(bank.shape)}")
         self.spec = spec
         self.blocks = nn.ModuleList(
-            NNLConv(bank, b.power, b.stride, b.padding, b.pool, b.pool_stride, b.center, trainable=trainable_filters)
+            NNLConv(bank, b.power, b.stride, b.padding, b.pool, b.pool_stride, b.center,
+                    trainable=trainable_filters, norm=b.norm)
             for b, bank in zip(spec.blocks, filter_banks))
-        self.head = nn.Linear(feature_dim(spec), spec.classes)
+        self._init_head(spec)
 
 
 class ConvNet(_Net):
@@ -321,11 +346,11 @@ class ConvNet(_Net):
     def __init__(self, spec: NetSpec, power: float = 1.0, patch_norm: bool = False):
         super().__init__()
         c = spec.input[0]
-        self.spec = spec
+        self.spec, self.power, self.patch_norm = spec, float(power), patch_norm
         if patch_norm:
             self.blocks = nn.ModuleList(
                 NNLConv(torch.randn(b.filters, c, b.kernel, b.kernel), power, b.stride, b.padding,
                         b.pool, b.pool_stride, b.center, trainable=True) for b in spec.blocks)
         else:
             self.blocks = nn.ModuleList(ConvBlock(c, b, power) for b in spec.blocks)
-        self.head = nn.Linear(feature_dim(spec), spec.classes)
+        self._init_head(spec)

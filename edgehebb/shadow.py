@@ -54,7 +54,7 @@ def _check_images(images: np.ndarray) -> np.ndarray:
     return images
 
 
-def _darken(images: np.ndarray, mask: np.ndarray, intensity: float) -> np.ndarray:
+def darken(images: np.ndarray, mask: np.ndarray, intensity: float) -> np.ndarray:
     """Shadowed pixels (``mask`` (N, H, W) bool) times ``intensity``, rounded half up."""
     dark = np.floor(np.arange(256) * intensity + 0.5).astype(np.uint8)   # look-up table per grey level
     return np.where(mask[..., None], dark[images], images)
@@ -108,7 +108,7 @@ def apply_shadow(images: np.ndarray, intensity: float = INTENSITY, coverage: flo
     intensity = _check_fraction(intensity, "intensity")
     images = _check_images(images)
     n, h, w, _ = images.shape
-    return _darken(images, shadow_masks(n, h, w, coverage, seed, start).astype(bool), intensity)
+    return darken(images, shadow_masks(n, h, w, coverage, seed, start).astype(bool), intensity)
 
 
 def shadow_sweep(images: np.ndarray, intensities: Sequence[float] = SWEEP_INTENSITIES,
@@ -126,4 +126,4 @@ def shadow_sweep(images: np.ndarray, intensities: Sequence[float] = SWEEP_INTENS
     for c in coverages:
         mask = shadow_masks(n, h, w, c, seed, start).astype(bool)   # drawn once per coverage
         for v in intensities:
-            yield v, c, _darken(images, mask, v)
+            yield v, c, darken(images, mask, v)

@@ -1,0 +1,106 @@
+"""Trained model directories: what ``edgehebb train`` writes and eval, export and the runtime load.
+
+A model directory holds
+
+- ``config.json``: ``format`` (``edgehebb.model/1``), ``kind`` (``nnl``: frozen learned filters;
+  ``conv``: the CONV twin or a backprop ablation trained end to end, with its ``conv`` settings),
+  the network ``spec`` (as in ``models/*.json``, with any per-run changes already applied), the
+  ``classes`` (names, index = label), the input convention and a record of how it was trained;
+- ``model.safetensors``: the network's ``state_dict`` (filters, head, feature standardisation).
+
+Shipped models live in ``models/<name>/`` and load by bare name, like specs.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from edgehebb.errors import EdgehebbError
+from edgehebb.io import CONFIG_FILE, atomic_write_json, load_tensors, read_json, save_tensors
+from edgehebb.nnl import ConvNet, NetSpec, NNLNet, _Net, spec_from_dict
+from edgehebb.resources import data_dirs
+
+MODEL_FORMAT = "edgehebb.model/1"
+WEIGHTS_FILE = "model.safetensors"
+# Images enter every network as float32 NCHW RGB in [0, 1] (uint8 / 255).
+INPUT = {"layout": "NCHW", "dtype": "float32", "channels": "RGB", "range": [0.0, 1.0]}
+
+
+def build_net(kind: str, spec: NetSpec, conv: dict | None = None) -> _Net:
+    """An untrained network of ``kind`` for ``spec`` (filters zero for ``nnl``, random for ``conv``)."""
+    if kind == "nnl":
+        c = spec.input[0]
+        return NNLNet(spec, [torch.zeros(b.filters, c, b.kernel, b.kernel) for b in spec.blocks])
+    if kind == "conv":
+        conv = conv or {}
+        return ConvNet(spec, power=float(conv.get("power", 1.0)), patch_norm=bool(conv.get("patch_norm", False)))
+    raise EdgehebbError(f"unknown model kind {kind!r} (expected 'nnl' or 'conv')")
+
+
+def model_kind(net: _Net) -> tuple[str, dict | None]:
+    if isinstance(net, NNLNet):
+        return "nnl", None
+    if isinstance(net, ConvNet):
+        return "conv", {"power": net.power, "patch_norm": net.patch_norm}
+    raise EdgehebbError(f"cannot save a {type(net).__name__}; expected NNLNet or ConvNet")
+
+
+def save_model(out: str | os.PathLike, net: _Net, classes: list[str], record: dict | None = None) -> Path:
+    """Write ``net`` into the model directory ``out`` (weights first, then config.json, both atomic)."""
+    out = Path(out)
+    if len(classes) != net.spec.classes:
+        raise EdgehebbError(f"{len(classes)} class names for a {net.spec.classes}-class network")
+    kind, conv = model_kind(net)
+    save_tensors(out / WEIGHTS_FILE, {k: v.float() for k, v in net.state_dict().items()})
+    config = {"format": MODEL_FORMAT, "kind": kind, "spec": net.spec.to_dict(), "classes": list(classes),
+              "input": INPUT}
+    if conv is not None:
+        config["conv"] = conv
+    atomic_write_json(out / CONFIG_FILE, {**config, **(record or {})})
+    return out
+
+
+def resolve_model(name_or_path: str | os.PathLike) -> Path:
+    """A model directory by path, or by bare name of a shipped model (``models/<name>/``)."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    text = str(name_or_path)
+    if "/" not in text and "\\" not in text:
+        for d in data_dirs("models"):
+            found = d.joinpath(text)
+            if found.is_dir() and found.joinpath(CONFIG_FILE).is_file():
+                return Path(str(found))
+    raise EdgehebbError(f"model {text!r} is neither a directory nor a shipped model "
+                        f"(shipped: {', '.join(shipped_models()) or 'none'})")
+
+
+def shipped_models() -> list[str]:
+    return sorted({p.name for d in data_dirs("models") for p in d.iterdir()
+                   if p.is_dir() and p.joinpath(CONFIG_FILE).is_file()})
+
+
+def load_model(name_or_path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[_Net, dict]:
+    """(network in eval mode, config dict) of a model directory written by :func:`save_model`."""
+    path = resolve_model(name_or_path)
+    config = read_json(path / CONFIG_FILE)
+    if config.get("format") != MODEL_FORMAT:
+        hint = " (a filter bank: train a model from it with `edgehebb train --filters-from`)" \
+            if str(config.get("format", "")).startswith("edgehebb.filters") else ""
+        raise EdgehebbError(f"{path / CONFIG_FILE} is not an edgehebb model (format {config.get('format')!r}, "
+                            f"expected {MODEL_FORMAT!r}){hint}")
+    spec = spec_from_dict(config.get("spec"), f"{path / CONFIG_FILE}: spec")
+    classes = config.get("classes")
+    if not isinstance(classes, list) or len(classes) != spec.classes:
+        raise EdgehebbError(f"{path / CONFIG_FILE}: 'classes' must list {spec.classes} names")
+    net = build_net(config.get("kind"), spec, config.get("conv"))
+    tensors, _ = load_tensors(path / WEIGHTS_FILE)
+    try:
+        net.load_state_dict(tensors, strict=True)
+    except RuntimeError as e:
+        first = str(e).splitlines()[0] if str(e) else "mismatch"
+        raise EdgehebbError(f"{path / WEIGHTS_FILE} does not fit the network in {path / CONFIG_FILE}: {first}") from None
+    return net.to(device).eval(), config

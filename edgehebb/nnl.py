@@ -248,10 +248,17 @@ class NNLConv(nn.Module):
         dot = F.conv2d(x, m, stride=self.stride)
         if not self.norm:
             return dot
-        sq = F.conv2d(x * x, self.ones, stride=self.stride)                  # s_2 = |v|^2
         if self.center:
-            s1 = F.conv2d(x, self.ones, stride=self.stride)
-            sq = (sq - s1 * s1 / self.ones.numel()).clamp_min(0)             # |v - mean(v)|^2
+            # |v - mean(v)|^2 = s_2 - s_1^2 / N cancels catastrophically on low-contrast patches
+            # (variance ~1e-4 beside s_2 ~ 10: float32 keeps ~1% of it, and x^40 turns that into
+            # tens of percent), so the two one-channel box sums run in float64: exact enough, and
+            # cheap beside the K-channel dot product.
+            xd, ones = x.double(), self.ones.double()
+            s1 = F.conv2d(xd, ones, stride=self.stride)
+            s2 = F.conv2d(xd * xd, ones, stride=self.stride)
+            sq = (s2 - s1 * s1 / self.ones.numel()).clamp_min(0).to(x.dtype)   # |v - mean(v)|^2
+        else:
+            sq = F.conv2d(x * x, self.ones, stride=self.stride)                # s_2 = |v|^2, no cancellation
         return dot / (sq.sqrt() + self.eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,379 @@
+"""ONNX export: one custom-domain node per NNL-CONV block, its definition shipped inside the file.
+
+Every patch-normalised block becomes one node ``ai.edgehebb::PatchNormPowReLU`` (``export/OP_SPEC.md``)
+and the model carries a model-local ``FunctionProto`` of that name whose body uses only standard ONNX
+ops. ONNX Runtime inlines the body; TensorRT imports it as a local function or, from 10.7, runs a
+plugin registered under the same name and namespace instead. The graph is built by hand with
+``onnx.helper`` rather than traced from torch: node boundaries, names and attributes are the
+contract with the plugin and the runtime, and building them directly keeps them exactly so.
+
+Graph: [frames uint8 NHWC -> preprocessing, as :mod:`edgehebb.frames`] -> images float32 NCHW
+-> blocks side by side -> Flatten, Concat = ``features`` -> (f - mean) * scale -> Gemm = ``logits``
+-> Softmax = ``probabilities``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from onnx import AttributeProto, TensorProto, helper, numpy_helper
+
+from edgehebb import __version__
+from edgehebb.errors import EdgehebbError
+from edgehebb.frames import CHANNEL_ORDERS, FITS, check_choice, crop_box
+from edgehebb.io import atomic_write
+from edgehebb.model import load_model, model_kind
+from edgehebb.nnl import ConvBlock, NNLConv, _Net
+
+OP_DOMAIN = "ai.edgehebb"
+OP_VERSION = 1
+OP_NAME = "PatchNormPowReLU"
+OP_ATTRIBUTES = ("strides", "padding", "pool_shape", "pool_strides", "power", "eps", "center")
+PREPROCESS = ("none", "uint8-nhwc")
+# 17: Shape(start=), ReduceSum/Pad/Clip/Resize with tensor inputs in the forms used here; TensorRT 8.6+ reads it.
+MIN_OPSET = 17
+FLOAT = TensorProto.FLOAT
+
+
+# ----------------------------------------------------------------------------- the custom op's body
+
+def _ref(name: str, parent: str, attr_type: int) -> AttributeProto:
+    """Body-node attribute ``name`` taking its value from the calling node's attribute ``parent``."""
+    a = AttributeProto()
+    a.name, a.ref_attr_name, a.type = name, parent, attr_type
+    return a
+
+
+def _const(name: str, value) -> onnx.NodeProto:
+    """A Constant node: a float scalar, or a numpy array."""
+    if isinstance(value, float):
+        return helper.make_node("Constant", [], [name], value_float=value)
+    return helper.make_node("Constant", [], [name], value=numpy_helper.from_array(np.asarray(value)))
+
+
+def _n(op: str, inputs: list[str], output: str, refs: tuple = (), **attrs) -> onnx.NodeProto:
+    node = helper.make_node(op, inputs, [output], **attrs)
+    node.attribute.extend(refs)
+    return node
+
+
+def op_function(opset: int = MIN_OPSET) -> onnx.FunctionProto:
+    """The definition of ``PatchNormPowReLU``: Y = clip(maxpool(cos(X, M)), 0, 1) ^ power (OP_SPEC.md).
+
+    Numerics. The patch variance is computed in two passes on the patches themselves, not as
+    s2 - s1^2 / N from two ones-convolutions: on a low-contrast patch (variance ~1e-4 beside
+    s2 ~ 12) that difference cancels to a few percent error in the cosine, which ^40 turns into a
+    factor ~2 (measured on CIFAR-10). So a convolution with one-hot kernels (the N x N identity,
+    N = C*W*W) lays each patch out along the channel axis (an exact copy: every output is one pixel
+    times 1 plus zeros), the mean is subtracted there, and both the variance and the dot product
+    with the filters are taken on the centred patches (a 1 x 1 convolution: the same multiply-adds
+    as the direct one). Float32 then stays within ~1e-5 of a float64 evaluation.
+
+    ``center`` (0 or 1) enters arithmetically (shift = 0.5 * center, D = P - center * mean, ...), so
+    one body serves both settings; center=0 pays only for a few unused elementwise ops. The filter
+    preprocessing depends on the initializer M alone: ONNX Runtime folds it into constants at load.
+    """
+    I, F, INTS = AttributeProto.INT, AttributeProto.FLOAT, AttributeProto.INTS
+    strides = (_ref("strides", "strides", INTS),)
+    nodes = [
+        # attributes that feed op inputs: Constant(value_* referring to the op's attribute)
+        _n("Constant", [], "p", (_ref("value_int", "padding", I),)),
+        _n("Constant", [], "center_i", (_ref("value_int", "center", I),)),
+        _n("Constant", [], "eps", (_ref("value_float", "eps", F),)),
+        _n("Constant", [], "n", (_ref("value_float", "power", F),)),
+        _const("pad_unit", np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64)),
+        _const("axes", np.array([1, 2, 3], np.int64)),
+        _const("channel", np.array([1], np.int64)),
+        _const("one_one", np.array([1, 1], np.int64)),
+        _const("half", 0.5), _const("zero", 0.0), _const("one", 1.0), _const("tiny", 1e-12),
+        _n("Cast", ["center_i"], "cf", to=FLOAT),
+        # zero padding in [0, 1] (black pixels), *then* the -0.5 shift: the order of nnl.NNLConv
+        _n("Mul", ["pad_unit", "p"], "pads"),
+        _n("Pad", ["X", "pads"], "Xp"),
+        _n("Mul", ["half", "cf"], "shift"),
+        _n("Sub", ["Xp", "shift"], "Xs"),
+        # filters to unit length, then (center) minus their mean
+        _n("Mul", ["M", "M"], "M2"),
+        _n("ReduceSum", ["M2", "axes"], "M2s", keepdims=1),
+        _n("Sqrt", ["M2s"], "Mnorm"),
+        _n("Max", ["Mnorm", "tiny"], "Mnorm_c"),
+        _n("Div", ["M", "Mnorm_c"], "U"),
+        _n("Shape", ["M"], "k", end=1),
+        _n("Shape", ["M"], "cww", start=1),
+        _n("ReduceProd", ["cww"], "N_i", keepdims=1),                     # N = C * W * W, int64 [1]
+        _n("Cast", ["N_i"], "N", to=FLOAT),
+        _n("ReduceSum", ["U", "axes"], "Us", keepdims=1),
+        _n("Div", ["Us", "N"], "Umean"),
+        _n("Mul", ["Umean", "cf"], "Ushift"),
+        _n("Sub", ["U", "Ushift"], "Mc"),
+        _n("Concat", ["k", "N_i", "one_one"], "k_n_1_1", axis=0),
+        _n("Reshape", ["Mc", "k_n_1_1"], "Mflat"),                        # (K, N, 1, 1), N in M's (C, W, W) order
+        # one-hot kernels (N, C, W, W): P[:, j] = pixel j of each patch
+        _n("Concat", ["N_i", "N_i"], "n_n", axis=0),
+        _n("ConstantOfShape", ["n_n"], "zeros_nn", value=numpy_helper.from_array(np.zeros(1, np.float32))),
+        _n("EyeLike", ["zeros_nn"], "eye"),
+        _n("Concat", ["N_i", "cww"], "n_c_w_w", axis=0),
+        _n("Reshape", ["eye", "n_c_w_w"], "E"),
+        _n("Conv", ["Xs", "E"], "P", strides),
+        # centred patches D (center=1) or raw ones (center=0); variance and dot product on them
+        _n("ReduceSum", ["P", "channel"], "Psum", keepdims=1),
+        _n("Div", ["Psum", "N"], "Pmean"),
+        _n("Mul", ["Pmean", "cf"], "Pshift"),
+        _n("Sub", ["P", "Pshift"], "D"),
+        _n("Mul", ["D", "D"], "D2"),
+        _n("ReduceSum", ["D2", "channel"], "var", keepdims=1),            # |v - mean(v)|^2, never < 0
+        _n("Conv", ["D", "Mflat"], "dot"),                                 # <m - mean(m), v - mean(v)>
+        _n("Sqrt", ["var"], "vnorm"),
+        _n("Add", ["vnorm", "eps"], "den"),
+        _n("Div", ["dot", "den"], "cos"),
+        # pool first, then the power: ReLU(x)^n is monotonic, so this is exact and far cheaper
+        _n("MaxPool", ["cos"], "pooled", (_ref("kernel_shape", "pool_shape", INTS),
+                                          _ref("strides", "pool_strides", INTS))),
+        # clip at 1: a cosine can round a hair above 1, and x^40 magnifies whatever is left there
+        _n("Clip", ["pooled", "zero", "one"], "clipped"),
+        _n("Pow", ["clipped", "n"], "Y"),
+    ]
+    return helper.make_function(
+        OP_DOMAIN, OP_NAME, inputs=["X", "M"], outputs=["Y"], nodes=nodes,
+        opset_imports=[helper.make_opsetid("", opset)], attributes=list(OP_ATTRIBUTES),
+        doc_string="edgehebb NNL-CONV block: patch-normalised cosine with unit filters, max-pool, "
+                   "clip to [0, 1], power. Specification: export/OP_SPEC.md.")
+
+
+# ----------------------------------------------------------------------------- graph building
+
+class _Graph:
+    """Nodes and initializers of the main graph, with unique names."""
+
+    def __init__(self):
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[onnx.TensorProto] = []
+        self._count = 0
+
+    def init(self, name: str, value) -> str:
+        array = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
+        if array.dtype == np.float64:
+            array = array.astype(np.float32)
+        self.initializers.append(numpy_helper.from_array(array, name))
+        return name
+
+    def add(self, op: str, inputs: list[str], name: str | None = None, domain: str = "", **attrs) -> str:
+        self._count += 1
+        out = name or f"{op.lower()}_{self._count}"
+        self.nodes.append(helper.make_node(op, inputs, [out], name=out, domain=domain or None, **attrs))
+        return out
+
+
+def _nnl_block(g: _Graph, x: str, block: NNLConv, i: int) -> str:
+    """One NNLConv block: the custom node (norm=True) or, for the norm=False ablation, standard ops."""
+    if block.norm:
+        m = g.init(f"block{i}.filters", block.weight)  # raw: the op normalises and centres them itself
+        return g.add(OP_NAME, [x, m], f"block{i}", domain=OP_DOMAIN,
+                     strides=[block.stride] * 2, padding=block.padding, pool_shape=[block.pool] * 2,
+                     pool_strides=[block.pool_stride] * 2, power=block.power, eps=block.eps,
+                     center=int(block.center))
+    # Without the patch norm the block is a plain convolution of the (shifted) image with fixed
+    # filters: no custom op needed, the filter preprocessing is done here once.
+    m = block.unit_weight().detach()
+    if block.center:
+        m = m - m.mean(dim=(1, 2, 3), keepdim=True)
+    if block.padding:
+        pads = g.init(f"block{i}.pads", np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64) * block.padding)
+        x = g.add("Pad", [x, pads], f"block{i}.pad")
+    if block.center:
+        x = g.add("Sub", [x, g.init(f"block{i}.half", np.float32(0.5))], f"block{i}.shift")
+    y = g.add("Conv", [x, g.init(f"block{i}.filters", m)], f"block{i}.conv", strides=[block.stride] * 2)
+    return _pool_relu_pow(g, y, block.pool, block.pool_stride, block.power, i)
+
+
+def _pool_relu_pow(g: _Graph, y: str, pool: int, pool_stride: int, power: float, i: int) -> str:
+    y = g.add("MaxPool", [y], f"block{i}.pool", kernel_shape=[pool] * 2, strides=[pool_stride] * 2)
+    y = g.add("Relu", [y], f"block{i}.relu" if power != 1 else f"block{i}")
+    if power == 1:  # as nnl._relu_pow: no Pow for n = 1
+        return y
+    return g.add("Pow", [y, g.init(f"block{i}.power", np.float32(power))], f"block{i}")
+
+
+def _conv_block(g: _Graph, x: str, block: ConvBlock, i: int) -> str:
+    """A CONV-twin block: Conv(+bias) -> MaxPool -> Relu -> Pow, standard ops only."""
+    conv = block.conv
+    w, b = g.init(f"block{i}.weight", conv.weight), g.init(f"block{i}.bias", conv.bias)
+    y = g.add("Conv", [x, w, b], f"block{i}.conv", strides=list(conv.stride), pads=[conv.padding[0]] * 2 +
+              [conv.padding[1]] * 2, kernel_shape=list(conv.kernel_size))
+    return _pool_relu_pow(g, y, block.pool, block.pool_stride, block.power, i)
+
+
+def _preprocess_frames(g: _Graph, frames: str, size: tuple[int, int], channel_order: str, fit: str,
+                       frame_size: tuple[int, int] | None) -> str:
+    """uint8 NHWC frames -> float32 NCHW RGB in [0, 1] of the model's (H, W): edgehebb.frames' steps."""
+    th, tw = size
+    # Cast first: TensorRT takes uint8 only at the network boundary and in Cast.
+    x = g.add("Cast", [frames], "frames.float", to=FLOAT)
+    x = g.add("Div", [x, g.init("frames.255", np.float32(255.0))], "frames.unit")  # a true division, as torch
+    x = g.add("Transpose", [x], "frames.nchw", perm=[0, 3, 1, 2])
+    if channel_order == "bgr":
+        x = g.add("Gather", [x, g.init("frames.bgr2rgb", np.array([2, 1, 0], np.int64))], "frames.rgb", axis=1)
+    if frame_size is not None:  # sizes known now: the crop and whether to resize are decided here
+        h, w = frame_size
+        if fit == "center-crop":
+            top, left, rows, cols = crop_box(h, w, size)
+            if (rows, cols) != (h, w):
+                x = g.add("Slice", [x, g.init("crop.starts", np.array([top, left], np.int64)),
+                                    g.init("crop.ends", np.array([top + rows, left + cols], np.int64)),
+                                    g.init("crop.axes", np.array([2, 3], np.int64))], "frames.crop")
+            h, w = rows, cols
+        if (h, w) == (th, tw):
+            return x
+    elif fit == "center-crop":  # dynamic frame size: edgehebb.frames.crop_box in int64 graph arithmetic
+        hw = g.add("Shape", [frames], "crop.hw", start=1, end=3)
+        h = g.add("Slice", [hw, g.init("crop.i0", np.array([0], np.int64)),
+                            g.init("crop.i1", np.array([1], np.int64))], "crop.h")
+        w = g.add("Slice", [hw, "crop.i1", g.init("crop.i2", np.array([2], np.int64))], "crop.w")
+        th_, tw_ = g.init("crop.th", np.array([th], np.int64)), g.init("crop.tw", np.array([tw], np.int64))
+        rows = g.add("Min", [h, g.add("Div", [g.add("Mul", [w, th_], "crop.w_th"), tw_], "crop.w_th_tw")],
+                     "crop.rows")
+        cols = g.add("Min", [w, g.add("Div", [g.add("Mul", [h, tw_], "crop.h_tw"), th_], "crop.h_tw_th")],
+                     "crop.cols")
+        two = g.init("crop.two", np.array([2], np.int64))
+        top = g.add("Div", [g.add("Sub", [h, rows], "crop.dh"), two], "crop.top")
+        left = g.add("Div", [g.add("Sub", [w, cols], "crop.dw"), two], "crop.left")
+        starts = g.add("Concat", [top, left], "crop.starts", axis=0)
+        ends = g.add("Concat", [g.add("Add", [top, rows], "crop.bottom"),
+                                g.add("Add", [left, cols], "crop.right")], "crop.ends", axis=0)
+        x = g.add("Slice", [x, starts, ends, g.init("crop.axes", np.array([2, 3], np.int64))], "frames.crop")
+    # Resize to (H, W); with dynamic frames it always runs (an exact copy when the size already fits).
+    nc = g.add("Shape", [x], "resize.nc", start=0, end=2)
+    sizes = g.add("Concat", [nc, g.init("resize.hw", np.array([th, tw], np.int64))], "resize.sizes", axis=0)
+    return g.add("Resize", [x, "", "", sizes], "frames.resized", mode="linear",
+                 coordinate_transformation_mode="half_pixel")
+
+
+def _check_opset(opset: int) -> int:
+    latest = onnx.defs.onnx_opset_version()
+    if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= latest:
+        raise EdgehebbError(f"opset {opset!r} is not supported: use {MIN_OPSET} to {latest} "
+                            f"(the installed onnx's newest)")
+    return opset
+
+
+def _check_frame_size(frame_size) -> tuple[int, int] | None:
+    if frame_size is None:
+        return None
+    try:
+        h, w = (int(v) for v in frame_size)
+    except (TypeError, ValueError):
+        raise EdgehebbError(f"frame size must be (height, width), got {frame_size!r}") from None
+    if h < 1 or w < 1:
+        raise EdgehebbError(f"frame size must be positive, got {h}x{w}")
+    return h, w
+
+
+def build_model_proto(net: _Net, classes: list[str], *, preprocess: str | None = None,
+                      channel_order: str = "rgb", frame_size: tuple[int, int] | None = None,
+                      fit: str = "resize", opset: int = MIN_OPSET) -> onnx.ModelProto:
+    """The ONNX model of ``net`` (an NNLNet or ConvNet) with the input/output contract of export_onnx."""
+    preprocess = check_choice("none" if preprocess is None else preprocess, PREPROCESS, "preprocess")
+    check_choice(channel_order, CHANNEL_ORDERS, "channel order")
+    check_choice(fit, FITS, "fit")
+    opset, frame_size = _check_opset(opset), _check_frame_size(frame_size)
+    kind, _ = model_kind(net)
+    spec = net.spec
+    c, h, w = spec.input
+    if len(classes) != spec.classes:
+        raise EdgehebbError(f"{len(classes)} class names for a {spec.classes}-class network")
+    if preprocess == "none" and (channel_order != "rgb" or fit != "resize" or frame_size is not None):
+        raise EdgehebbError("channel order, fit and frame size apply to preprocess 'uint8-nhwc' only "
+                            "(float images enter as RGB NCHW at the model's size)")
+    if preprocess == "uint8-nhwc" and c != 3:
+        raise EdgehebbError(f"preprocess 'uint8-nhwc' needs a 3-channel model, {spec.name} takes {c} channels")
+
+    g = _Graph()
+    if preprocess == "none":
+        name, layout, dtype, value_range, dims = "images", "NCHW", "float32", [0.0, 1.0], ["batch", c, h, w]
+        graph_input = helper.make_tensor_value_info(name, FLOAT, dims)
+        x = name
+    else:
+        fh, fw = frame_size or ("height", "width")
+        name, layout, dtype, value_range, dims = "frames", "NHWC", "uint8", [0, 255], ["batch", fh, fw, 3]
+        graph_input = helper.make_tensor_value_info(name, TensorProto.UINT8, dims)
+        x = _preprocess_frames(g, name, (h, w), channel_order, fit, frame_size)
+
+    outs = []
+    for i, block in enumerate(net.blocks):
+        if isinstance(block, NNLConv):
+            y = _nnl_block(g, x, block, i)
+        elif isinstance(block, ConvBlock):
+            y = _conv_block(g, x, block, i)
+        else:
+            raise EdgehebbError(f"cannot export block {i} of type {type(block).__name__}")
+        outs.append(g.add("Flatten", [y], f"block{i}.flat", axis=1))
+    feats = outs[0] if len(outs) == 1 else g.add("Concat", outs, "features.concat", axis=1)
+    g.add("Identity", [feats], "features")
+    z = g.add("Sub", ["features", g.init("feature_mean", net.feature_mean)], "features.centred")
+    z = g.add("Mul", [z, g.init("feature_scale", net.feature_scale)], "features.standardised")
+    g.add("Gemm", [z, g.init("head.weight", net.head.weight), g.init("head.bias", net.head.bias)], "logits",
+          transB=1)
+    g.add("Softmax", ["logits"], "probabilities", axis=1)
+
+    d, k = net.head.in_features, spec.classes
+    outputs = [helper.make_tensor_value_info("logits", FLOAT, ["batch", k]),
+               helper.make_tensor_value_info("probabilities", FLOAT, ["batch", k]),
+               helper.make_tensor_value_info("features", FLOAT, ["batch", d])]
+    graph = helper.make_graph(g.nodes, spec.name, [graph_input], outputs, initializer=g.initializers)
+    uses_op = any(n.domain == OP_DOMAIN for n in g.nodes)
+    model = helper.make_model(
+        graph, producer_name="edgehebb", producer_version=__version__,
+        opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(OP_DOMAIN, OP_VERSION)],
+        functions=[op_function(opset)] if uses_op else [],
+        # the lowest IR that holds this opset (8 for 17): older runtimes and TensorRT parsers read it
+        ir_version=max(8, helper.find_min_ir_version_for([helper.make_opsetid("", opset)])))
+    model.doc_string = f"edgehebb {kind} network {spec.name}: {spec.description}".strip()
+    input_meta = {"name": name, "layout": layout, "dtype": dtype, "range": value_range,
+                  "channels": "BGR" if channel_order == "bgr" else "RGB", "shape": dims,
+                  "model_input": [c, h, w]}
+    if preprocess == "uint8-nhwc":
+        input_meta["fit"] = fit
+    helper.set_model_props(model, {
+        "edgehebb.classes": json.dumps(list(classes)),
+        "edgehebb.op_domain": OP_DOMAIN,
+        "edgehebb.op_version": str(OP_VERSION),
+        "edgehebb.op_name": OP_NAME,
+        "edgehebb.spec": json.dumps(spec.to_dict()),
+        "edgehebb.kind": kind,
+        "edgehebb.input": json.dumps(input_meta),
+        # JSON object, so a runtime can tell which channel order / fit is baked in
+        "edgehebb.preprocess": json.dumps({"mode": preprocess} if preprocess == "none" else
+                                          {"mode": preprocess, "channel_order": channel_order, "fit": fit,
+                                           "frame_size": list(frame_size) if frame_size else None}),
+        "edgehebb.version": __version__,
+    })
+    return model
+
+
+def export_onnx(model, out: str | os.PathLike, *, preprocess: str | None = None, channel_order: str = "rgb",
+                frame_size: tuple[int, int] | None = None, fit: str = "resize", opset: int = MIN_OPSET) -> Path:
+    """Write ``model`` (model directory, shipped name, or a loaded ``(net, config)`` pair) as ONNX to ``out``.
+
+    The file is checked with ``onnx.checker.check_model(full_check=True)`` before it is written,
+    atomically. Returns ``out`` as a Path.
+    """
+    if isinstance(model, tuple):
+        if len(model) != 2 or not isinstance(model[0], _Net) or not isinstance(model[1], dict):
+            raise EdgehebbError("model must be a model directory, a shipped model name or a (net, config) pair")
+        net, config = model
+    elif isinstance(model, (str, os.PathLike)):
+        net, config = load_model(model)
+    else:
+        raise EdgehebbError(f"model must be a model directory, a shipped model name or a (net, config) pair, "
+                            f"got {type(model).__name__}")
+    proto = build_model_proto(net, config["classes"], preprocess=preprocess, channel_order=channel_order,
+                              frame_size=frame_size, fit=fit, opset=opset)
+    onnx.checker.check_model(proto, full_check=True)  # a failure here is an exporter bug: keep the traceback
+    out = Path(out)
+    atomic_write(out, proto.SerializeToString())
+    return out

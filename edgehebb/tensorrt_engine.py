@@ -1,0 +1,513 @@
+"""TensorRT engines for edgehebb's ONNX models: build one (``build_engine``) and run it (``TrtRunner``).
+
+The file has two halves. The first is plain Python, tested without TensorRT: which build a TensorRT
+version gets (``engine_plan``), the optimisation profile read from the ONNX input (``profile_shapes``),
+the ``ai.edgehebb`` nodes whose layers must stay FP32 (``custom_nodes``, ``is_custom_layer``). The
+second is the thin part that calls TensorRT; ``tensorrt`` is imported only inside it.
+
+How TensorRT runs the custom op. The exporter writes the patch-norm/power op as a node in domain
+``ai.edgehebb`` *and* a model-local ONNX function holding its standard-op body. The TensorRT ONNX
+parser imports local functions since TensorRT 9.0 (onnx-tensorrt docs/Changelog.md, "9.0 GA: Improved
+support for importing ONNX Local Functions"), so with no plugin loaded the body runs: that is the default
+path, and edgehebb ships no plugin. From 10.7 the parser "prioritizes using plugins over local functions
+when a corresponding plugin is available in the registry" (same changelog, 10.7 GA; before that a plugin
+could not replace a function, NVIDIA/TensorRT issue #4113), and 10.15 adds the parser flag
+``kENABLE_PLUGIN_OVERRIDE`` (10.15 GA). ``engine_plan`` records which applies.
+
+Where the op's layers are. The parser names each layer after the ONNX node it came from
+(``ImporterContext::registerLayer`` in onnx-tensorrt): for an inlined function those are the *body*
+nodes (``node_of_<output>`` for the exporter's unnamed body nodes, ``getNodeName``), and the calling node
+(``block0``, ...) appears only in the layer's metadata, as
+``[ONNX Layer: <body node> | <caller> (<function>)]`` from 10.6 on and ``| Local Function: <function>``
+before (``processMetadata`` in onnx-tensorrt's importerUtils.cpp; changelog 10.6: "Updated local function
+metadata"). A plugin layer, when one replaces the function, carries the caller's name. ``is_custom_layer``
+matches all three.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+from edgehebb.errors import EdgehebbError, missing_dependency
+from edgehebb.io import atomic_write, atomic_write_json
+
+CUSTOM_DOMAIN = "ai.edgehebb"
+CLASSES_KEY = "edgehebb.classes"       # ONNX metadata_props key: the class names, a JSON list
+SIDECAR_FORMAT = "edgehebb.trt-engine/1"
+# The two input conventions of an exported model: (ONNX elem_type, dtype name, layout).
+INPUT_KINDS = {"images": (1, "float32", "NCHW"), "frames": (2, "uint8", "NHWC")}   # 1 FLOAT, 2 UINT8
+
+# Why the op stays FP32: cos^n with n = 40 drops below FP16's smallest normal (6.1e-5) once cos < 0.785.
+FP16_UNDERFLOW = "cos^40 falls below FP16's smallest normal (6.1e-5) for cos < 0.785"
+
+
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr)
+
+
+# --------------------------------------------------------------------------------------------------
+# Pure logic: no TensorRT
+# --------------------------------------------------------------------------------------------------
+
+def parse_version(version: str) -> tuple[int, int, int, int]:
+    """``"10.7.0.23"`` -> ``(10, 7, 0, 23)``; missing parts are 0, suffixes (``.post1``, ``b1``) ignored."""
+    m = re.match(r"\s*(\d+)(?:\.(\d+))?(?:\.(\d+))?(?:\.(\d+))?", str(version))
+    if not m:
+        raise EdgehebbError(f"cannot read a TensorRT version from {version!r}")
+    return tuple(int(g) if g else 0 for g in m.groups())  # type: ignore[return-value]
+
+
+def engine_plan(trt_version: str, fp16: bool) -> dict:
+    """What a build with TensorRT ``trt_version`` does; raises EdgehebbError for what it cannot do.
+
+    Keys: ``network_flags`` (names of NetworkDefinitionCreationFlag members to set), ``strongly_typed``,
+    ``builder_fp16`` (set BuilderFlag.FP16), ``obey_precision_constraints``, ``fp32_custom_layers`` (pin
+    the op's layers and everything after them to FP32), ``disable_tf32``, ``plugin_replaces_function``,
+    ``plugin_override_flag``, ``precision`` and ``notes`` (lines worth logging).
+    """
+    major, minor, *_ = parse_version(trt_version)
+    if major < 10:
+        raise EdgehebbError(f"TensorRT {trt_version} is too old: edgehebb needs TensorRT 10 or newer "
+                            "(name-based tensors, execute_async_v3); install it with: pip install 'edgehebb[gpu]'")
+    notes: list[str] = []
+    if fp16 and major >= 11:
+        # TensorRT 11 removed BuilderFlag.FP16 and the precision constraints ("Removed Python APIs and
+        # Replacements", docs.nvidia.com/deeplearning/tensorrt/latest/api/migration/
+        # tensorrt-10x-to-11x-python-api-reference.html): reduced precision must be in the graph.
+        raise EdgehebbError(
+            f"--fp16 is not available with TensorRT {trt_version}: TensorRT 11 builds strongly typed networks "
+            "only, so FP16 must be in the ONNX graph as Cast nodes (e.g. NVIDIA ModelOpt AutoCast), which "
+            f"edgehebb does not export yet, and the ai.edgehebb op must stay FP32 ({FP16_UNDERFLOW}); "
+            "build without --fp16, or with TensorRT 10.x")
+    weak_fp16 = fp16 and major == 10
+    if weak_fp16:
+        notes.append("fp16: the ai.edgehebb op and every layer after it stay FP32 (" + FP16_UNDERFLOW
+                     + "); only the layers before it may run in FP16 - check accuracy with edgehebb eval")
+        if minor >= 12:
+            # 10.12 release notes: "Weak typing APIs deprecated ... TensorRT will be using strong-typing
+            # exclusively in the future."
+            notes.append(f"TensorRT {major}.{minor} deprecates weak typing (BuilderFlag.FP16); TensorRT 11 removes it")
+    return {
+        "tensorrt": str(trt_version),
+        "precision": "fp16" if fp16 else "fp32",
+        # STRONGLY_TYPED exists in every 10.x (the 10.0 Python API lists it beside the ignored
+        # EXPLICIT_BATCH; docs.nvidia.com/deeplearning/tensorrt/latest/_static/python-api/infer/Core/
+        # Builder.html). An FP32 build uses it so the ONNX types are exactly what runs, the same as on
+        # TensorRT 11, where every network is strongly typed and the flag is deprecated and ignored
+        # (11.0.0/_static/python-api/infer/Core/Builder.html), so we pass none there.
+        "network_flags": ["STRONGLY_TYPED"] if major == 10 and not fp16 else [],
+        "strongly_typed": not weak_fp16,
+        "builder_fp16": weak_fp16,
+        "obey_precision_constraints": weak_fp16,
+        "fp32_custom_layers": weak_fp16,
+        # TF32 rounds conv/matmul inputs to a 10-bit mantissa; the cosine then goes through a 40th power,
+        # which multiplies its relative error by 40. Keep FP32 math an FP32 build.
+        "disable_tf32": True,
+        "plugin_replaces_function": (major, minor) >= (10, 7),
+        "plugin_override_flag": (major, minor) >= (10, 15),
+        "notes": notes,
+    }
+
+
+@dataclass(frozen=True)
+class OnnxInput:
+    name: str                          # "images" or "frames"
+    dtype: str                         # "float32" or "uint8"
+    layout: str                        # "NCHW" or "NHWC"
+    shape: tuple[int | None, ...]      # None where the ONNX dimension is symbolic or unset
+
+
+def onnx_input(model) -> OnnxInput:
+    """The model's one image input, checked against edgehebb's two conventions."""
+    initializers = {t.name for t in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in initializers]
+    expect = "one input named 'images' (float32 [N,3,H,W]) or 'frames' (uint8 [N,H,W,3])"
+    if len(inputs) != 1 or inputs[0].name not in INPUT_KINDS:
+        raise EdgehebbError(f"the ONNX model must have {expect}; it has {[i.name for i in inputs]}")
+    value = inputs[0]
+    elem_type, dtype, layout = INPUT_KINDS[value.name]
+    tensor = value.type.tensor_type
+    if tensor.elem_type != elem_type:
+        raise EdgehebbError(f"ONNX input {value.name!r} must be {dtype} (ONNX elem_type {elem_type}), "
+                            f"not elem_type {tensor.elem_type}")
+    shape = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in tensor.shape.dim)
+    if len(shape) != 4:
+        raise EdgehebbError(f"ONNX input {value.name!r} must have 4 dimensions ({layout}), has {len(shape)}")
+    return OnnxInput(value.name, dtype, layout, shape)
+
+
+def profile_shapes(inp: OnnxInput, batch: Sequence[int]) -> dict[str, tuple[int, ...]]:
+    """Min/opt/max shapes of the optimisation profile: ``batch`` = (min, opt, max) over the batch dim.
+
+    A batch fixed in the ONNX file wins over ``batch``; every other dimension must be fixed.
+    """
+    batch = tuple(int(b) for b in batch)
+    if len(batch) != 3 or not 1 <= batch[0] <= batch[1] <= batch[2]:
+        raise EdgehebbError(f"batch must be three sizes min <= opt <= max, all >= 1; got {batch}")
+    rest = inp.shape[1:]
+    if any(d is None for d in rest):
+        dims = "x".join("?" if d is None else str(d) for d in inp.shape)
+        if inp.name == "frames":
+            raise EdgehebbError(f"ONNX input 'frames' has a dynamic frame size ({dims}, NHWC); a TensorRT engine "
+                                "with baked-in preprocessing needs a fixed H and W: export again with "
+                                "--frame-size HxW (or export the float 'images' input)")
+        raise EdgehebbError(f"ONNX input {inp.name!r} ({dims}) may only be dynamic in the batch dimension")
+    if inp.shape[0] is not None:
+        batch = (inp.shape[0],) * 3
+    return {k: (b, *rest) for k, b in zip(("min", "opt", "max"), batch)}  # type: ignore[misc]
+
+
+def custom_nodes(model, domain: str = CUSTOM_DOMAIN) -> list[tuple[str, str]]:
+    """(node name, op type) of every top-level graph node in ``domain``, in graph order."""
+    return [(n.name, n.op_type) for n in model.graph.node if n.domain == domain]
+
+
+def is_custom_layer(layer_name: str, metadata: str, nodes: Sequence[tuple[str, str]]) -> bool:
+    """Whether a TensorRT layer came from one of ``nodes`` (see the module docstring for the naming)."""
+    for node_name, op_type in nodes:
+        # A plugin layer is named after the node; the parser's unique names add "_<n>".
+        if node_name and (layer_name == node_name or layer_name.startswith(node_name + "_")):
+            return True
+        # Inlined function body: "[ONNX Layer: Pow_3 | nnl_block0 (PatchNormPower)]" (10.6+) or
+        # "[ONNX Layer: Pow_3 | Local Function: PatchNormPower]" (before 10.6).
+        if f" ({op_type})" in metadata or f"Local Function: {op_type}" in metadata:
+            return True
+    return False
+
+
+def onnx_classes(model) -> list[str] | None:
+    """Class names from the ONNX metadata ``edgehebb.classes`` (a JSON list), or None."""
+    for prop in model.metadata_props:
+        if prop.key == CLASSES_KEY:
+            try:
+                value = json.loads(prop.value)
+            except json.JSONDecodeError:
+                value = [c.strip() for c in prop.value.split(",")]
+            if isinstance(value, list) and all(isinstance(c, str) for c in value):
+                return value
+            raise EdgehebbError(f"ONNX metadata {CLASSES_KEY!r} must be a JSON list of names, got {prop.value[:80]!r}")
+    return None
+
+
+def sidecar_path(engine_path: str | Path) -> Path:
+    """``model.engine`` -> ``model.engine.json``: what was built, from what, and how."""
+    engine_path = Path(engine_path)
+    return engine_path.with_name(engine_path.name + ".json")
+
+
+def check_batch(shape: Sequence[int], sample_shape: Sequence[int], min_batch: int, max_batch: int, what: str) -> int:
+    """The batch size of an input of ``shape``; EdgehebbError if it does not fit the engine's profile."""
+    shape, sample_shape = tuple(shape), tuple(sample_shape)
+    if shape[1:] != sample_shape:
+        raise EdgehebbError(f"{what} must have shape (N, {', '.join(map(str, sample_shape))}), got {shape}")
+    n = shape[0]
+    if not min_batch <= n <= max_batch:
+        raise EdgehebbError(f"batch of {n} is outside the engine's profile ({min_batch}..{max_batch}); "
+                            f"split it, or rebuild the engine with a larger --batch")
+    return n
+
+
+def _load_onnx(path: Path):
+    import onnx
+
+    if not path.is_file():
+        raise EdgehebbError(f"{path} does not exist")
+    try:
+        return onnx.load(str(path), load_external_data=False)   # shapes and names only; TensorRT reads the weights
+    except Exception as e:  # onnx raises DecodeError and friends for a file that is not a model
+        raise EdgehebbError(f"{path} is not an ONNX model: {e}") from None
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _read_sidecar(engine_path: Path) -> dict:
+    try:
+        return json.loads(sidecar_path(engine_path).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+# --------------------------------------------------------------------------------------------------
+# TensorRT-touching code, kept thin
+# --------------------------------------------------------------------------------------------------
+
+def _import_tensorrt(why: str):
+    try:
+        import tensorrt
+    except ImportError as e:
+        # A stub wheel without libnvinfer also lands here; say why it failed in that case.
+        reason = why if getattr(e, "name", None) == "tensorrt" else f"{why}; import failed: {e}"
+        raise missing_dependency("tensorrt", "gpu", reason) from None
+    return tensorrt
+
+
+def _set_timing_cache(config, path: Path | None, log: Callable[[str], None]) -> None:
+    # IBuilderConfig.create_timing_cache / set_timing_cache(cache, ignore_mismatch) and
+    # ITimingCache.serialize: docs.nvidia.com/deeplearning/tensorrt/latest/_static/python-api/infer/Core/
+    # TimingCache.html; the same load/save pattern as TensorRT's samples/python/common_runtime.py.
+    data = path.read_bytes() if path is not None and path.is_file() else b""
+    cache = config.create_timing_cache(data)
+    if cache is None or not config.set_timing_cache(cache, ignore_mismatch=False):
+        # A cache from another TensorRT version or GPU is refused; a fresh one only costs build time.
+        log(f"timing cache {path} does not fit this TensorRT/GPU; starting a fresh one")
+        config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
+
+
+def _keep_outputs(network, keep: Sequence[str]) -> None:
+    """Unmark every network output not in ``keep`` (DeepStream's classifier parses every output it sees)."""
+    tensors = [network.get_output(i) for i in range(network.num_outputs)]
+    missing = set(keep) - {t.name for t in tensors}
+    if missing:
+        raise EdgehebbError(f"no output named {sorted(missing)} in the network; it has {[t.name for t in tensors]}")
+    for tensor in tensors:
+        if tensor.name not in keep:
+            network.unmark_output(tensor)   # as Polygraphy's backend/trt/util.py unmark_outputs does
+
+
+def _pin_fp32(trt, network, nodes: Sequence[tuple[str, str]]) -> list[str]:
+    """Pin the custom op's layers, the constants they read and every float layer after them to FP32.
+
+    Layer-level precision in a weakly typed network: ``layer.precision`` and ``layer.set_output_type``,
+    enforced by BuilderFlag.OBEY_PRECISION_CONSTRAINTS (TensorRT 10 "Precision Control", reduced precision
+    in weakly-typed networks: docs.nvidia.com/deeplearning/tensorrt/10.16.1/inference-library/
+    precision-control.html). Pinning only the op would not do: its tiny outputs would underflow in the
+    first FP16 layer after it, and its filters rounded to FP16 would move the cosine by ~1e-3, which
+    the 40th power makes ~4%. The parser adds layers in graph order, so producers come before consumers.
+    """
+    layers = [network.get_layer(i) for i in range(network.num_layers)]
+    fp32_tensors: set[str] = set()
+    chosen = []
+    for layer in layers:
+        inputs = [layer.get_input(k) for k in range(layer.num_inputs)]
+        if any(t is not None and t.name in fp32_tensors for t in inputs) or \
+                is_custom_layer(layer.name, getattr(layer, "metadata", "") or "", nodes):
+            chosen.append(layer)
+            fp32_tensors.update(layer.get_output(k).name for k in range(layer.num_outputs))
+    read = {t.name for layer in chosen for t in (layer.get_input(k) for k in range(layer.num_inputs)) if t is not None}
+    chosen += [layer for layer in layers if layer.num_inputs == 0 and layer not in chosen
+               and any(layer.get_output(k).name in read for k in range(layer.num_outputs))]
+    pinned = []
+    for layer in chosen:
+        outputs = [layer.get_output(k) for k in range(layer.num_outputs)]
+        if not outputs or any(t.dtype != trt.float32 for t in outputs):
+            continue   # shape and index layers keep their integer types
+        layer.precision = trt.float32
+        for k in range(layer.num_outputs):
+            layer.set_output_type(k, trt.float32)
+        pinned.append(layer.name)
+    return pinned
+
+
+def build_engine(onnx_path: str | Path, engine_path: str | Path, *, fp16: bool = False,
+                 batch: Sequence[int] = (1, 32, 256), workspace_mib: int = 1024,
+                 timing_cache: str | Path | None = None, outputs: Sequence[str] | None = None,
+                 log: Callable[[str], None] = _stderr) -> Path:
+    """Build a TensorRT engine from an edgehebb ONNX file; writes ``engine_path`` and ``<engine>.json``.
+
+    ``batch`` is the (min, opt, max) batch of the optimisation profile; ``timing_cache`` a file that is
+    read if present and rewritten after the build; ``outputs`` keeps only these network outputs (for
+    DeepStream: ``["probabilities"]``). Both files are written atomically. Returns ``engine_path``.
+    """
+    onnx_path, engine_path = Path(onnx_path), Path(engine_path)
+    cache_path = Path(timing_cache) if timing_cache is not None else None
+    trt = _import_tensorrt("needed to build TensorRT engines")
+    plan = engine_plan(trt.__version__, fp16)
+    if int(workspace_mib) < 1:
+        raise EdgehebbError(f"workspace must be at least 1 MiB, got {workspace_mib}")
+    model = _load_onnx(onnx_path)
+    inp = onnx_input(model)
+    shapes = profile_shapes(inp, batch)
+    if inp.shape[0] is not None and tuple(batch) != (inp.shape[0],) * 3:
+        log(f"the ONNX input has a fixed batch of {inp.shape[0]}; the profile uses it instead of {tuple(batch)}")
+    nodes = custom_nodes(model)
+    classes = onnx_classes(model)
+    del model
+    for note in plan["notes"]:
+        log(note)
+
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    flags = 0
+    for name in plan["network_flags"]:   # EXPLICIT_BATCH is never needed: 10.0 ignores it, 11 removed it
+        flags |= 1 << int(getattr(trt.NetworkDefinitionCreationFlag, name))
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    # parse_from_file (not parse(bytes)) so that weights stored beside the model are found; errors via
+    # num_errors/get_error (OnnxParser: docs.nvidia.com/deeplearning/tensorrt/latest/_static/python-api/
+    # parsers/Onnx/pyOnnx.html; Polygraphy's check_onnx_parser_errors prints them the same way).
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = " | ".join(str(parser.get_error(i)).strip() for i in range(parser.num_errors))
+        raise EdgehebbError(f"TensorRT {trt.__version__} could not parse {onnx_path}: {errors or 'no details given'}")
+    if outputs:
+        _keep_outputs(network, outputs)
+
+    config = builder.create_builder_config()
+    # IBuilderConfig.set_memory_pool_limit replaced max_workspace_size (removed in 10; 8.x-to-10.x migration).
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_mib) << 20)
+    if plan["disable_tf32"] and hasattr(trt.BuilderFlag, "TF32"):
+        config.clear_flag(trt.BuilderFlag.TF32)
+    pinned: list[str] = []
+    if plan["builder_fp16"]:
+        config.set_flag(trt.BuilderFlag.FP16)
+        config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
+    if plan["fp32_custom_layers"] and nodes:
+        pinned = _pin_fp32(trt, network, nodes)
+        if not pinned:   # FP32 spreads only from the op's own layers: none pinned means none found
+            raise EdgehebbError(f"found no TensorRT layers of the ai.edgehebb nodes {[n for n, _ in nodes]}; refusing "
+                                f"an FP16 build that could run the op in FP16 ({FP16_UNDERFLOW})")
+        log(f"fp16: {len(pinned)} layers pinned to FP32 (the ai.edgehebb op and what follows it)")
+    elif plan["builder_fp16"]:
+        log("fp16: the model has no ai.edgehebb op, so TensorRT may run any layer in FP16")
+    # One profile over the batch dimension (IOptimizationProfile.set_shape(name, min, opt, max)).
+    profile = builder.create_optimization_profile()
+    profile.set_shape(inp.name, shapes["min"], shapes["opt"], shapes["max"])
+    config.add_optimization_profile(profile)
+    if cache_path is not None:
+        _set_timing_cache(config, cache_path, log)
+
+    log(f"building {plan['precision']} engine with TensorRT {trt.__version__} "
+        f"(profile {shapes['min']} .. {shapes['max']}); this takes a while")
+    serialized = builder.build_serialized_network(network, config)   # None on failure, reasons in the log
+    if serialized is None:
+        raise EdgehebbError(f"TensorRT could not build an engine from {onnx_path}; see TensorRT's messages above")
+    if cache_path is not None:
+        atomic_write(cache_path, bytes(memoryview(config.get_timing_cache().serialize())))
+    atomic_write(engine_path, bytes(memoryview(serialized)))
+    atomic_write_json(sidecar_path(engine_path), {
+        "format": SIDECAR_FORMAT,
+        "engine": engine_path.name,
+        "tensorrt": trt.__version__,
+        "precision": plan["precision"],
+        "device": _device_name(),     # engines run only on the GPU model (and TensorRT version) that built them
+        "input": {"name": inp.name, "dtype": inp.dtype, "layout": inp.layout},
+        "profile": {k: list(v) for k, v in shapes.items()},
+        "outputs": [network.get_output(i).name for i in range(network.num_outputs)],
+        "classes": classes,
+        "onnx": {"file": onnx_path.name, "sha256": _sha256(onnx_path)},
+        "custom_op": {"domain": CUSTOM_DOMAIN, "nodes": [n for n, _ in nodes], "fp32_layers": len(pinned)},
+        "workspace_mib": int(workspace_mib),
+        "plan": {k: v for k, v in plan.items() if k != "notes"},
+    })
+    log(f"wrote {engine_path} and {sidecar_path(engine_path).name}")
+    return engine_path
+
+
+def _device_name() -> str | None:
+    import torch
+
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else None
+
+
+def _torch_dtype(trt_dtype):
+    import torch
+
+    table = {"FLOAT": torch.float32, "HALF": torch.float16, "BF16": torch.bfloat16, "INT8": torch.int8,
+             "UINT8": torch.uint8, "INT32": torch.int32, "INT64": torch.int64, "BOOL": torch.bool}
+    if trt_dtype.name not in table:
+        raise EdgehebbError(f"engine tensor type {trt_dtype.name} has no torch equivalent here")
+    return table[trt_dtype.name]
+
+
+class TrtRunner:
+    """Runs an engine built by ``build_engine`` on one CUDA device, with torch tensors as device buffers.
+
+    Buffers for the input and every output are allocated once, for the profile's largest batch, and bound
+    once (``set_tensor_address``); ``infer`` copies the input in, sets the input shape, enqueues
+    ``execute_async_v3`` on the runner's own CUDA stream and waits for it. In steady state it allocates no
+    device memory: the outputs it returns are views of the runner's buffers, overwritten by the next call
+    (``.clone()`` what you keep).
+
+    Thread safety: a runner holds one execution context and one set of buffers, so it is NOT thread-safe;
+    use one runner per thread (or guard one with a lock). Engines are executable code: load only engine
+    files you built or received over a trusted channel (TensorRT 10.x-to-11.x Python migration guide,
+    "Engine Deserialization and the Trust Boundary").
+    """
+
+    def __init__(self, engine_path: str | Path, device: int = 0):
+        trt = _import_tensorrt("needed to run TensorRT engines")
+        import torch
+
+        engine_path = Path(engine_path)
+        if not engine_path.is_file():
+            raise EdgehebbError(f"{engine_path} does not exist")
+        if not torch.cuda.is_available():
+            raise EdgehebbError("TrtRunner needs a CUDA GPU and a CUDA build of torch; torch sees no GPU")
+        meta = _read_sidecar(engine_path)
+        self.classes: list[str] | None = meta.get("classes")
+        self.device = torch.device("cuda", device)
+        with torch.cuda.device(self.device):
+            self._logger = trt.Logger(trt.Logger.WARNING)
+            self._runtime = trt.Runtime(self._logger)     # the engine must not outlive its runtime: keep both
+            self._engine = self._runtime.deserialize_cuda_engine(engine_path.read_bytes())
+            if self._engine is None:
+                built = f" (built with TensorRT {meta['tensorrt']} on {meta.get('device')})" if "tensorrt" in meta else ""
+                raise EdgehebbError(f"TensorRT {trt.__version__} could not load {engine_path}{built}: an engine loads "
+                                    "only on the TensorRT version and GPU model that built it; build it again here")
+            self._context = self._engine.create_execution_context()
+            # Name-based I/O (num_io_tensors, get_tensor_name/mode/dtype, get_tensor_profile_shape):
+            # TensorRT 8.x-to-10.x Python migration, "Migrating I/O Buffer Allocation to Named Tensors".
+            names = [self._engine.get_tensor_name(i) for i in range(self._engine.num_io_tensors)]
+            inputs = [n for n in names if self._engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+            if len(inputs) != 1:
+                raise EdgehebbError(f"{engine_path} has inputs {inputs}; edgehebb engines have exactly one")
+            self.input_name = inputs[0]
+            self.output_names = [n for n in names if n != self.input_name]
+            lo, _, hi = (tuple(s) for s in self._engine.get_tensor_profile_shape(self.input_name, 0))
+            self.min_batch, self.max_batch, self.sample_shape = lo[0], hi[0], hi[1:]
+            self.input_dtype = _torch_dtype(self._engine.get_tensor_dtype(self.input_name))
+            # Output shapes at the largest batch: set the input shape, then ask the context.
+            if not self._context.set_input_shape(self.input_name, hi):
+                raise EdgehebbError(f"{engine_path}: the engine refused its own profile's largest shape {hi}")
+            self._buffers = {self.input_name: torch.empty(hi, dtype=self.input_dtype, device=self.device)}
+            for name in self.output_names:
+                shape = tuple(self._context.get_tensor_shape(name))
+                self._buffers[name] = torch.empty(shape, dtype=_torch_dtype(self._engine.get_tensor_dtype(name)),
+                                                  device=self.device)
+            for name, buf in self._buffers.items():
+                # The first n rows of a contiguous (max, ...) buffer start at the same address, so one
+                # binding serves every batch size.
+                self._context.set_tensor_address(name, buf.data_ptr())
+            self._batch = self.max_batch
+            self._stream = torch.cuda.Stream(device=self.device)
+
+    def infer(self, inputs) -> dict:
+        """Run one batch (torch tensor on any device, or numpy array); returns {output name: tensor view}.
+
+        ``images`` engines take float (N, 3, H, W) in [0, 1]; ``frames`` engines take uint8 (N, H, W, 3).
+        The engine's outputs are typically ``logits``, ``probabilities`` and ``features``.
+        """
+        import numpy as np
+        import torch
+
+        x = torch.from_numpy(np.ascontiguousarray(inputs)) if isinstance(inputs, np.ndarray) else inputs
+        if not isinstance(x, torch.Tensor):
+            raise EdgehebbError(f"inputs must be a torch tensor or a numpy array, not {type(inputs).__name__}")
+        if self.input_dtype == torch.uint8 and x.dtype != torch.uint8:
+            raise EdgehebbError(f"this engine takes uint8 frames (N, {', '.join(map(str, self.sample_shape))}), got {x.dtype}")
+        if self.input_dtype != torch.uint8 and not x.is_floating_point():
+            raise EdgehebbError(f"this engine takes float images in [0, 1], got {x.dtype}")
+        n = check_batch(x.shape, self.sample_shape, self.min_batch, self.max_batch, f"input {self.input_name!r}")
+        caller = torch.cuda.current_stream(self.device)
+        with torch.cuda.device(self.device), torch.cuda.stream(self._stream):
+            self._stream.wait_stream(caller)     # inputs made on the caller's stream must be ready
+            self._buffers[self.input_name][:n].copy_(x, non_blocking=True)
+            if n != self._batch:
+                if not self._context.set_input_shape(self.input_name, (n, *self.sample_shape)):
+                    raise EdgehebbError(f"TensorRT refused input shape {(n, *self.sample_shape)}")
+                self._batch = n
+            if not self._context.execute_async_v3(self._stream.cuda_stream):
+                raise EdgehebbError("TensorRT failed to run the engine; see TensorRT's messages above")
+        self._stream.synchronize()
+        return {name: self._buffers[name][:n] for name in self.output_names}

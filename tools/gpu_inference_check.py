@@ -1,0 +1,143 @@
+#!/usr/bin/env python3
+"""GPU inference check (issue 5): parity and latency of torch (eager, torch.compile) and ONNX Runtime
+(CPU, CUDA EP) for trained models, side by side in one run, plus the network's roofline time.
+
+Parity: logits of N test images from every path against torch on the CPU (float32), as the largest
+|difference| relative to each row's largest |logit|, and top-1 agreement. Latency: device-resident
+float input, warm-up then per-iteration wall time around the call with ``torch.cuda.synchronize()``
+(the same clock for every path; ORT runs on its own stream), p50/p90/p99 per batch and images/s.
+Roofline at each batch: max(FLOPs / FP32 peak, bytes / memory bandwidth) with the FLOPs of the
+block convolutions (dot product and box sums) and head, and the bytes of input, filters and output.
+Prints one JSON object.
+
+  python tools/gpu_inference_check.py models/fig2_left-cifar10 runs/paper/models/fig2_middle-local \\
+      --data $EDGEHEBB_DATA --peak-tflops 66.9 --bandwidth-tbs 3.35
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def flops_per_image(spec) -> float:
+    c, h, w = spec.input
+    total = 0.0
+    for b in spec.blocks:
+        mh, mw = b.map_size(h, w)
+        n = c * b.kernel ** 2
+        total += 2.0 * mh * mw * n * (b.filters + 2)       # dot product + two box sums
+    feats = sum(b.filters * np.prod(b.out_size(h, w)) for b in spec.blocks)
+    return total + 2.0 * feats * spec.classes
+
+
+def percentiles(ms: list[float]) -> dict:
+    q = np.percentile(ms, [50, 90, 99])
+    return {"p50_ms": float(q[0]), "p90_ms": float(q[1]), "p99_ms": float(q[2])}
+
+
+def time_fn(fn, warmup: int, iters: int) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    out = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        out.append(1e3 * (time.perf_counter() - t0))
+    return out
+
+
+def ort_cuda_runner(sess, x: torch.Tensor, classes: int):
+    """IOBinding with device-resident input and logits; ORT allocates the other outputs on the device."""
+    io = sess.io_binding()
+    logits = torch.empty((x.shape[0], classes), device="cuda")
+    io.bind_input("images", "cuda", 0, np.float32, tuple(x.shape), x.data_ptr())
+    io.bind_output("logits", "cuda", 0, np.float32, tuple(logits.shape), logits.data_ptr())
+    for name in ("probabilities", "features"):
+        io.bind_output(name, "cuda")
+    return lambda: sess.run_with_iobinding(io), logits
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("models", nargs="+")
+    ap.add_argument("--data", default=None)
+    ap.add_argument("--images", type=int, default=2000, help="Test images for parity.")
+    ap.add_argument("--batches", default="1,32,256")
+    ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--iters", type=int, default=50)
+    ap.add_argument("--peak-tflops", type=float, default=66.9, help="FP32 (non-tensor-core) peak of the GPU.")
+    ap.add_argument("--bandwidth-tbs", type=float, default=3.35, help="Memory bandwidth of the GPU, TB/s.")
+    args = ap.parse_args(argv)
+
+    import onnxruntime as ort
+
+    from edgehebb.data import load_split, resolve_data_root
+    from edgehebb.model import load_model
+    from edgehebb.onnx_export import export_onnx
+
+    test = load_split(resolve_data_root(args.data, download=False), "test", limit=args.images, progress=False)
+    xs = torch.from_numpy(np.array(test.x)).permute(0, 3, 1, 2).float() / 255
+    report = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "onnxruntime": ort.__version__,
+              "providers": ort.get_available_providers(), "models": {}}
+    tmp = Path(tempfile.mkdtemp())
+    for name in args.models:
+        net, config = load_model(name)
+        onnx_path = export_onnx(name, tmp / f"{Path(name).name}.onnx")
+        spec = net.spec
+        r = {"features": int(net.head.in_features), "flops_per_image": flops_per_image(spec), "parity": {}, "latency": {}}
+        with torch.no_grad():
+            ref = torch.cat([net(xs[i:i + 250]) for i in range(0, len(xs), 250)]).double()
+            gpu_net = load_model(name, "cuda")[0]
+            outs = {"torch-cuda": torch.cat([gpu_net(xs[i:i + 250].cuda()).cpu() for i in range(0, len(xs), 250)])}
+        sessions = {"onnxruntime-cpu": ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"]),
+                    "onnxruntime-cuda": ort.InferenceSession(str(onnx_path), providers=["CUDAExecutionProvider"])}
+        for key, sess in sessions.items():
+            r[f"{key}_providers"] = sess.get_providers()
+            outs[key] = torch.from_numpy(np.concatenate([sess.run(["logits"], {"images": xs[i:i + 250].numpy()})[0]
+                                                         for i in range(0, len(xs), 250)]))
+        scale = ref.abs().max(1).values
+        for key, out in outs.items():
+            rel = ((out.double() - ref).abs().max(1).values / scale).max()
+            r["parity"][key] = {"max_rel_logit": float(rel),
+                                "top1_agreement": float((out.argmax(1) == ref.argmax(1)).double().mean()),
+                                "accuracy": float((out.argmax(1).numpy() == test.y).mean())}
+        r["parity"]["torch-cpu"] = {"accuracy": float((ref.argmax(1).numpy() == test.y).mean())}
+        compiled = torch.compile(gpu_net)
+        for b in (int(s) for s in args.batches.split(",")):
+            x = xs[:b].cuda() if b <= len(xs) else xs[:1].repeat(b, 1, 1, 1).cuda()
+            row = {}
+            with torch.no_grad():
+                row["torch-cuda"] = time_fn(lambda: gpu_net(x), args.warmup, args.iters)
+                row["torch-compile"] = time_fn(lambda: compiled(x), args.warmup + 5, args.iters)
+            fn, _ = ort_cuda_runner(sessions["onnxruntime-cuda"], x.contiguous(), spec.classes)
+            row["onnxruntime-cuda"] = time_fn(fn, args.warmup, args.iters)
+            flop_s = r["flops_per_image"] * b / (args.peak_tflops * 1e12)
+            nbytes = 4 * (b * np.prod(spec.input) + b * spec.classes
+                          + sum(bl.filters * spec.input[0] * bl.kernel ** 2 for bl in spec.blocks))
+            roof_ms = 1e3 * max(flop_s, nbytes / (args.bandwidth_tbs * 1e12))
+            r["latency"][b] = {k: {**percentiles(v), "images_per_s": b / (statistics.median(v) / 1e3)}
+                               for k, v in row.items()}
+            best = min(r["latency"][b].values(), key=lambda v: v["p50_ms"])["p50_ms"]
+            r["latency"][b]["roofline_ms"] = roof_ms
+            r["latency"][b]["best_over_roofline"] = best / roof_ms
+            print(f"{name} batch {b}: " + ", ".join(f"{k} {v['p50_ms']:.3f} ms" for k, v in r["latency"][b].items()
+                                                     if isinstance(v, dict)) + f", roofline {roof_ms:.3f} ms",
+                  file=sys.stderr, flush=True)
+        report["models"][name] = r
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

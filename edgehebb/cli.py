@@ -194,6 +194,14 @@ def _report_filters(where: Path, stats: dict, payload: dict, as_json: bool) -> N
         click.echo(json.dumps(payload, indent=2))
 
 
+# Commands that live in their own modules (click and the standard library only at import time).
+from edgehebb.cli_bench import bench  # noqa: E402
+from edgehebb.cli_export import export  # noqa: E402
+
+cli.add_command(export)
+cli.add_command(bench)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: one line per user error, tracebacks only with --debug."""
     args = sys.argv[1:] if argv is None else argv

@@ -135,6 +135,7 @@ def main(argv=None) -> int:
                                                      if isinstance(v, dict)) + f", roofline {roof_ms:.3f} ms",
                   file=sys.stderr, flush=True)
         report["models"][name] = r
+        print(json.dumps({"model": name, **r}), file=sys.stderr, flush=True)   # kept if a later model times out
     print(json.dumps(report, indent=2))
     return 0
 

@@ -1,0 +1,571 @@
+"""One inference interface for camera pipelines over torch, ONNX Runtime and TensorRT.
+
+    from edgehebb import Runtime
+
+    with Runtime("fig2_left-cifar10", channel_order="bgr") as rt:   # OpenCV frames are BGR
+        pred = rt.predict(frame)           # uint8 (H, W, 3), or a batch (N, H, W, 3); numpy or torch
+        print(pred.names[0], pred.probabilities[0].max())
+
+What ``path`` is picks the backend with ``backend="auto"``: a model directory (or the bare name of a
+shipped model) runs on torch (CUDA when torch sees a GPU), a ``.onnx`` file on ONNX Runtime, a
+``.engine`` / ``.plan`` file on TensorRT. ``backend="onnxruntime"`` also takes a model directory and
+exports it to a temporary ONNX file first.
+
+Frames of any size are resized (``fit="resize"``) or centre-cropped to the model's aspect and then
+resized (``fit="center-crop"``) to the model's input by :func:`edgehebb.frames.frames_to_tensor`, the same
+code for every backend; an ONNX file exported with the preprocessing baked in
+(``preprocess="uint8-nhwc"``, the graph's twin of that function) gets the uint8 frames themselves,
+and so does a model directory run on ONNX Runtime, which is exported that way.
+
+Float frames are accepted too, if they are in [0, 1]: they are rounded to uint8 (``round(x * 255)``,
+the quantisation a camera gives) so that every backend, baked-in preprocessing included, sees the
+same input. NaN, infinities and values outside [0, 1] (a frame still in 0..255) raise.
+
+pycuda, tensorrt and onnxruntime are imported only when a backend needs them.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import tempfile
+import threading
+import weakref
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from edgehebb.errors import EdgehebbError, missing_dependency
+from edgehebb.frames import CHANNEL_ORDERS, FITS, check_choice, frames_to_tensor
+from edgehebb.io import CONFIG_FILE
+
+BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt")
+OP_VERSION = "1"                  # the edgehebb.op_version of ONNX files this runtime runs
+ENGINE_SUFFIXES = (".engine", ".plan")
+_CACHED_SHAPES = 4                # input buffers kept per Runtime: a stream has one shape, a bench a few
+
+
+@dataclass
+class Prediction:
+    """What :meth:`Runtime.predict` returns for N frames (numpy arrays on the host)."""
+
+    class_ids: np.ndarray             # int64 (N,)
+    probabilities: np.ndarray         # float32 (N, classes), softmax of the logits
+    names: list[str]                  # class name of each frame's prediction
+    features: np.ndarray | None = None  # float32 (N, D) pooled block outputs, with features=True
+
+    def __len__(self) -> int:
+        return len(self.class_ids)
+
+
+# ----------------------------------------------------------------------------- frames
+
+def check_frames(frames) -> np.ndarray | torch.Tensor:
+    """uint8 (N, H, W, 3) frames (numpy or torch, device kept) from one frame or a batch; see the module doc."""
+    if not isinstance(frames, (np.ndarray, torch.Tensor)):
+        raise EdgehebbError(f"frames must be a numpy array or a torch tensor, got {type(frames).__name__}")
+    shape = tuple(frames.shape)
+    if frames.ndim not in (3, 4):
+        raise EdgehebbError(f"frames must be one frame (H, W, 3) or a batch (N, H, W, 3), got ndim {frames.ndim} "
+                            f"(shape {shape})")
+    if shape[-1] != 3:
+        hint = " (channels first? transpose to (..., H, W, 3))" if shape[-3] == 3 else ""
+        raise EdgehebbError(f"frames must have 3 colour channels in the last axis, got {shape[-1]} "
+                            f"(shape {shape}){hint}")
+    if frames.ndim == 3:
+        frames = frames[None]
+    if frames.shape[0] == 0:
+        raise EdgehebbError(f"empty batch: frames of shape {shape} hold no frame")
+    if frames.shape[1] == 0 or frames.shape[2] == 0:
+        raise EdgehebbError(f"frames have no pixels (shape {shape})")
+    dtype = frames.dtype
+    if isinstance(frames, np.ndarray):
+        is_uint8, is_float = dtype == np.uint8, dtype.kind == "f"
+    else:
+        is_uint8, is_float = dtype == torch.uint8, dtype.is_floating_point
+    if is_uint8:
+        return frames
+    if is_float:
+        return _quantise(frames, shape)
+    raise EdgehebbError(f"frames must be uint8 (0..255) or float in [0, 1], got dtype {dtype}")
+
+
+def _quantise(frames, shape) -> np.ndarray | torch.Tensor:
+    """Float frames in [0, 1] -> uint8, rounded; NaN, inf and out-of-range values raise."""
+    if isinstance(frames, np.ndarray):
+        finite, lo, hi = bool(np.isfinite(frames).all()), float(frames.min()), float(frames.max())
+    else:
+        finite, lo, hi = bool(torch.isfinite(frames).all()), float(frames.min()), float(frames.max())
+    if not finite:
+        raise EdgehebbError(f"float frames of shape {shape} contain NaN or infinite values")
+    if lo < 0.0 or hi > 1.0:
+        raise EdgehebbError(f"float frames must be in [0, 1], got values in [{lo:g}, {hi:g}] "
+                            f"(0..255 floats: divide by 255 or pass uint8)")
+    if isinstance(frames, np.ndarray):
+        return np.rint(frames.astype(np.float32) * 255).astype(np.uint8)
+    return (frames.float() * 255).round_().to(torch.uint8)
+
+
+class _LruCache(OrderedDict):
+    """At most ``_CACHED_SHAPES`` entries, so a stream of changing frame sizes cannot pile up buffers."""
+
+    def get_or_make(self, key, make):
+        if key in self:
+            self.move_to_end(key)
+        else:
+            self[key] = make()
+            while len(self) > _CACHED_SHAPES:
+                self.popitem(last=False)
+        return self[key]
+
+
+# ----------------------------------------------------------------------------- backends
+# Each backend: prepare(uint8 NHWC frames) -> model input where the model runs; forward(input) ->
+# outputs left where they were computed; fetch(outputs, features) -> host numpy; synchronize().
+
+class _Staging:
+    """uint8 frames copied into a reusable buffer per shape on ``device`` (via a pinned host copy on CUDA).
+
+    Frames already on a GPU are used in place when they are on ``device``.
+    """
+
+    def __init__(self, device: torch.device):
+        if device.type == "cuda" and device.index is None:   # "cuda" -> "cuda:N", to compare with a tensor's device
+            device = torch.device("cuda", torch.cuda.current_device())
+        self.device, self._buffers = device, _LruCache()
+
+    def put(self, frames) -> torch.Tensor:
+        if isinstance(frames, torch.Tensor) and frames.device == self.device and self.device.type != "cpu":
+            return frames
+        cuda = self.device.type == "cuda"
+
+        def make():
+            host = torch.empty(tuple(frames.shape), dtype=torch.uint8, pin_memory=cuda)
+            return host, (torch.empty_like(host, device=self.device) if cuda else host)
+
+        host, dev = self._buffers.get_or_make(tuple(frames.shape), make)
+        if isinstance(frames, torch.Tensor) and frames.device.type != "cpu":
+            return dev.copy_(frames)   # from another GPU (or to the host): no host staging
+        if isinstance(frames, torch.Tensor):
+            host.copy_(frames)
+        else:
+            np.copyto(host.numpy(), frames)
+        if cuda:
+            # asynchronous from pinned memory; every backend synchronises before returning results,
+            # so ``host`` is free again by the next call
+            dev.copy_(host, non_blocking=True)
+        return dev
+
+    def clear(self) -> None:
+        self._buffers.clear()
+
+
+class _TorchBackend:
+    name = "torch"
+    max_batch = None
+
+    def __init__(self, model_dir: Path, device: str, channel_order: str, fit: str):
+        from edgehebb.model import load_model
+
+        self.device = torch.device(device)
+        self.net, config = load_model(model_dir, self.device)
+        self.classes = [str(c) for c in config["classes"]]
+        _, h, w = config["spec"]["input"]
+        self.input_size = (int(h), int(w))
+        self.channel_order, self.fit = channel_order, fit
+        self._staging = _Staging(self.device)
+
+    @torch.inference_mode()
+    def prepare(self, frames) -> torch.Tensor:
+        return frames_to_tensor(self._staging.put(frames), self.input_size, self.channel_order, self.fit)
+
+    @torch.inference_mode()
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        feats = self.net.features(x)
+        logits = self.net.classify(feats)
+        return {"logits": logits, "probabilities": logits.softmax(1), "features": feats}
+
+    def fetch(self, out: dict, features: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        probs = out["probabilities"].float().cpu().numpy()   # .cpu() synchronises the stream
+        return probs, (out["features"].float().cpu().numpy() if features else None)
+
+    def synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def close(self) -> None:
+        self._staging.clear()
+        self.net = None
+
+
+def _import_onnxruntime():
+    try:
+        import onnxruntime
+    except ImportError:
+        raise missing_dependency("onnxruntime", why="the onnxruntime backend runs .onnx files") from None
+    return onnxruntime
+
+
+def read_onnx_metadata(path: Path) -> dict[str, str]:
+    """The edgehebb metadata of an ONNX file; errors for a file that is not an edgehebb export or has another op version."""
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except (DecodeError, ValueError, OSError) as e:
+        raise EdgehebbError(f"{path} is not an ONNX model: {e}") from None
+    meta = {p.key: p.value for p in model.metadata_props}
+    if not model.graph.node or "edgehebb.classes" not in meta:
+        raise EdgehebbError(f"{path} is not an edgehebb ONNX export (no graph or no edgehebb.classes metadata); "
+                            f"export one with `edgehebb export`")
+    version = meta.get("edgehebb.op_version")
+    if version != OP_VERSION:
+        raise EdgehebbError(f"{path} uses edgehebb op version {version!r}, but this edgehebb runs version "
+                            f"{OP_VERSION!r}: re-export the model with this edgehebb")
+    return meta
+
+
+def _json_meta(meta: dict, key: str, path: Path):
+    try:
+        return json.loads(meta[key])
+    except (KeyError, json.JSONDecodeError) as e:
+        raise EdgehebbError(f"{path}: metadata {key!r} is missing or not JSON ({e})") from None
+
+
+class _OrtHandle:
+    """One input shape's IOBinding, its input OrtValue (refilled in place each call) and outputs."""
+
+    def __init__(self, ort, session, input_name: str, shape: tuple, dtype, device: str):
+        self.binding = session.io_binding()
+        self.input = ort.OrtValue.ortvalue_from_shape_and_type(list(shape), dtype, device, 0)
+        self.binding.bind_ortvalue_input(input_name, self.input)
+        for o in session.get_outputs():
+            self.binding.bind_output(o.name, device, 0)   # ORT's arena reuses output memory between runs
+        self.output_names = [o.name for o in session.get_outputs()]
+
+
+class _OrtBackend:
+    name = "onnxruntime"
+    max_batch = None
+
+    def __init__(self, onnx_path: Path, device: str, channel_order: str, fit: str):
+        ort = _import_onnxruntime()
+        self._ort = ort
+        meta = read_onnx_metadata(onnx_path)
+        self.classes = [str(c) for c in _json_meta(meta, "edgehebb.classes", onnx_path)]
+        _, h, w = _json_meta(meta, "edgehebb.spec", onnx_path)["input"]
+        self.input_size = (int(h), int(w))
+        self.device = device
+        # No TF32 on CUDA: it rounds the head's inputs to 10-bit mantissas (~1e-3 relative), enough to
+        # flip near-tied predictions against the torch and CPU results.
+        providers = ([("CUDAExecutionProvider", {"use_tf32": "0"}), "CPUExecutionProvider"] if device == "cuda"
+                     else ["CPUExecutionProvider"])
+        options = ort.SessionOptions()
+        options.log_severity_level = 3   # ORT's warnings (e.g. unused initialisers) are not the user's business
+        try:
+            self.session = ort.InferenceSession(str(onnx_path), options, providers=providers)
+        except Exception as e:  # ORT raises its own pybind exception types
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise EdgehebbError(f"onnxruntime cannot load {onnx_path}: {first}") from None
+        self.providers = self.session.get_providers()
+        if device == "cuda" and "CUDAExecutionProvider" not in self.providers:
+            # ORT falls back to the CPU silently when the CUDA provider cannot load (e.g. no cuDNN)
+            raise EdgehebbError(f"onnxruntime could not start its CUDAExecutionProvider for {onnx_path} (are the "
+                                f"CUDA and cuDNN libraries onnxruntime-gpu needs installed?); use device='cpu'")
+        inp = self.session.get_inputs()[0]
+        self.input_name = inp.name
+        # Baked-in preprocessing: the graph takes uint8 frames (N, h, w, 3) and resizes them itself.
+        self.baked = inp.name == "frames"
+        self.channel_order, self.fit = channel_order, fit
+        self.flip = _check_baked(meta, channel_order, fit, onnx_path) if self.baked else False
+        if self.baked:
+            self.frame_size = tuple(d if isinstance(d, int) else None for d in inp.shape[1:3])
+        self._handles = _LruCache()
+        self._staging = _Staging(torch.device("cpu"))   # preprocessing runs on the host
+
+    def prepare(self, frames) -> _OrtHandle:
+        if self.baked:
+            x = frames.cpu().numpy() if isinstance(frames, torch.Tensor) else frames
+            want = self.frame_size
+            if any(d is not None and d != s for d, s in zip(want, x.shape[1:3])):
+                raise EdgehebbError(f"this ONNX file takes frames of {want[0]}x{want[1]} (H x W), got "
+                                    f"{x.shape[1]}x{x.shape[2]}")
+            x = x[..., ::-1] if self.flip else x
+            dtype = np.uint8
+        else:
+            x = frames_to_tensor(self._staging.put(frames), self.input_size, self.channel_order, self.fit).numpy()
+            dtype = np.float32
+        x = np.ascontiguousarray(x, dtype=dtype)
+        handle = self._handles.get_or_make(x.shape, lambda: _OrtHandle(
+            self._ort, self.session, self.input_name, x.shape, dtype, self.device))
+        handle.input.update_inplace(x)   # host -> the bound input buffer (on the GPU with CUDA)
+        return handle
+
+    def forward(self, handle: _OrtHandle) -> dict:
+        self.session.run_with_iobinding(handle.binding)
+        handle.binding.synchronize_outputs()
+        return dict(zip(handle.output_names, handle.binding.get_outputs()))
+
+    def fetch(self, out: dict, features: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        if features and "features" not in out:
+            raise EdgehebbError("this ONNX file has no 'features' output; re-export it with `edgehebb export`")
+        # copy: a CPU OrtValue's numpy() is a view of memory the next run may reuse
+        probs = np.array(out["probabilities"].numpy(), dtype=np.float32, copy=True)
+        return probs, (np.array(out["features"].numpy(), dtype=np.float32, copy=True) if features else None)
+
+    def synchronize(self) -> None:
+        pass  # run_with_iobinding returns after the outputs are synchronised
+
+    def close(self) -> None:
+        self._handles.clear()
+        self._staging.clear()
+        self.session = None
+
+
+def _check_baked(meta: dict, channel_order: str, fit: str, path: Path) -> bool:
+    """Whether frames must have R and B swapped before a graph with baked-in preprocessing; a fit it cannot do raises."""
+    try:
+        baked = json.loads(meta.get("edgehebb.preprocess", "{}"))
+    except json.JSONDecodeError:
+        baked = {}
+    baked = baked if isinstance(baked, dict) else {}
+    if baked.get("fit", fit) != fit:
+        raise EdgehebbError(f"{path} has fit={baked['fit']!r} baked in; pass fit={baked['fit']!r} or export "
+                            f"without baked preprocessing")
+    return baked.get("channel_order", "rgb") != channel_order   # swapping on our side is one cheap flip
+
+
+class _TrtBackend:
+    name = "tensorrt"
+
+    def __init__(self, engine: Path, device: str, channel_order: str, fit: str):
+        if importlib.util.find_spec("tensorrt") is None:
+            raise missing_dependency("tensorrt", "gpu", why="the tensorrt backend runs .engine files")
+        from edgehebb.tensorrt_engine import TrtRunner, sidecar_path
+
+        self.device = torch.device(device)
+        self.runner = TrtRunner(engine, self.device.index or 0)   # checks the GPU, the file and the sidecar
+        self.classes = [str(c) for c in (self.runner.classes or [])]
+        if not self.classes:
+            raise EdgehebbError(f"{engine} has no class names: its sidecar {sidecar_path(engine).name} is missing "
+                                f"or incomplete; rebuild it with `edgehebb export --trt`")
+        self.max_batch = self.runner.max_batch
+        self.channel_order, self.fit, self.flip = channel_order, fit, False
+        self.baked = self.runner.input_dtype == torch.uint8   # a ``frames`` engine: preprocessing inside
+        if self.baked:
+            # The sidecar does not say which channel order / fit were baked in; the ONNX file does.
+            meta = _source_onnx_metadata(engine, sidecar_path(engine))
+            if meta is None:
+                raise EdgehebbError(f"{engine} takes uint8 frames with preprocessing baked in, but the ONNX file it "
+                                    f"was built from is not beside it to say which channel order and fit: copy it "
+                                    f"next to the engine")
+            self.flip = _check_baked(meta, channel_order, fit, engine)
+            _, h, w = json.loads(meta["edgehebb.spec"])["input"]
+        else:
+            _, h, w = self.runner.sample_shape
+        self.input_size = (int(h), int(w))
+        self._staging = _Staging(self.device)
+
+    def prepare(self, frames) -> torch.Tensor:
+        x = self._staging.put(frames)
+        if self.baked:
+            return x.flip(-1) if self.flip else x
+        return frames_to_tensor(x, self.input_size, self.channel_order, self.fit)
+
+    def forward(self, x: torch.Tensor) -> dict:
+        return self.runner.infer(x)   # synchronous; the outputs are views the next call overwrites
+
+    def fetch(self, out: dict, features: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        probs = out["probabilities"].float().cpu().numpy()
+        return probs, (out["features"].float().cpu().numpy() if features else None)
+
+    def synchronize(self) -> None:
+        torch.cuda.synchronize(self.device)
+
+    def close(self) -> None:
+        self._staging.clear()
+        self.runner = None
+
+
+def _source_onnx_metadata(engine: Path, sidecar: Path) -> dict | None:
+    """edgehebb metadata of the ONNX file an engine was built from, if it lies beside the engine."""
+    try:
+        name = json.loads(sidecar.read_text())["onnx"]["file"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    onnx_path = engine.parent / name
+    return read_onnx_metadata(onnx_path) if onnx_path.is_file() else None
+
+
+# ----------------------------------------------------------------------------- the runtime
+
+def resolve_target(path) -> tuple[str, Path]:
+    """("model" | "onnx" | "engine", path) for a model directory, shipped model name, .onnx or engine file."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        if not (p / CONFIG_FILE).is_file():
+            raise EdgehebbError(f"{p} is a directory but not a model directory (no {CONFIG_FILE})")
+        return "model", p
+    if p.is_file():
+        if p.suffix.lower() == ".onnx":
+            return "onnx", p
+        if p.suffix.lower() in ENGINE_SUFFIXES:
+            return "engine", p
+        raise EdgehebbError(f"{p} is not a model: expected a model directory, a .onnx file or a TensorRT "
+                            f"{'/'.join(ENGINE_SUFFIXES)} engine")
+    text = str(path)
+    if "/" in text or "\\" in text or p.suffix.lower() in (".onnx", *ENGINE_SUFFIXES):
+        raise EdgehebbError(f"{p} does not exist")
+    from edgehebb.model import resolve_model
+
+    return "model", resolve_model(text)   # a shipped model's name; its error lists the shipped ones
+
+
+def _resolve_device(backend: str, device: str | None) -> str:
+    if device is not None and device != "auto" and device != "cpu" and not str(device).startswith("cuda"):
+        raise EdgehebbError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+    if backend == "tensorrt":
+        if device not in (None, "auto") and not str(device).startswith("cuda"):
+            raise EdgehebbError(f"the tensorrt backend runs on CUDA only, not on {device!r}")
+        return "cuda" if device in (None, "auto") else str(device)
+    if backend == "onnxruntime":
+        has_cuda = "CUDAExecutionProvider" in _import_onnxruntime().get_available_providers()
+        if device in (None, "auto"):
+            return "cuda" if has_cuda else "cpu"
+        if str(device).startswith("cuda") and not has_cuda:
+            raise EdgehebbError(f"device {device!r} asked for, but onnxruntime has no CUDAExecutionProvider "
+                                f"(install onnxruntime-gpu: pip install 'edgehebb[gpu]')")
+        if str(device) not in ("cpu", "cuda"):
+            raise EdgehebbError(f"the onnxruntime backend takes device 'cpu' or 'cuda', got {device!r}")
+        return str(device)
+    if device in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise EdgehebbError(f"device {device!r} asked for, but torch sees no CUDA GPU (torch {torch.__version__})")
+    return str(device)
+
+
+class Runtime:
+    """Run an edgehebb model on camera frames with torch, ONNX Runtime or TensorRT; see the module doc.
+
+    ``path``: a model directory or shipped model name, a ``.onnx`` file, or a ``.engine`` / ``.plan``
+    file. ``backend``: ``auto`` (chosen from ``path``), ``torch``, ``onnxruntime`` or ``tensorrt``.
+    ``device``: ``None`` (CUDA when the backend can use it), ``"cpu"``, ``"cuda"`` (``"cuda:N"`` for torch).
+    ``channel_order``: ``"rgb"`` or ``"bgr"`` (OpenCV). ``fit``: how frames meet the model's aspect
+    ratio, ``"resize"`` (stretch) or ``"center-crop"`` (see :func:`edgehebb.frames.frames_to_tensor`).
+
+    Steady-state inference allocates no new input buffers: each backend keeps one input buffer per
+    frame shape (torch: a pinned host copy and a device copy on CUDA; ONNX Runtime: an IOBinding
+    whose input lives on the GPU with CUDA), for the last few shapes seen.
+
+    Thread safety: those buffers are shared state, so :meth:`predict` holds a per-instance lock;
+    sharing one Runtime between threads is safe but runs their calls one at a time. For parallel
+    inference use one Runtime per thread (each has its own buffers; on CUDA they share the GPU).
+    :meth:`prepare` / :meth:`forward` (for benchmarks) take no lock: call them from one thread.
+    The returned :class:`Prediction` arrays are the caller's own (never views of the buffers).
+    """
+
+    def __init__(self, path, backend: str = "auto", device: str | None = None, *,
+                 channel_order: str = "rgb", fit: str = "resize"):
+        if backend not in BACKENDS:
+            raise EdgehebbError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+        check_choice(channel_order, CHANNEL_ORDERS, "channel order")
+        check_choice(fit, FITS, "fit")
+        kind, target = resolve_target(path)
+        if backend == "auto":
+            backend = {"model": "torch", "onnx": "onnxruntime", "engine": "tensorrt"}[kind]
+        if backend == "torch" and kind != "model":
+            raise EdgehebbError(f"the torch backend needs a model directory, not {target} (use backend='auto')")
+        if backend == "onnxruntime" and kind == "engine":
+            raise EdgehebbError(f"{target} is a TensorRT engine: use backend='tensorrt'")
+        if backend == "tensorrt" and kind != "engine":
+            raise EdgehebbError(f"the tensorrt backend needs a .engine file, not {target}: build one with "
+                                f"`edgehebb export --trt`")
+        self.path, self.backend, self.channel_order, self.fit = target, backend, channel_order, fit
+        self.device = _resolve_device(backend, device)
+        self._lock = threading.Lock()
+        self._tmp: Path | None = None
+        make = {"torch": _TorchBackend, "onnxruntime": _OrtBackend, "tensorrt": _TrtBackend}[backend]
+        try:
+            if backend == "onnxruntime" and kind == "model":
+                target = self._export(target, channel_order, fit)
+            self._backend = make(target, self.device, channel_order, fit)
+        except BaseException:
+            self.close()
+            raise
+        self.classes: list[str] = self._backend.classes
+        self.input_size: tuple[int, int] = self._backend.input_size   # (H, W) frames are resized to
+        self.max_batch: int | None = self._backend.max_batch          # a TensorRT profile's limit; None: any
+
+    def _export(self, model_dir: Path, channel_order: str, fit: str) -> Path:
+        """The model exported to a temporary .onnx, removed by close() (or when the Runtime is collected).
+
+        The preprocessing goes into the graph (uint8 frames in): no torch work beside ONNX Runtime's in
+        the hot path. On the CPU, torch's OpenMP threads keep spinning after a torch op and starve
+        ONNX Runtime's pool (measured: 8 ms instead of 1.4 ms per batch of 32 on 16 cores), and on
+        CUDA a quarter of the bytes cross to the GPU.
+        """
+        from edgehebb.onnx_export import export_onnx
+
+        self._tmp = Path(tempfile.mkdtemp(prefix="edgehebb-runtime-"))
+        self._cleanup = weakref.finalize(self, shutil.rmtree, self._tmp, ignore_errors=True)
+        return Path(export_onnx(str(model_dir), self._tmp / "model.onnx", preprocess="uint8-nhwc",
+                                channel_order=channel_order, fit=fit))
+
+    @property
+    def providers(self) -> list[str]:
+        """ONNX Runtime's execution providers in use ([] for the other backends)."""
+        return list(getattr(self._backend, "providers", []))
+
+    def predict(self, frames, *, features: bool = False) -> Prediction:
+        """Class ids, probabilities and names (and, with ``features``, pooled features) of 1 or N frames."""
+        frames = check_frames(frames)
+        step = self.max_batch or len(frames)   # batches beyond an engine's profile go in slices
+        with self._lock:
+            backend = self._open()
+            parts = [backend.fetch(backend.forward(backend.prepare(frames[lo:lo + step])), features)
+                     for lo in range(0, len(frames), step)]
+        probs = np.concatenate([p for p, _ in parts])
+        feats = np.concatenate([f for _, f in parts]) if features else None
+        ids = probs.argmax(1).astype(np.int64)
+        return Prediction(ids, probs, [self.classes[i] for i in ids], feats)
+
+    def prepare(self, frames):
+        """For benchmarks: frames checked, preprocessed and copied to where the model runs."""
+        return self._open().prepare(check_frames(frames))
+
+    def forward(self, prepared):
+        """For benchmarks: run the model on :meth:`prepare` output; outputs stay on the device (not synchronised)."""
+        return self._open().forward(prepared)
+
+    def synchronize(self) -> None:
+        """Wait for queued device work (a no-op on the CPU)."""
+        self._open().synchronize()
+
+    def _open(self):
+        if self._backend is None:
+            raise EdgehebbError("this Runtime is closed")
+        return self._backend
+
+    def close(self) -> None:
+        """Release the model and buffers (and a temporary ONNX export); the Runtime is unusable after."""
+        backend, self._backend = getattr(self, "_backend", None), None
+        if backend is not None:
+            backend.close()
+        if self._tmp is not None:
+            self._cleanup()
+            self._tmp = None
+
+    def __enter__(self) -> "Runtime":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Runtime({str(self.path)!r}, backend={self.backend!r}, device={self.device!r})"

@@ -1,0 +1,134 @@
+"""edgehebb bench: accuracy on clean and shadowed images and latency per backend, as JSON and a PNG."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from edgehebb.bench import BACKENDS, run_bench, summarise, why_skipped
+from edgehebb.cli_bench import BACKEND_NAMES, bench
+from edgehebb.data import load_split
+from edgehebb.errors import EdgehebbError
+from edgehebb.evaluate import evaluate
+from edgehebb.model import load_model
+from tests.test_runtime import tiny_model
+
+
+@pytest.fixture
+def model_dir(tmp_path):
+    return tiny_model(tmp_path / "tiny16", size=16)
+
+
+def test_bench_reports_every_backend(model_dir, image_tree):
+    test = load_split(image_tree, "test", progress=False)
+    lines = []
+    result = run_bench(model_dir, test, batches=[1, 4], warmup=1, iters=3, log=lines.append)
+    assert set(result) >= {"model", "data", "shadow", "settings", "timing", "machine", "backends"}
+    assert result["shadow"] == {"intensity": 0.3, "coverage": 0.8, "seed": 0}
+    assert list(result["backends"]) == list(BACKENDS) and len(lines) == len(BACKENDS)
+    for name, entry in result["backends"].items():
+        assert entry["status"] in ("ok", "skipped"), name
+        if entry["status"] == "skipped":
+            assert set(entry) == {"status", "reason"} and entry["reason"], name
+            continue
+        assert {"clean", "shadowed", "latency", "device"} <= set(entry)
+        assert [r["batch"] for r in entry["latency"]] == [1, 4]
+        for r in entry["latency"]:
+            for way in ("host", "device"):
+                t = r[way]
+                assert 0 < t["min_ms"] <= t["p50_ms"] <= t["p90_ms"] <= t["p99_ms"], (name, way)
+                assert t["images_per_s"] == pytest.approx(r["batch"] / t["p50_ms"] * 1e3)
+    json.dumps(result)   # JSON-ready
+
+    ok = result["backends"]["torch"]
+    assert ok["status"] == "ok" and ok["device"] == "cpu"
+    # the same numbers as `edgehebb eval` (same shadows, same model; 16x16 images need no resize)
+    net, config = load_model(model_dir)
+    ref = evaluate(net, test, config["classes"], sweep=None, progress=False)
+    for split in ("clean", "shadowed"):
+        assert ok[split]["accuracy"] == pytest.approx(ref[split]["accuracy"]), split
+        assert ok[split]["per_class"] == pytest.approx(ref[split]["per_class"]), split
+
+
+def test_backends_that_cannot_run_are_skipped_with_a_reason(monkeypatch):
+    assert "model directory" in why_skipped("torch", "onnx")
+    assert ".engine" in why_skipped("tensorrt", "model")
+    assert "TensorRT engine" in why_skipped("onnxruntime", "engine")
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    assert "no CUDA GPU" in why_skipped("torch-cuda", "model")
+    assert why_skipped("torch", "model") is None
+
+
+def test_summarise():
+    s = summarise([4.0, 1.0, 3.0, 2.0, 100.0], batch=10)
+    assert (s["p50_ms"], s["min_ms"], s["mean_ms"]) == (3.0, 1.0, 22.0)
+    assert s["p90_ms"] == pytest.approx(61.6) and s["images_per_s"] == pytest.approx(10 / 3e-3)
+
+
+def test_bad_settings_are_errors(model_dir, image_tree):
+    test = load_split(image_tree, "test", progress=False)
+    with pytest.raises(EdgehebbError, match="unknown backend"):
+        run_bench(model_dir, test, backends=["torch", "tflite"])
+    with pytest.raises(EdgehebbError, match="batches must be"):
+        run_bench(model_dir, test, batches=[0])
+
+
+def test_cli_writes_json_and_png(model_dir, image_tree, tmp_path):
+    png = tmp_path / "bench.png"
+    args = [str(model_dir), "--data", str(image_tree), "--backends", "torch,tensorrt,torch-cuda", "--batch", "1,3",
+            "--warmup", "0", "--iters", "2", "--limit", "6", "--png", str(png), "--json"]
+    result = CliRunner().invoke(bench, args)
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    report = json.loads(result.stdout)
+    assert list(report["backends"]) == ["torch", "tensorrt", "torch-cuda"]
+    assert report["backends"]["torch"]["clean"]["images"] == 6
+    assert report["backends"]["tensorrt"]["status"] == "skipped"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "torch: clean" in result.stderr and "tensorrt: skipped" in result.stderr
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--batch", "1,0", "batch sizes >= 1"), ("--batch", "a", "batch sizes"),
+    ("--backends", "torch,tflite", "unknown backend"),
+])
+def test_cli_bad_options(model_dir, image_tree, option, value, message):
+    result = CliRunner().invoke(bench, [str(model_dir), "--data", str(image_tree), option, value])
+    assert result.exit_code == 2 and message in result.output
+
+
+def test_cli_backend_names_match_the_library():
+    assert BACKEND_NAMES == tuple(BACKENDS)
+
+
+def test_cli_module_loads_only_click():
+    import subprocess
+    import sys
+
+    code = ("import sys, edgehebb.cli_bench; heavy = [m for m in ('torch', 'numpy', 'onnxruntime') "
+            "if m in sys.modules]; assert not heavy, heavy")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_onnx_file_runs_on_onnxruntime_only(model_dir, image_tree, tmp_path):
+    pytest.importorskip("onnxruntime")
+    try:
+        from edgehebb.onnx_export import export_onnx
+    except ImportError as e:
+        pytest.skip(f"edgehebb.onnx_export is not importable yet ({e})")
+    onnx_file = export_onnx(str(model_dir), tmp_path / "tiny.onnx")
+    test = load_split(image_tree, "test", progress=False)
+    result = run_bench(onnx_file, test, backends=["torch", "onnxruntime"], batches=[2], warmup=0, iters=2)
+    assert result["backends"]["torch"]["status"] == "skipped"
+    ort = result["backends"]["onnxruntime"]
+    assert ort["status"] == "ok" and ort["providers"] == ["CPUExecutionProvider"]
+    ref = run_bench(model_dir, test, backends=["torch"], batches=[2], warmup=0, iters=2)["backends"]["torch"]
+    assert np.isclose(ort["clean"]["accuracy"], ref["clean"]["accuracy"])
+    assert np.isclose(ort["shadowed"]["accuracy"], ref["shadowed"]["accuracy"])
+
+
+def test_cli_checks_the_model_before_loading_data(tmp_path):
+    result = CliRunner().invoke(bench, [str(tmp_path / "missing-model"), "--data", str(tmp_path / "no-data")])
+    assert isinstance(result.exception, EdgehebbError) and "missing-model" in str(result.exception)

@@ -1,0 +1,343 @@
+"""edgehebb.Runtime: one predict() over torch, ONNX Runtime and TensorRT, fed with camera frames."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from edgehebb.errors import EdgehebbError
+from edgehebb.frames import frames_to_tensor
+from edgehebb.model import load_model, save_model
+from edgehebb.nnl import NNLNet, spec_from_dict
+from edgehebb.runtime import OP_VERSION, Prediction, Runtime
+from tests.conftest import assert_close
+
+CLASSES = ["cat", "dog", "frog"]
+
+
+def tiny_model(out: Path, size: int = 32) -> Path:
+    """A saved 1-block NNL model (K=8, W=4, n=4) on 3 x size x size with random filters and head."""
+    spec = spec_from_dict({"name": "tiny", "input": [3, size, size], "classes": 3,
+                           "blocks": [{"kernel": 4, "filters": 8, "power": 4, "pool": 4}]})
+    g = torch.Generator().manual_seed(0)
+    net = NNLNet(spec, [torch.randn(8, 3, 4, 4, generator=g)])
+    with torch.no_grad():
+        net.head.weight.normal_(0, 1, generator=g)
+        net.feature_scale.fill_(10.0)   # ReLU(cos)^4 features are small: spread the logits apart
+    return save_model(out, net, CLASSES)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    return tiny_model(tmp_path_factory.mktemp("rt") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def frames() -> np.ndarray:
+    return np.random.default_rng(0).integers(0, 256, (5, 24, 40, 3), dtype=np.uint8)
+
+
+@pytest.fixture(scope="module")
+def rt(model_dir):
+    with Runtime(model_dir, device="cpu") as runtime:
+        yield runtime
+
+
+def reference(model_dir: Path, frames: np.ndarray, channel_order: str = "rgb") -> torch.Tensor:
+    net, _ = load_model(model_dir)
+    with torch.no_grad():
+        return net(frames_to_tensor(frames, (32, 32), channel_order)).softmax(1)
+
+
+def test_torch_backend_matches_the_network(rt, model_dir, frames):
+    assert (rt.backend, rt.device, rt.classes, rt.input_size) == ("torch", "cpu", CLASSES, (32, 32))
+    pred = rt.predict(frames, features=True)
+    assert isinstance(pred, Prediction) and len(pred) == 5
+    assert pred.class_ids.dtype == np.int64 and pred.probabilities.dtype == np.float32
+    assert pred.features.dtype == np.float32 and pred.features.shape[0] == 5
+    assert_close(pred.probabilities, reference(model_dir, frames), rtol=1e-5, atol=1e-6, what="probabilities")
+    assert pred.names == [CLASSES[i] for i in pred.class_ids]
+    assert len(set(pred.class_ids.tolist())) > 1, "the tiny model should not predict one class for all"
+    assert rt.predict(frames).features is None
+
+
+def test_single_frame_batch_and_torch_frames_agree(rt, frames):
+    batch = rt.predict(frames)
+    for i in (0, 3):
+        one = rt.predict(frames[i])
+        assert one.probabilities.shape == (1, 3)
+        assert_close(one.probabilities[0], batch.probabilities[i], rtol=1e-5, atol=1e-6, what=f"frame {i}")
+    assert_close(rt.predict(torch.from_numpy(frames)).probabilities, batch.probabilities, rtol=0, atol=0)
+
+
+def test_results_are_not_views_of_reused_buffers(rt, frames):
+    first = rt.predict(frames[:2])
+    kept = first.probabilities.copy()
+    rt.predict(frames[2:4])   # same batch shape: the same input buffer is reused
+    assert np.array_equal(first.probabilities, kept)
+
+
+def test_bgr_frames(model_dir, frames):
+    with Runtime(model_dir, device="cpu", channel_order="bgr") as bgr, Runtime(model_dir, device="cpu") as rgb:
+        assert_close(bgr.predict(frames[..., ::-1].copy()).probabilities, rgb.predict(frames).probabilities,
+                     rtol=0, atol=0, what="BGR vs RGB")
+        assert_close(bgr.predict(frames).probabilities, reference(model_dir, frames, "bgr"),
+                     rtol=1e-5, atol=1e-6, what="BGR reference")
+
+
+def test_float_frames_are_rounded_to_uint8(rt, frames):
+    as_float = frames.astype(np.float32) / 255
+    assert_close(rt.predict(as_float).probabilities, rt.predict(frames).probabilities, rtol=0, atol=0)
+    assert_close(rt.predict(torch.from_numpy(as_float).double()).probabilities, rt.predict(frames).probabilities,
+                 rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("bad, message", [
+    (np.zeros((32, 32), np.uint8), "ndim 2"),
+    (np.zeros((1, 2, 32, 32, 3), np.uint8), "ndim 5"),
+    (np.zeros((2, 32, 32, 4), np.uint8), "3 colour channels"),
+    (np.zeros((2, 3, 32, 32), np.uint8), "channels first"),
+    (np.zeros((0, 32, 32, 3), np.uint8), "empty batch"),
+    (np.zeros((2, 0, 32, 3), np.uint8), "no pixels"),
+    (np.zeros((2, 32, 32, 3), np.int32), "dtype int32"),
+    (np.zeros((2, 32, 32, 3), bool), "dtype bool"),
+    (np.full((2, 32, 32, 3), np.nan, np.float32), "NaN"),
+    (torch.full((2, 32, 32, 3), float("inf")), "NaN or infinite"),
+    (np.full((2, 32, 32, 3), 200.0), "must be in [0, 1]"),
+    ([[0, 1, 2]], "numpy array or a torch tensor"),
+])
+def test_bad_frames_name_the_problem(rt, bad, message):
+    with pytest.raises(EdgehebbError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        rt.predict(bad)
+
+
+def test_bad_paths_and_options(tmp_path, model_dir):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "notes.txt").write_text("hi")
+    (tmp_path / "junk.onnx").write_bytes(b"\x00\x01 not a protobuf \xff" * 10)
+    cases = [
+        (lambda: Runtime(tmp_path / "empty"), "not a model directory"),
+        (lambda: Runtime(tmp_path / "notes.txt"), "is not a model"),
+        (lambda: Runtime(tmp_path / "missing.onnx"), "does not exist"),
+        (lambda: Runtime("no-such-shipped-model"), "neither a directory nor a shipped model"),
+        (lambda: Runtime(tmp_path / "junk.onnx", device="cpu"), "not an"),
+        (lambda: Runtime(model_dir, backend="tflite"), "unknown backend"),
+        (lambda: Runtime(model_dir, backend="tensorrt"), "needs a .engine file"),
+        (lambda: Runtime(model_dir, device="cpu", channel_order="rbg"), "channel order"),
+        (lambda: Runtime(model_dir, device="cpu", fit="crop"), "fit"),
+        (lambda: Runtime(model_dir, device="tpu"), "device must be"),
+    ]
+    for make, message in cases:
+        with pytest.raises(EdgehebbError, match=message):
+            make()
+
+
+def test_closed_runtime_and_context_manager(model_dir, frames):
+    with Runtime(model_dir, device="cpu") as runtime:
+        runtime.predict(frames[0])
+    with pytest.raises(EdgehebbError, match="closed"):
+        runtime.predict(frames[0])
+    runtime.close()   # closing twice is fine
+
+
+def test_steady_state_reuses_the_input_buffer(rt, frames):
+    rt.predict(frames)
+    buffers = dict(rt._backend._staging._buffers)
+    rt.predict(frames)
+    assert {k: v[0].data_ptr() for k, v in rt._backend._staging._buffers.items()} == \
+        {k: v[0].data_ptr() for k, v in buffers.items()}
+
+
+def test_shared_runtime_is_safe_across_threads(rt, frames):
+    from concurrent.futures import ThreadPoolExecutor
+
+    expected = [rt.predict(frames[i:i + 2]).probabilities for i in range(4)]
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda i: rt.predict(frames[i:i + 2]).probabilities, list(range(4)) * 5))
+    for k, p in enumerate(got):
+        assert np.array_equal(p, expected[k % 4])
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU visible to torch")
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_torch_cuda_matches_cpu_for_every_kind_of_frames(model_dir, rt, frames):
+    want = rt.predict(frames, features=True)
+    on_gpu = torch.from_numpy(frames).cuda()
+    for what, feed in [("numpy", frames), ("torch cpu", torch.from_numpy(frames)), ("torch cuda", on_gpu),
+                       ("float cuda", on_gpu.float() / 255), ("float numpy", frames / 255.0)]:
+        with Runtime(model_dir, device="cuda") as gpu:   # a fresh Runtime: the first call allocates the buffers
+            for call in range(2):
+                got = gpu.predict(feed, features=True)
+                assert_close(got.probabilities, want.probabilities, rtol=1e-4, atol=1e-5, what=f"{what}, call {call}")
+                assert_close(got.features, want.features, rtol=1e-4, atol=1e-6, what=f"{what} features")
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_torch_cuda_steady_state_allocates_nothing(model_dir, frames):
+    with Runtime(model_dir, device="cuda") as gpu:
+        gpu.predict(frames)
+        buffers = {k: (h.data_ptr(), d.data_ptr()) for k, (h, d) in gpu._backend._staging._buffers.items()}
+        assert next(iter(buffers.values()))[0] != 0 and torch.cuda.is_available()
+        before = torch.cuda.memory_allocated()
+        for _ in range(5):
+            gpu.predict(frames)
+        assert torch.cuda.memory_allocated() == before
+        assert {k: (h.data_ptr(), d.data_ptr()) for k, (h, d) in gpu._backend._staging._buffers.items()} == buffers
+
+
+# ----------------------------------------------------------------------------- ONNX Runtime
+
+def _need_export():
+    if importlib.util.find_spec("onnxruntime") is None:
+        pytest.skip("onnxruntime is not installed")
+    try:
+        from edgehebb.onnx_export import export_onnx
+    except ImportError as e:
+        pytest.skip(f"edgehebb.onnx_export is not importable yet ({e})")
+    return export_onnx
+
+
+def _export(model_dir: Path, out: Path, **kwargs) -> Path:
+    return Path(_need_export()(str(model_dir), out, **kwargs))
+
+
+@pytest.fixture(scope="module")
+def onnx_file(model_dir, tmp_path_factory) -> Path:
+    return _export(model_dir, tmp_path_factory.mktemp("onnx") / "tiny.onnx")
+
+
+def test_onnxruntime_matches_torch(onnx_file, rt, frames):
+    with Runtime(onnx_file, device="cpu") as ort_rt:
+        assert (ort_rt.backend, ort_rt.classes, ort_rt.input_size) == ("onnxruntime", CLASSES, (32, 32))
+        assert ort_rt.providers == ["CPUExecutionProvider"]
+        got, want = ort_rt.predict(frames, features=True), rt.predict(frames, features=True)
+        assert_close(got.probabilities, want.probabilities, rtol=1e-4, atol=1e-5, what="ORT vs torch probabilities")
+        assert_close(got.features, want.features, rtol=1e-4, atol=1e-6, what="ORT vs torch features")
+        assert np.array_equal(got.class_ids, want.class_ids)
+        one = ort_rt.predict(frames[1])
+        assert_close(one.probabilities[0], want.probabilities[1], rtol=1e-4, atol=1e-5, what="ORT single frame")
+        kept = got.probabilities.copy()
+        ort_rt.predict(frames[::-1].copy(), features=True)   # same shape: same binding
+        assert np.array_equal(got.probabilities, kept), "Prediction must not alias ORT's output buffers"
+
+
+def test_onnxruntime_from_a_model_dir_exports_on_the_fly(model_dir, rt, frames):
+    _need_export()
+    runtime = Runtime(model_dir, backend="onnxruntime", device="cpu", channel_order="bgr")
+    tmp = runtime._tmp
+    assert tmp is not None and any(tmp.glob("*.onnx"))
+    assert runtime._backend.baked and not runtime._backend.flip, "exported with BGR preprocessing in the graph"
+    assert_close(runtime.predict(frames[..., ::-1].copy()).probabilities, rt.predict(frames).probabilities,
+                 rtol=1e-4, atol=1e-5, what="ORT (exported on the fly, BGR) vs torch")
+    runtime.close()
+    assert not tmp.exists(), "close() removes the temporary export"
+
+
+def test_onnxruntime_with_baked_preprocessing(model_dir, rt, frames, tmp_path):
+    path = _export(model_dir, tmp_path / "baked.onnx", preprocess="uint8-nhwc")
+    for order, feed in (("rgb", frames), ("bgr", frames[..., ::-1].copy())):
+        with Runtime(path, device="cpu", channel_order=order) as baked:
+            assert baked._backend.baked
+            assert_close(baked.predict(feed).probabilities, rt.predict(frames).probabilities,
+                         rtol=1e-4, atol=1e-5, what=f"baked preprocessing, {order} frames")
+
+
+def _set_metadata(src: Path, dst: Path, key: str, value: str | None) -> Path:
+    import onnx
+
+    model = onnx.load(str(src))
+    props = [p for p in model.metadata_props if p.key != key]
+    del model.metadata_props[:]
+    model.metadata_props.extend(props)
+    if value is not None:
+        model.metadata_props.add(key=key, value=value)
+    onnx.save(model, str(dst))
+    return dst
+
+
+def test_onnx_op_version_and_foreign_files_are_refused(onnx_file, tmp_path):
+    from edgehebb.onnx_export import OP_VERSION as EXPORTED
+
+    assert str(EXPORTED) == OP_VERSION, "the runtime must run what the exporter writes"
+    newer = _set_metadata(onnx_file, tmp_path / "v2.onnx", "edgehebb.op_version", str(int(OP_VERSION) + 1))
+    with pytest.raises(EdgehebbError, match="op version '2'"):
+        Runtime(newer, device="cpu")
+    foreign = _set_metadata(onnx_file, tmp_path / "foreign.onnx", "edgehebb.classes", None)
+    with pytest.raises(EdgehebbError, match="not an edgehebb ONNX export"):
+        Runtime(foreign, device="cpu")
+    with pytest.raises(EdgehebbError, match="the torch backend needs a model directory"):
+        Runtime(onnx_file, backend="torch")
+
+
+def test_onnxruntime_cuda_without_the_provider_is_a_clear_error(onnx_file):
+    import onnxruntime
+
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        pytest.skip("this onnxruntime has CUDA")
+    with pytest.raises(EdgehebbError, match="onnxruntime-gpu"):
+        Runtime(onnx_file, device="cuda")
+
+
+@pytest.mark.gpu
+def test_onnxruntime_cuda_matches_torch(onnx_file, rt, frames):
+    import onnxruntime
+
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        pytest.skip("onnxruntime has no CUDAExecutionProvider (onnxruntime-gpu)")
+    with Runtime(onnx_file, device="cuda") as gpu:
+        assert gpu.providers[0] == "CUDAExecutionProvider"
+        for _ in range(2):
+            got = gpu.predict(frames, features=True)
+            want = rt.predict(frames, features=True)
+            assert_close(got.probabilities, want.probabilities, rtol=1e-3, atol=1e-4, what="ORT CUDA vs torch")
+            assert_close(got.features, want.features, rtol=1e-4, atol=1e-6, what="ORT CUDA vs torch features")
+
+
+# ----------------------------------------------------------------------------- TensorRT
+
+def test_tensorrt_backend_without_tensorrt(tmp_path):
+    if importlib.util.find_spec("tensorrt") is not None:
+        pytest.skip("tensorrt is installed: the GPU tests cover the engine")
+    engine = tmp_path / "model.engine"
+    engine.write_bytes(b"not really an engine")
+    engine.with_name("model.engine.json").write_text(json.dumps({"classes": CLASSES, "input": [3, 32, 32]}))
+    with pytest.raises(EdgehebbError, match="tensorrt is not installed.*pip install"):
+        Runtime(engine)
+
+
+@pytest.mark.trt
+@pytest.mark.parametrize("preprocess", [None, "uint8-nhwc"])
+def test_tensorrt_backend_matches_torch(onnx_file, model_dir, rt, frames, tmp_path, preprocess):
+    if importlib.util.find_spec("tensorrt") is None or not torch.cuda.is_available():
+        pytest.skip("needs TensorRT and a CUDA GPU")
+    from edgehebb.tensorrt_engine import build_engine
+
+    src = onnx_file if preprocess is None else _export(
+        model_dir, tmp_path / "baked.onnx", preprocess=preprocess, frame_size=frames.shape[1:3])
+    engine = build_engine(src, tmp_path / f"{src.stem}.engine", batch=(1, 2, 4))
+    with Runtime(engine, channel_order="bgr") as trt_rt:
+        assert (trt_rt.backend, trt_rt.classes, trt_rt.max_batch) == ("tensorrt", CLASSES, 4)
+        got = trt_rt.predict(frames[..., ::-1].copy(), features=True)   # 5 frames: two slices of the profile
+        want = rt.predict(frames, features=True)
+        assert_close(got.probabilities, want.probabilities, rtol=1e-3, atol=1e-4, what="TensorRT vs torch")
+        assert_close(got.features, want.features, rtol=1e-3, atol=1e-5, what="TensorRT vs torch features")
+
+
+# ----------------------------------------------------------------------------- packaging
+
+def test_import_edgehebb_stays_light():
+    code = ("import sys, edgehebb; heavy = [m for m in ('torch', 'onnxruntime', 'tensorrt', 'pycuda') "
+            "if m in sys.modules]; assert not heavy, heavy; assert callable(edgehebb.Runtime); "
+            "assert 'onnxruntime' not in sys.modules and 'tensorrt' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parent.parent)

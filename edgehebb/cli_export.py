@@ -56,7 +56,7 @@ def parse_frame_size(text: str | None) -> tuple[int, int] | None:
               help="With --trt: batch sizes of the optimisation profile, e.g. 1,1,8 "
                    "[default: edgehebb.tensorrt_engine.build_engine's].")
 @click.option("--workspace-mib", type=click.IntRange(min=1), default=None,
-              help="With --trt: builder workspace limit in MiB [default: TensorRT's].")
+              help="With --trt: builder workspace limit in MiB [default: 1024].")
 @click.option("--timing-cache", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="With --trt: timing cache file, read if present and updated (faster rebuilds).")
 @click.option("--json", "as_json", is_flag=True, help="Print what was written as JSON on stdout.")

@@ -27,7 +27,6 @@ A backend that cannot run here (not installed, no GPU, wrong kind of model file)
 from __future__ import annotations
 
 import importlib.util
-import io
 import os
 import platform
 import time
@@ -213,7 +212,7 @@ def save_bench_png(result: dict, path: str | os.PathLike) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from edgehebb.io import atomic_write
+    from edgehebb.io import save_figure
 
     ran = {n: e for n, e in result["backends"].items() if e["status"] == "ok"}
     batches = result["settings"]["batches"]
@@ -248,7 +247,4 @@ def save_bench_png(result: dict, path: str | os.PathLike) -> None:
                  f"{m.get('gpu', 'no GPU')}, {m['processor']} x{m['cpus']}"
                  + (f"; skipped: {', '.join(skipped)}" if skipped else ""), fontsize=8)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    atomic_write(path, buf.getvalue())
+    save_figure(fig, path)

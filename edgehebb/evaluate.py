@@ -72,7 +72,7 @@ def save_sweep_png(results: dict[str, dict], path: str | os.PathLike, title: str
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from edgehebb.io import atomic_write
+    from edgehebb.io import save_figure
 
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     for label, r in results.items():
@@ -88,9 +88,4 @@ def save_sweep_png(results: dict[str, dict], path: str | os.PathLike, title: str
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    import io
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    atomic_write(path, buf.getvalue())
+    save_figure(fig, path)

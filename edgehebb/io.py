@@ -55,6 +55,18 @@ def read_json(path: str | os.PathLike) -> dict:
         raise EdgehebbError(f"{path} is not valid JSON: {e}") from None
 
 
+def save_figure(fig, path: str | os.PathLike, **savefig_kw) -> None:
+    """Render a matplotlib figure to PNG, close it, and write the file atomically."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", **savefig_kw)
+    plt.close(fig)
+    atomic_write(path, buf.getvalue())
+
+
 def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict | None = None) -> None:
     """safetensors file; ``meta`` travels JSON-encoded in the header's metadata."""
     header = {"json": json.dumps(meta)} if meta is not None else None

@@ -27,7 +27,7 @@ from tqdm import tqdm
 import edgehebb
 from edgehebb.data import ImageSet
 from edgehebb.errors import EdgehebbError
-from edgehebb.features import cached_features, images_to_tensor
+from edgehebb.features import cached_features
 from edgehebb.io import CONFIG_FILE, FILTERS_FILE, load_filters, load_tensors, read_json
 from edgehebb.learn import LearnConfig
 from edgehebb.learn_dir import learn_to_dir, resolve_device
@@ -173,9 +173,9 @@ def _bank_from_dir(path: Path, block: BlockSpec, channels: int) -> torch.Tensor 
     shape = (block.filters, channels, block.kernel, block.kernel)
     if not (path / CONFIG_FILE).is_file():
         return None
-    fmt = read_json(path / CONFIG_FILE).get("format")
+    config = read_json(path / CONFIG_FILE)
+    fmt = config.get("format")
     if fmt == MODEL_FORMAT:
-        config = read_json(path / CONFIG_FILE)
         if config.get("kind") != "nnl":
             return None
         spec = spec_from_dict(config["spec"], str(path / CONFIG_FILE))

@@ -7,14 +7,13 @@ orientation-selective ones ("interblob" cells).
 
 from __future__ import annotations
 
-import io
 import math
 import os
 
 import numpy as np
 import torch
 
-from edgehebb.io import atomic_write
+from edgehebb.io import save_figure
 
 
 def filter_stats(filters: torch.Tensor) -> dict[str, np.ndarray]:
@@ -88,7 +87,4 @@ def save_filter_png(filters: torch.Tensor, path: str | os.PathLike, title: str |
     ax.axis("off")
     if title:
         fig.suptitle(title, fontsize=9, y=0.995, va="top")
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    atomic_write(path, buf.getvalue())
+    save_figure(fig, path, dpi=100)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -98,7 +99,6 @@ def run_row(name: str, how: dict, train, test, banks: Path, out: Path, args, log
     t0 = time.perf_counter()
     if not (model_dir / "config.json").is_file():
         if model_dir.exists():   # a row interrupted while training: start it again
-            import shutil
             shutil.rmtree(model_dir)
         if how["local"]:
             train_to_dir(how["spec"], train, model_dir, fit=fit, filters_from=[banks], device=args.device, cache="",
@@ -175,7 +175,6 @@ def main(argv=None) -> int:
                 results.append(row)
                 continue
             log(f"{name}: cached row has other settings; running again")
-            import shutil
             shutil.rmtree(args.out / "models" / name, ignore_errors=True)
         log(f"{name}: running")
         row = {**run_row(name, table[name], train, test, banks, args.out, args, log), "settings": settings}

@@ -14,14 +14,14 @@ the backend raises one ``EdgehebbError`` line saying what is missing.
 from __future__ import annotations
 
 import math
-import shutil
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from edgehebb.resources import cuda_source
-from edgehebb.errors import EdgehebbError, missing_dependency
+from edgehebb.cuda_driver import Active, available, compiled_module, context, driver  # noqa: F401 (available: learn.py)
+from edgehebb.errors import EdgehebbError
 from edgehebb.hebbian import check_rule
 from edgehebb.patches import PREPROCESS, patch_grid
 
@@ -126,89 +126,30 @@ def lebesgue(M: np.ndarray, power: float) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------------------
-# pycuda, imported lazily
+# pycuda, imported lazily (edgehebb.cuda_driver)
 
-def _driver():
-    try:
-        import pycuda.driver as cuda
-    except ImportError as e:
-        raise missing_dependency("pycuda", extra="gpu", why="needed by the pycuda learning backend") from e
-    return cuda
-
-
-_CONTEXTS: dict[int, object] = {}
 _FUNCTIONS: dict[tuple, object] = {}
 
 
-def _context(ordinal: int):
-    """The device's primary context (the one torch uses too), retained once per process."""
-    cuda = _driver()
-    if ordinal not in _CONTEXTS:
-        try:
-            cuda.init()
-            count = cuda.Device.count()
-        except cuda.Error as e:
-            raise EdgehebbError(f"the pycuda backend found no usable CUDA driver ({e}); use --backend torch") from e
-        if count == 0:
-            raise EdgehebbError("the pycuda backend needs an NVIDIA GPU and none was found; use --backend torch")
-        if not 0 <= ordinal < count:
-            raise EdgehebbError(f"CUDA device {ordinal} does not exist ({count} found)")
-        _CONTEXTS[ordinal] = cuda.Device(ordinal).retain_primary_context()
-    return _CONTEXTS[ordinal]
-
-
-class _Active:
-    """Makes a context current for a block of pycuda calls and restores the previous one."""
-
-    def __init__(self, ctx):
-        self.ctx = ctx
-
-    def __enter__(self):
-        self.ctx.push()
-        return self.ctx
-
-    def __exit__(self, *exc):
-        self.ctx.pop()
-        return False
-
-
-def available() -> bool:
-    """True when pycuda imports, a CUDA GPU is present and nvcc can compile the kernel; never raises."""
-    try:
-        import pycuda.driver as cuda
-
-        cuda.init()
-        return cuda.Device.count() > 0 and shutil.which("nvcc") is not None
-    except Exception:
-        return False
-
-
 def _module(ordinal: int, plan: KernelPlan):
-    """The compiled module for ``plan`` (pycuda caches the cubin on disk; we cache the module)."""
-    key = (ordinal, plan.defines)
-    if key not in _FUNCTIONS:
-        if shutil.which("nvcc") is None:
-            raise EdgehebbError("the pycuda backend compiles its kernel at run time and needs nvcc "
-                                "(the CUDA toolkit) on PATH; install it or use --backend torch")
-        from pycuda.compiler import SourceModule
-
-        module = SourceModule(cuda_source(KERNEL_FILE), options=plan.options, no_extern_c=True)
-        fn = module.get_function("hebbian_run")  # each get_function is a new, unprepared object
-        fn.prepare("PiiiiPiifffPPPPPPPPP")
-        _FUNCTIONS[key] = (module, fn)
-    return _FUNCTIONS[key][0]
+    """The compiled module for ``plan``."""
+    return compiled_module(ordinal, cuda_source(KERNEL_FILE), plan.options)
 
 
 def _kernel(ordinal: int, plan: KernelPlan):
-    _module(ordinal, plan)
-    return _FUNCTIONS[(ordinal, plan.defines)][1]
+    key = (ordinal, plan.defines)
+    if key not in _FUNCTIONS:
+        fn = _module(ordinal, plan).get_function("hebbian_run")  # each get_function is a new, unprepared object
+        fn.prepare("PiiiiPiifffPPPPPPPPP")
+        _FUNCTIONS[key] = fn
+    return _FUNCTIONS[key]
 
 
 def grid_barrier_seconds(blocks: int, iters: int = 20000, device: int = 0) -> float:
     """GPU time of one grid-wide barrier of the kernel with ``blocks`` resident blocks (a measurement)."""
-    cuda = _driver()
-    ctx = _context(device)
-    with _Active(ctx):
+    cuda = driver()
+    ctx = context(device)
+    with Active(ctx):
         dev, attr = ctx.get_device(), cuda.device_attribute
         plan = kernel_plan(filters=400, dim=48, channels=3, kernel=4, stride=1, rank=2, power=2.0,
                            preprocess="center-unit", batch=1000, sms=dev.get_attribute(attr.MULTIPROCESSOR_COUNT),
@@ -232,8 +173,8 @@ class PyCudaBackend:
 
     def __init__(self, images: np.ndarray, config, weights: torch.Tensor, *, device: int = 0,
                  blocks: int | None = None, tile: int | None = None):
-        cuda = _driver()
-        self._ctx = _context(device)
+        cuda = driver()
+        self._ctx = context(device)
         self.config = cfg = config
         if images.ndim != 4 or images.dtype != np.uint8:
             raise EdgehebbError(f"images must be uint8 (N, H, W, C), got {images.dtype} {images.shape}")
@@ -250,7 +191,7 @@ class PyCudaBackend:
         if tuple(weights.shape) != (K, self.dim):
             raise EdgehebbError(f"weights must be ({K}, {self.dim}), got {tuple(weights.shape)}")
         self._shape = (h, w)
-        with _Active(self._ctx):
+        with Active(self._ctx):
             dev = self._ctx.get_device()
             attr = cuda.device_attribute
             self.device_name = dev.name()
@@ -291,19 +232,19 @@ class PyCudaBackend:
 
     def set_weights(self, weights: torch.Tensor) -> None:
         """Replace M (K, N) on the device."""
-        cuda = _driver()
+        cuda = driver()
         M = np.ascontiguousarray(weights.detach().cpu().numpy(), dtype=np.float32)
         K, kp = self.config.filters, self.plan.padded_filters
         mpt = np.zeros((self.dim, kp), dtype=np.float32)
         mpt[:, :K] = lebesgue(M, self.config.power).T
-        with _Active(self._ctx):
+        with Active(self._ctx):
             cuda.memcpy_htod(self._M, M)
             cuda.memcpy_htod(self._MpT, np.ascontiguousarray(mpt))
 
     def weights(self) -> torch.Tensor:
-        cuda = _driver()
+        cuda = driver()
         out = np.empty((self.config.filters, self.dim), dtype=np.float32)
-        with _Active(self._ctx):
+        with Active(self._ctx):
             cuda.memcpy_dtoh(out, self._M)
         return torch.from_numpy(out)
 
@@ -318,7 +259,7 @@ class PyCudaBackend:
         return self._launch(order, eps, detail=True)
 
     def _reserve(self, n: int, detail: bool) -> None:
-        cuda = _driver()
+        cuda = driver()
         if self._capacity < n:
             self._order = cuda.mem_alloc(n * 4)
             self._pinned = cuda.pagelocked_empty(n, np.int32)  # index staging for async copies
@@ -337,7 +278,7 @@ class PyCudaBackend:
         return [(a, b - a) for a, b in zip(bounds, bounds[1:])]
 
     def _launch(self, order: torch.Tensor, eps: float, detail: bool):
-        cuda = _driver()
+        cuda = driver()
         cfg = self.config
         B, K = cfg.batch, cfg.filters
         steps = len(order) // B
@@ -349,7 +290,7 @@ class PyCudaBackend:
         if lo < 0 or hi >= self.n_patches:
             raise EdgehebbError(f"patch indices must be in [0, {self.n_patches}), got [{lo}, {hi}]")
         n, stream, h, w = steps * B, self._stream, *self._shape
-        with _Active(self._ctx):
+        with Active(self._ctx):
             self._reserve(n, detail)
             cuda.memset_d32_async(self._wins, 0, K, stream)
             self._start.record(stream)

@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 import torch
 
-from edgehebb import learn_pycuda
+from edgehebb import cuda_driver, learn_pycuda
 from edgehebb.resources import cuda_source
 from edgehebb.errors import EdgehebbError
 from edgehebb.hebbian import init_weights, rank_update
@@ -122,7 +122,7 @@ def test_without_gpu_backend_is_one_line_error(monkeypatch):
     fake.driver = driver
     monkeypatch.setitem(sys.modules, "pycuda", fake)
     monkeypatch.setitem(sys.modules, "pycuda.driver", driver)
-    monkeypatch.setattr(learn_pycuda, "_CONTEXTS", {})
+    monkeypatch.setattr(cuda_driver, "_CONTEXTS", {})
     assert learn_pycuda.available() is False
     with pytest.raises(EdgehebbError) as e:
         PyCudaBackend(random_images(2), LearnConfig(filters=8, batch=10), init_weights(8, 48, 0))

@@ -1,11 +1,14 @@
 #!/usr/bin/env python3
-"""GPU inference check (issue 5): parity and latency of torch (eager, torch.compile) and ONNX Runtime
-(CPU, CUDA EP) for trained models, side by side in one run, plus the network's roofline time.
+"""GPU inference check (issue 5): parity and latency of torch (eager, torch.compile), ONNX Runtime
+(CPU, CUDA EP with and without TF32) and the fused PyCUDA kernel (edgehebb.nnl_fused) for trained
+models, side by side in one run, plus the network's roofline time.
 
 Parity: logits of N test images from every path against torch on the CPU (float32), as the largest
 |difference| relative to each row's largest |logit|, and top-1 agreement. Latency: device-resident
 float input, warm-up then per-iteration wall time around the call with ``torch.cuda.synchronize()``
 (the same clock for every path; ORT runs on its own stream), p50/p90/p99 per batch and images/s.
+The fused kernel's launch shapes (filters per thread block, threads, patch values per shared tile)
+are swept at the largest batch (features only, ``fused_shapes``); the tables use the default plan.
 Roofline at each batch: max(FLOPs / FP32 peak, bytes / memory bandwidth) with the FLOPs of the
 block convolutions (dot product and box sums) and head, and the bytes of input, filters and output.
 Prints one JSON object.
@@ -68,6 +71,25 @@ def ort_cuda_runner(sess, x: torch.Tensor, classes: int):
     return lambda: sess.run_with_iobinding(io), logits
 
 
+def sweep_fused(net, xs: torch.Tensor, batch: int, args) -> list[dict]:
+    """p50 of the fused features (no head) at ``batch`` for a few launch shapes (kc, threads, nch)."""
+    from edgehebb.nnl_fused import FusedNet
+
+    x = (xs[:batch] if batch <= len(xs) else xs[:1].repeat(batch, 1, 1, 1)).cuda().contiguous()
+    rows = []
+    for kc, threads, nch in ((80, 160, None), (80, 320, None), (64, 128, None), (64, 256, None),
+                             (128, 256, None), (96, 192, None), (80, 160, 24), (40, 160, None)):
+        try:
+            fused = FusedNet(net, kc=kc, threads=threads, nch=nch)
+        except Exception as e:  # a shape that does not fit this device: report, keep sweeping
+            rows.append({"kc": kc, "threads": threads, "nch": nch, "error": str(e)})
+            continue
+        ms = time_fn(lambda: fused.features(x), args.warmup, args.iters)
+        rows.append({"kc": kc, "threads": threads, "nch": [p.define("NCH") for p in fused.plans],
+                     **percentiles(ms)})
+    return rows
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("models", nargs="+")
@@ -86,6 +108,11 @@ def main(argv=None) -> int:
     from edgehebb.model import load_model
     from edgehebb.onnx_export import export_onnx
 
+    from edgehebb import cuda_driver
+    from edgehebb.nnl_fused import FusedNet
+
+    with_fused = cuda_driver.available()  # pycuda, a GPU and nvcc
+
     test = load_split(resolve_data_root(args.data, download=False), "test", limit=args.images, progress=False)
     xs = torch.from_numpy(np.array(test.x)).permute(0, 3, 1, 2).float() / 255
     report = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "onnxruntime": ort.__version__,
@@ -100,8 +127,15 @@ def main(argv=None) -> int:
             ref = torch.cat([net(xs[i:i + 250]) for i in range(0, len(xs), 250)]).double()
             gpu_net = load_model(name, "cuda")[0]
             outs = {"torch-cuda": torch.cat([gpu_net(xs[i:i + 250].cuda()).cpu() for i in range(0, len(xs), 250)])}
+        # use_tf32=0 is what edgehebb.Runtime sets; ORT's default (TF32 on) is kept beside it for comparison
         sessions = {"onnxruntime-cpu": ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"]),
-                    "onnxruntime-cuda": ort.InferenceSession(str(onnx_path), providers=["CUDAExecutionProvider"])}
+                    "onnxruntime-cuda": ort.InferenceSession(
+                        str(onnx_path), providers=[("CUDAExecutionProvider", {"use_tf32": "0"})]),
+                    "onnxruntime-cuda-tf32": ort.InferenceSession(str(onnx_path), providers=["CUDAExecutionProvider"])}
+        fused = FusedNet(gpu_net) if with_fused else None
+        if fused is not None:
+            with torch.no_grad():
+                outs["pycuda-fused"] = torch.cat([fused(xs[i:i + 250].cuda()).cpu() for i in range(0, len(xs), 250)])
         for key, sess in sessions.items():
             r[f"{key}_providers"] = sess.get_providers()
             outs[key] = torch.from_numpy(np.concatenate([sess.run(["logits"], {"images": xs[i:i + 250].numpy()})[0]
@@ -120,8 +154,12 @@ def main(argv=None) -> int:
             with torch.no_grad():
                 row["torch-cuda"] = time_fn(lambda: gpu_net(x), args.warmup, args.iters)
                 row["torch-compile"] = time_fn(lambda: compiled(x), args.warmup + 5, args.iters)
-            fn, _ = ort_cuda_runner(sessions["onnxruntime-cuda"], x.contiguous(), spec.classes)
-            row["onnxruntime-cuda"] = time_fn(fn, args.warmup, args.iters)
+            for key in ("onnxruntime-cuda", "onnxruntime-cuda-tf32"):
+                fn, _ = ort_cuda_runner(sessions[key], x.contiguous(), spec.classes)
+                row[key] = time_fn(fn, args.warmup, args.iters)
+            if fused is not None:
+                with torch.no_grad():
+                    row["pycuda-fused"] = time_fn(lambda: fused(x), args.warmup, args.iters)
             flop_s = r["flops_per_image"] * b / (args.peak_tflops * 1e12)
             nbytes = 4 * (b * np.prod(spec.input) + b * spec.classes
                           + sum(bl.filters * spec.input[0] * bl.kernel ** 2 for bl in spec.blocks))
@@ -134,6 +172,9 @@ def main(argv=None) -> int:
             print(f"{name} batch {b}: " + ", ".join(f"{k} {v['p50_ms']:.3f} ms" for k, v in r["latency"][b].items()
                                                      if isinstance(v, dict)) + f", roofline {roof_ms:.3f} ms",
                   file=sys.stderr, flush=True)
+        if fused is not None:
+            r["fused_plan"] = [dict(p.defines) for p in fused.plans]
+            r["fused_shapes"] = sweep_fused(gpu_net, xs, max(int(v) for v in args.batches.split(",")), args)
         report["models"][name] = r
         print(json.dumps({"model": name, **r}), file=sys.stderr, flush=True)   # kept if a later model times out
     print(json.dumps(report, indent=2))

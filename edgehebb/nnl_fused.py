@@ -1,0 +1,227 @@
+"""NNL-CONV inference through the fused kernel (cuda/nnl_forward.cu), launched with PyCUDA.
+
+Each patch-normalised block of a network runs as one kernel that never writes its cosine map: it
+pools in shared memory and writes only the pooled outputs, straight into their columns of the
+(B, features) matrix. Standardisation and the linear head stay in torch. The kernel computes what
+``nnl.NNLConv`` computes (the op of export/OP_SPEC.md); ``tests/test_nnl_fused.py -m gpu`` checks it
+against the network evaluated in float64.
+
+    fused = FusedNet(net.cuda())       # an NNLNet (or a ConvNet with patch_norm) on a CUDA device
+    logits = fused(x)                  # x: float32 (B, C, H, W) on that device, [0, 1]
+
+Launches go to torch's current CUDA stream's device on the legacy default stream; when torch works
+on another stream, that stream is synchronised before and after (correct, a little slower).
+pycuda and nvcc are needed at construction; without them the error says what to install.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from edgehebb.cuda_driver import Active, compiled_module, context, driver
+from edgehebb.errors import EdgehebbError
+from edgehebb.nnl import BlockSpec, NNLConv, _Net
+from edgehebb.resources import cuda_source
+
+KERNEL_FILE = "nnl_forward.cu"
+FALLBACK = "run the model with torch instead"
+# (filters per thread block, threads): a thread owns 8 positions x 8 filters, so KC / 8 threads
+# span a row of filters and threads must be a multiple of both 32 and KC / 8.
+SHAPES = ((80, 160), (64, 128), (96, 192), (128, 256), (48, 96), (32, 128), (16, 64), (8, 32))
+
+
+@dataclass(frozen=True)
+class FusedPlan:
+    """Compile-time constants and launch geometry of the kernel for one block."""
+
+    defines: tuple[tuple[str, int], ...]
+    chunks: int          # thread blocks per image (grid y)
+    threads: int
+    shared_bytes: int
+
+    def define(self, name: str) -> int:
+        return dict(self.defines)[name]
+
+    @property
+    def options(self) -> list[str]:
+        return [f"-D{k}={v}" for k, v in self.defines]
+
+
+def _shared_bytes(channels: int, hpad: int, wpad: int, dim: int, kc: int, tpos: int, nch: int, cells: int) -> int:
+    img = (channels * hpad * wpad + 3) // 4 * 4
+    return 4 * (img + dim * kc + nch * tpos + 2 * tpos + cells * kc)
+
+
+def fused_plan(block: BlockSpec, input_shape: tuple[int, int, int], *, shared_limit: int,
+               kc: int | None = None, threads: int | None = None, nch: int | None = None) -> FusedPlan:
+    """The kernel's constants for ``block`` on images of ``input_shape`` (C, H, W).
+
+    ``kc`` (filters per thread block), ``threads`` and ``nch`` (patch values per shared tile) override
+    the defaults, e.g. in tests and benchmarks; results do not depend on them. Default: the shape in
+    ``SHAPES`` that pads K least (400 -> 80), and the largest ``nch`` that lets two thread blocks
+    share a multiprocessor (``shared_limit``: opt-in shared memory per block, bytes).
+    """
+    if not block.norm:
+        raise EdgehebbError("the fused kernel computes patch-normalised blocks only (norm=true); "
+                            "this block has norm=false")
+    c, h, w = input_shape
+    K, dim = block.filters, c * block.kernel ** 2
+    if kc is None:
+        kc, threads_default = min(SHAPES, key=lambda s: (math.ceil(K / s[0]) * s[0], -s[0]))
+        threads = threads or threads_default
+    if kc % 8 or kc < 8:
+        raise EdgehebbError(f"kc must be a positive multiple of 8, got {kc}")
+    tx = kc // 8
+    if threads is None:  # the listed shape for this kc, else the first whole multiple of 32 and tx >= 128
+        threads = dict(SHAPES).get(kc) or next(t for t in range(128, 1025 + 32 * tx, 32) if t % tx == 0)
+    if threads % 32 or threads % tx or threads > 1024:
+        raise EdgehebbError(f"threads must be a multiple of 32 and of kc/8 = {tx}, at most 1024; got {threads}")
+    tpos = 8 * (threads // tx)
+    mh, mw = block.map_size(h, w)
+    ph, pw = block.out_size(h, w)
+    hpad, wpad = h + 2 * block.padding, w + 2 * block.padding
+
+    def size(n: int) -> int:
+        return _shared_bytes(c, hpad, wpad, dim, kc, tpos, n, ph * pw)
+
+    if nch is None:
+        fits = [n for n in range(dim, 0, -1) if size(n) <= shared_limit // 2] or \
+               [n for n in range(dim, 0, -1) if size(n) <= shared_limit]
+        if not fits:
+            raise EdgehebbError(f"a {block.kernel}x{block.kernel}x{c} block with kc={kc} does not fit the device's "
+                                f"{shared_limit} bytes of shared memory; choose a smaller kc")
+        nch = fits[0]
+    if not 1 <= nch <= dim:
+        raise EdgehebbError(f"nch must be in [1, {dim}], got {nch}")
+    if size(nch) > shared_limit:
+        raise EdgehebbError(f"the plan needs {size(nch)} bytes of shared memory, the device allows {shared_limit}")
+    chunks = math.ceil(K / kc)
+    defines = dict(CH=c, KW=block.kernel, STRIDE=block.stride, PAD=block.padding, HIN=h, WIN=w, HO=mh, WO=mw,
+                   POOL=block.pool, PSTRIDE=block.pool_stride, HP=ph, WP=pw, CENTER=int(block.center),
+                   KC=kc, NTHREADS=threads, NCH=nch, KPAD=chunks * kc)
+    return FusedPlan(defines=tuple(defines.items()), chunks=chunks, threads=threads, shared_bytes=size(nch))
+
+
+def kernel_filters(layer: NNLConv, padded: int) -> torch.Tensor:
+    """(N, padded) float32: the layer's unit filters, centred when it centres, transposed, zero beyond K.
+
+    The same float32 steps as ``NNLConv.cosines`` and the op's function body: unit length, then the
+    filter's mean subtracted.
+    """
+    m = layer.unit_weight().detach().float()
+    if layer.center:
+        m = m - m.mean(dim=(1, 2, 3), keepdim=True)
+    flat = m.flatten(1)                                  # (K, N), n = (channel, row, column)
+    out = torch.zeros(flat.shape[1], padded, dtype=torch.float32, device=flat.device)
+    out[:, : flat.shape[0]] = flat.T
+    return out.contiguous()
+
+
+@dataclass(frozen=True)
+class BlockLaunch:
+    """What one block's kernel launch needs: its plan, filters as the kernel reads them, output columns."""
+
+    block: BlockSpec
+    plan: FusedPlan
+    filters: torch.Tensor   # (N, KPAD) float32, on the network's device
+    offset: int             # first feature column of the block
+    width: int              # K * HP * WP columns
+
+
+def block_launches(net: _Net, shared_limit: int, *, kc: int | None = None, threads: int | None = None,
+                   nch: int | None = None) -> list[BlockLaunch]:
+    """One :class:`BlockLaunch` per block of ``net`` (no pycuda needed: the host emulation uses it too)."""
+    blocks = list(net.blocks)
+    if not blocks or not all(isinstance(b, NNLConv) for b in blocks):
+        raise EdgehebbError("the fused kernel runs NNL-CONV blocks; this network has standard convolutions "
+                            "(a CONV twin): run it with torch")
+    spec, out, offset = net.spec, [], 0
+    for block, layer in zip(spec.blocks, blocks):
+        plan = fused_plan(block, spec.input, shared_limit=shared_limit, kc=kc, threads=threads, nch=nch)
+        width = block.filters * math.prod(block.out_size(*spec.input[1:]))
+        out.append(BlockLaunch(block, plan, kernel_filters(layer, plan.define("KPAD")), offset, width))
+        offset += width
+    return out
+
+
+class FusedNet:
+    """A network whose blocks run through the fused kernel on one GPU; the head runs in torch.
+
+    ``net`` (an ``NNLNet``, or a ``ConvNet`` with ``patch_norm``) must sit on a CUDA device and have
+    only patch-normalised blocks. ``kc``/``threads``/``nch`` override every block's plan (tests,
+    benchmarks). Calls hold no state between them (each allocates its output from torch's caching
+    allocator), so threads may share an instance.
+    """
+
+    def __init__(self, net: _Net, *, kc: int | None = None, threads: int | None = None, nch: int | None = None):
+        if not all(isinstance(b, NNLConv) for b in net.blocks):
+            block_launches(net, 0)  # raises the one-line error for CONV twins
+        cuda = driver(why="the fused NNL kernel is launched with pycuda")
+        device = net.feature_mean.device
+        if device.type != "cuda":
+            raise EdgehebbError(f"move the network to a CUDA device first (it is on {device})")
+        self.net, self.device = net, device
+        self._ordinal = device.index if device.index is not None else torch.cuda.current_device()
+        self._ctx = context(self._ordinal, FALLBACK)
+        with Active(self._ctx):
+            dev = self._ctx.get_device()
+            limit = dev.get_attribute(cuda.device_attribute.MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+            self.device_name = dev.name()
+            self._launches = block_launches(net, limit, kc=kc, threads=threads, nch=nch)
+            self._functions = []
+            for launch in self._launches:
+                fn = compiled_module(self._ordinal, cuda_source(KERNEL_FILE), launch.plan.options, FALLBACK) \
+                    .get_function("nnl_forward")
+                fn.prepare("PPPiiff")
+                fn.set_attribute(cuda.function_attribute.MAX_DYNAMIC_SHARED_SIZE_BYTES, launch.plan.shared_bytes)
+                self._functions.append(fn)
+        self.feature_dim = sum(launch.width for launch in self._launches)
+        self.eps = layer_eps(net)
+        self.plans = [launch.plan for launch in self._launches]
+
+    def _check(self, x: torch.Tensor) -> torch.Tensor:
+        want = self.net.spec.input
+        if not isinstance(x, torch.Tensor) or x.device != self.device or x.dtype != torch.float32 \
+                or x.dim() != 4 or tuple(x.shape[1:]) != want:
+            got = f"{x.dtype} {tuple(x.shape)} on {x.device}" if isinstance(x, torch.Tensor) else type(x).__name__
+            raise EdgehebbError(f"the fused kernel takes float32 (B, {', '.join(map(str, want))}) images on "
+                                f"{self.device}, got {got}")
+        return x.contiguous()
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, feature_dim) pooled block outputs, unstandardised (as ``net.features``)."""
+        x = self._check(x)
+        batch = x.shape[0]
+        out = torch.empty(batch, self.feature_dim, dtype=torch.float32, device=self.device)
+        if batch == 0:
+            return out
+        stream = torch.cuda.current_stream(self.device)
+        foreign = stream != torch.cuda.default_stream(self.device)
+        if foreign:
+            stream.synchronize()  # our launches go to the legacy default stream
+        with Active(self._ctx):
+            for fn, launch in zip(self._functions, self._launches):
+                fn.prepared_call((batch, launch.plan.chunks, 1), (launch.plan.threads, 1, 1),
+                                 np.intp(x.data_ptr()), np.intp(launch.filters.data_ptr()),
+                                 np.intp(out.data_ptr() + 4 * launch.offset), np.int32(launch.block.filters),
+                                 np.int32(self.feature_dim), np.float32(launch.block.power), np.float32(self.eps),
+                                 shared_size=launch.plan.shared_bytes)
+        if foreign:
+            torch.cuda.synchronize(self.device)
+        return out
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits (B, classes)."""
+        return self.net.classify(self.features(x))
+
+
+def layer_eps(net: _Net) -> float:
+    """The patch-norm epsilon of the network's blocks (one value: ``nnl.EPS`` unless changed)."""
+    values = {float(b.eps) for b in net.blocks}
+    if len(values) != 1:
+        raise EdgehebbError(f"the blocks use different eps values {sorted(values)}; the fused path takes one")
+    return values.pop()

@@ -1,7 +1,10 @@
 """The PyCUDA learning backend against the torch oracle (edgehebb/hebbian.py).
 
 CPU tests run everywhere: the kernel source is found, the launch plan is sane, and without pycuda or
-a GPU the backend fails with one line. GPU tests (marker ``gpu``) need pycuda, an NVIDIA GPU, nvcc and
+a GPU the backend fails with one line. With g++, the kernel's own source also runs on the CPU
+(tests/host_cuda: every CUDA thread an OS thread, shuffles, atomics and grid barriers emulated)
+against the oracle: the same winners, M after several steps, and bitwise the same M for any grid
+size or tile, including the non-resident path that streams Mp through shared memory. GPU tests (marker ``gpu``) need pycuda, an NVIDIA GPU, nvcc and
 torch with CUDA; they are skipped with a reason otherwise, decided inside a fixture so that collecting
 this module never touches the CUDA driver.
 
@@ -26,6 +29,7 @@ import pytest
 import torch
 
 from edgehebb import cuda_driver, learn_pycuda
+from tests import host_cuda
 from edgehebb.resources import cuda_source
 from edgehebb.errors import EdgehebbError
 from edgehebb.hebbian import init_weights, rank_update
@@ -140,6 +144,68 @@ def test_kernel_compiles_without_spills(tmp_path, kernel, tile):
                           "-o", str(tmp_path / "k.cubin"), str(src)], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "0 bytes spill stores" in out.stderr, out.stderr
+
+
+# ------------------------------------------------------------------------------------------------
+# the kernel's source on the CPU (tests/host_cuda)
+
+needs_gxx = pytest.mark.skipif(host_cuda.compiler() is None, reason="needs g++ (C++20) for the host build")
+
+
+def host_vs_oracle(cfg, steps: int, seed: int, **host_args):
+    """Run ``steps`` steps on the host build and on the oracle from the same M; (winner/rank-m patches
+    that differ away from near-ties, all that differ, host M, oracle M)."""
+    images = random_images(n=12)
+    sampler = oracle_setup(images, cfg, "cpu")
+    dim = 3 * cfg.kernel ** 2
+    M = init_weights(cfg.filters, dim, seed)
+    host = host_cuda.HostHebbian(images, cfg, M, **host_args)
+    order = torch.randint(0, sampler.n_patches, (steps * cfg.batch,), generator=torch.Generator().manual_seed(seed))
+    wins, winners, ranked = host.run_detail(order, 0.02)
+    bad = differ = 0
+    for t in range(steps):
+        v = preprocess(sampler.gather(order[t * cfg.batch:(t + 1) * cfg.batch]), cfg.preprocess)
+        tie = near_tie(M, v, cfg.power, cfg.rank)
+        ref = rank_update(M, v, 0.02, cfg.power, cfg.delta, cfg.rank)
+        d = (winners[t] != ref.winners) | (ranked[t] != ref.ranked)
+        bad, differ = bad + int((d & ~tie).sum()), differ + int(d.sum())
+    assert torch.equal(wins, torch.bincount(winners.flatten(), minlength=cfg.filters))
+    return bad, differ, host.weights(), M
+
+
+@needs_gxx
+@pytest.mark.parametrize("pre,power,rank,kernel", [("center-unit", 2.0, 2, 4), ("none", 2.0, 2, 3),
+                                                   ("unit", 3.0, 3, 4), ("center", 2.0, 2, 5)])
+def test_host_build_same_winners_and_weights_as_oracle(pre, power, rank, kernel):
+    cfg = LearnConfig(filters=40, kernel=kernel, batch=96, power=power, rank=rank, preprocess=pre)
+    bad, _, got, want = host_vs_oracle(cfg, steps=4, seed=1)
+    assert bad == 0
+    assert_close(got, want, atol=1e-5)
+
+
+@needs_gxx
+def test_host_build_non_resident_tiles_match_the_oracle():
+    # 24 KB of shared memory: Mp^T (75 x 832 floats) is streamed in 2 K chunks x 7 n chunks every round
+    cfg = LearnConfig(filters=500, kernel=5, batch=64, preprocess="center-unit")
+    bad, _, got, want = host_vs_oracle(cfg, steps=3, seed=2, tile=1, shared_limit=24 * 1024)
+    assert bad == 0
+    assert_close(got, want, atol=1e-5)
+
+
+@needs_gxx
+def test_host_build_bitwise_independent_of_grid_and_tile():
+    images = random_images(n=12)
+    cfg = LearnConfig(filters=40, kernel=4, batch=80, preprocess="center")
+    M0 = init_weights(cfg.filters, 48, 5)
+    order = torch.randint(0, 12 * 29 * 29, (6 * cfg.batch,), generator=torch.Generator().manual_seed(6))
+    runs = []
+    for blocks, tile, limit in [(2, None, H100_SHARED), (1, 4, H100_SHARED), (3, 1, H100_SHARED), (2, 2, 10 * 1024)]:
+        host = host_cuda.HostHebbian(images, cfg, M0, blocks=blocks, tile=tile, shared_limit=limit)
+        wins, _, _ = host.run_detail(order, 0.02)
+        runs.append((wins, host.weights(), host.plan.defines))
+    for wins, M, plan in runs[1:]:
+        assert torch.equal(wins, runs[0][0]), plan
+        assert torch.equal(M, runs[0][1]), plan
 
 
 # ------------------------------------------------------------------------------------------------

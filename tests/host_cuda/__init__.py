@@ -82,3 +82,81 @@ def nnl_features(net, x, shared_limit: int, **shape):
             ctypes.cast(column.ctypes.data, ptr), ctypes.c_int(launch.block.filters), ctypes.c_int(dim),
             ctypes.c_float(launch.block.power), ctypes.c_float(layer_eps(net)))
     return torch.from_numpy(out)
+
+
+# ------------------------------------------------------------------------------------------------
+# cuda/hebbian_step.cu
+
+_HEBBIAN_WRAPPER = """
+extern "C" void host_hebbian_run(int blocks, int threads, long long shared, const unsigned char* images,
+                                 int H, int Wd, int nx, int per_image, const int* order, int B, int nsteps,
+                                 float eps, float power, float delta, float* M, float* MpT, float* ds,
+                                 unsigned long long* acc, unsigned int* scale_bits, unsigned int* wins,
+                                 unsigned int* barrier, int* dbg_win, int* dbg_rank) {
+    host_cuda::launch(blocks, 1, threads, (size_t)shared, true, [=] {  // all blocks at once: grid barriers
+        hebbian_run(images, H, Wd, nx, per_image, order, B, nsteps, eps, power, delta, M, MpT, ds, acc,
+                    scale_bits, wins, barrier, dbg_win, dbg_rank);
+    });
+}
+"""
+
+
+class HostHebbian:
+    """``learn_pycuda.PyCudaBackend``'s ``run_detail`` / ``weights`` on the host build of the kernel.
+
+    The same plan (``kernel_plan``), the same buffers and layouts (M, Mp^T padded to KP, the
+    fixed-point accumulator), one launch per call. ``blocks`` OS-thread blocks of 256 threads run at
+    once, so keep it small (1-3).
+    """
+
+    def __init__(self, images, cfg, weights, *, blocks: int = 2, tile: int | None = None,
+                 shared_limit: int = 232448):
+        import numpy as np
+
+        from edgehebb.learn_pycuda import KERNEL_FILE, kernel_plan, lebesgue
+        from edgehebb.patches import patch_grid
+
+        n, h, w, c = images.shape
+        self.images, self.cfg, self.shape = np.ascontiguousarray(images, np.uint8), cfg, (h, w)
+        self.ny, self.nx = patch_grid(h, w, cfg.kernel, cfg.stride)
+        self.dim = c * cfg.kernel ** 2
+        self.plan = kernel_plan(filters=cfg.filters, dim=self.dim, channels=c, kernel=cfg.kernel, stride=cfg.stride,
+                                rank=cfg.rank, power=cfg.power, preprocess=cfg.preprocess, batch=cfg.batch,
+                                sms=blocks, shared_limit=shared_limit, blocks=blocks, tile=tile)
+        self.lib = build(KERNEL_FILE, self.plan.options, _HEBBIAN_WRAPPER)
+        K, kp = cfg.filters, self.plan.padded_filters
+        self.M = np.ascontiguousarray(weights.numpy(), np.float32).copy()
+        self.MpT = np.zeros((self.dim, kp), np.float32)
+        self.MpT[:, :K] = lebesgue(self.M, cfg.power).T
+        self.ds = np.zeros((K, self.dim), np.float32)
+        self.acc = np.zeros((K, self.dim), np.uint64)
+        self.barrier = np.zeros(1, np.uint32)
+
+    def weights(self):
+        import torch
+
+        return torch.from_numpy(self.M.copy())
+
+    def run_detail(self, order, eps: float):
+        import numpy as np
+        import torch
+
+        cfg, (h, w) = self.cfg, self.shape
+        B = cfg.batch
+        steps = len(order) // B
+        order = np.ascontiguousarray(np.asarray(order)[: steps * B], np.int32)
+        wins = np.zeros(cfg.filters, np.uint32)
+        scale = np.zeros(2, np.uint32)
+        win, ranked = np.zeros(steps * B, np.int32), np.zeros(steps * B, np.int32)
+
+        def p(a):
+            return ctypes.c_void_p(a.ctypes.data)
+
+        self.lib.host_hebbian_run(
+            ctypes.c_int(self.plan.blocks), ctypes.c_int(self.plan.threads), ctypes.c_longlong(self.plan.shared_bytes),
+            p(self.images), ctypes.c_int(h), ctypes.c_int(w), ctypes.c_int(self.nx), ctypes.c_int(self.ny * self.nx),
+            p(order), ctypes.c_int(B), ctypes.c_int(steps), ctypes.c_float(eps), ctypes.c_float(cfg.power),
+            ctypes.c_float(cfg.delta), p(self.M), p(self.MpT), p(self.ds), p(self.acc), p(scale), p(wins),
+            p(self.barrier), p(win), p(ranked))
+        return (torch.from_numpy(wins.astype(np.int64)), torch.from_numpy(win.astype(np.int64).reshape(steps, B)),
+                torch.from_numpy(ranked.astype(np.int64).reshape(steps, B)))

@@ -358,12 +358,12 @@ class _TrtBackend:
         self.channel_order, self.fit, self.flip = channel_order, fit, False
         self.baked = self.runner.input_dtype == torch.uint8   # a ``frames`` engine: preprocessing inside
         if self.baked:
-            # The sidecar does not say which channel order / fit were baked in; the ONNX file does.
+            # Which channel order / fit were baked in: the sidecar's copy of the ONNX metadata, or the ONNX file.
             meta = _source_onnx_metadata(engine, sidecar_path(engine))
             if meta is None:
-                raise EdgehebbError(f"{engine} takes uint8 frames with preprocessing baked in, but the ONNX file it "
-                                    f"was built from is not beside it to say which channel order and fit: copy it "
-                                    f"next to the engine")
+                raise EdgehebbError(f"{engine} takes uint8 frames with preprocessing baked in, but neither its sidecar "
+                                    f"nor an ONNX file beside it says which channel order and fit: rebuild it with "
+                                    f"`edgehebb export --trt`, or copy the ONNX file next to the engine")
             self.flip = _check_baked(meta, channel_order, fit, engine)
             _, h, w = json.loads(meta["edgehebb.spec"])["input"]
         else:
@@ -393,11 +393,15 @@ class _TrtBackend:
 
 
 def _source_onnx_metadata(engine: Path, sidecar: Path) -> dict | None:
-    """edgehebb metadata of the ONNX file an engine was built from, if it lies beside the engine."""
+    """edgehebb metadata of the ONNX file an engine was built from: the copy in the sidecar (engines
+    built since the sidecar carried it), else the ONNX file itself if it lies beside the engine."""
     try:
-        name = json.loads(sidecar.read_text())["onnx"]["file"]
+        source = json.loads(sidecar.read_text())["onnx"]
+        name = source["file"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
+    if isinstance(source.get("metadata"), dict) and "edgehebb.spec" in source["metadata"]:
+        return {str(k): str(v) for k, v in source["metadata"].items()}
     onnx_path = engine.parent / name
     return read_onnx_metadata(onnx_path) if onnx_path.is_file() else None
 

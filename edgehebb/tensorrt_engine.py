@@ -333,6 +333,7 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, *, fp16: bool =
         log(f"the ONNX input has a fixed batch of {inp.shape[0]}; the profile uses it instead of {tuple(batch)}")
     nodes = custom_nodes(model)
     classes = onnx_classes(model)
+    exported = {p.key: p.value for p in model.metadata_props if p.key.startswith("edgehebb.")}
     del model
     for note in plan["notes"]:
         log(note)
@@ -395,7 +396,9 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, *, fp16: bool =
         "profile": {k: list(v) for k, v in shapes.items()},
         "outputs": [network.get_output(i).name for i in range(network.num_outputs)],
         "classes": classes,
-        "onnx": {"file": onnx_path.name, "sha256": _sha256(onnx_path)},
+        # the exporter's metadata (spec, baked preprocessing, ...): the runtime needs it without the ONNX file
+        "onnx": {"file": onnx_path.name, "sha256": _sha256(onnx_path),
+                 "metadata": exported},
         "custom_op": {"domain": CUSTOM_DOMAIN, "nodes": [n for n, _ in nodes], "fp32_layers": len(pinned)},
         "workspace_mib": int(workspace_mib),
         "plan": {k: v for k, v in plan.items() if k != "notes"},

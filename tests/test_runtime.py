@@ -16,7 +16,7 @@ from edgehebb.errors import EdgehebbError
 from edgehebb.frames import frames_to_tensor
 from edgehebb.model import load_model, save_model
 from edgehebb.nnl import NNLNet, spec_from_dict
-from edgehebb.runtime import OP_VERSION, Prediction, Runtime
+from edgehebb.runtime import OP_VERSION, Prediction, Runtime, read_onnx_metadata
 from tests.conftest import assert_close
 
 CLASSES = ["cat", "dog", "frog"]
@@ -341,3 +341,20 @@ def test_import_edgehebb_stays_light():
             "if m in sys.modules]; assert not heavy, heavy; assert callable(edgehebb.Runtime); "
             "assert 'onnxruntime' not in sys.modules and 'tensorrt' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parent.parent)
+
+
+def test_engine_source_metadata_from_the_sidecar_or_the_onnx_file(model_dir, tmp_path):
+    from edgehebb.runtime import _source_onnx_metadata
+    from edgehebb.tensorrt_engine import sidecar_path
+
+    engine = tmp_path / "m.engine"
+    onnx_path = _export(model_dir, tmp_path / "m.onnx", preprocess="uint8-nhwc")
+    exported = read_onnx_metadata(onnx_path)
+    sidecar = sidecar_path(engine)
+    sidecar.write_text(json.dumps({"onnx": {"file": "m.onnx", "metadata": exported}}))
+    onnx_path.unlink()
+    assert _source_onnx_metadata(engine, sidecar) == exported              # no ONNX file needed
+    sidecar.write_text(json.dumps({"onnx": {"file": "m.onnx"}}))           # an engine built before the copy
+    assert _source_onnx_metadata(engine, sidecar) is None
+    _export(model_dir, onnx_path, preprocess="uint8-nhwc")
+    assert _source_onnx_metadata(engine, sidecar) == exported

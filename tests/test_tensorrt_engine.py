@@ -407,6 +407,8 @@ def test_fp16_build_pins_the_op_and_what_follows(tmp_path, monkeypatch):
     assert meta["precision"] == "fp16" and meta["outputs"] == ["probabilities"] and meta["classes"] == CIFAR10
     assert meta["custom_op"] == {"domain": CUSTOM_DOMAIN, "nodes": ["block0"], "fp32_layers": 6}
     assert meta["input"] == {"name": "frames", "dtype": "uint8", "layout": "NHWC"}
+    exported = {p.key: p.value for p in onnx.load(str(onnx_path)).metadata_props if p.key.startswith("edgehebb.")}
+    assert exported and meta["onnx"]["metadata"] == exported   # the runtime reads the baked fit from here
     assert any("6 layers pinned to FP32" in line for line in logs)
 
 

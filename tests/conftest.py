@@ -24,6 +24,20 @@ def assert_close(actual, expected, rtol: float, atol: float, what: str = "values
                              f"{e.flatten()[worst].item():.8g} (rtol={rtol}, atol={atol})")
 
 
+def assert_compiles_without_spills(kernel_file: str, options: list[str], tmp_path: Path) -> None:
+    """nvcc -Xptxas -v on a cuda/ kernel for sm_90 (the H100) with ``options``: it builds and spills nothing."""
+    import subprocess
+
+    from edgehebb.resources import cuda_source
+
+    src = tmp_path / kernel_file
+    src.write_text(cuda_source(kernel_file))
+    out = subprocess.run(["nvcc", "-arch=sm_90", "-cubin", "-Xptxas", "-v", *options,
+                          "-o", str(tmp_path / "k.cubin"), str(src)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "0 bytes spill stores" in out.stderr, out.stderr
+
+
 @pytest.fixture(scope="session")
 def cifar_root() -> Path:
     path = os.environ.get("EDGEHEBB_DATA")

@@ -30,6 +30,7 @@ import torch
 
 from edgehebb import cuda_driver, learn_pycuda
 from tests import host_cuda
+from tests.conftest import assert_compiles_without_spills
 from edgehebb.resources import cuda_source
 from edgehebb.errors import EdgehebbError
 from edgehebb.hebbian import init_weights, rank_update
@@ -138,12 +139,7 @@ def test_without_gpu_backend_is_one_line_error(monkeypatch):
 def test_kernel_compiles_without_spills(tmp_path, kernel, tile):
     plan = kernel_plan(filters=400, dim=3 * kernel * kernel, channels=3, kernel=kernel, stride=1, rank=2,
                        power=2.0, preprocess="none", batch=1000, sms=132, shared_limit=H100_SHARED, tile=tile)
-    src = tmp_path / KERNEL_FILE
-    src.write_text(cuda_source(KERNEL_FILE))
-    out = subprocess.run(["nvcc", "-arch=sm_90", "-cubin", "-Xptxas", "-v", *plan.options,
-                          "-o", str(tmp_path / "k.cubin"), str(src)], capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr
-    assert "0 bytes spill stores" in out.stderr, out.stderr
+    assert_compiles_without_spills(KERNEL_FILE, plan.options, tmp_path)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -20,7 +20,6 @@ fmaf chain and pooling is a max.
 from __future__ import annotations
 
 import shutil
-import subprocess
 import sys
 
 import pytest
@@ -28,11 +27,11 @@ import torch
 
 from edgehebb import cuda_driver
 from tests import host_cuda
+from tests.conftest import assert_compiles_without_spills
 from edgehebb.errors import EdgehebbError
 from edgehebb.model import load_model
 from edgehebb.nnl import BlockSpec, NetSpec, NNLNet, load_spec
 from edgehebb.nnl_fused import KERNEL_FILE, FusedNet, fused_plan, kernel_filters
-from edgehebb.resources import cuda_source
 from edgehebb.train import fit_standardiser
 from tests.test_onnx_export import patch_filters
 
@@ -125,12 +124,7 @@ def test_fused_net_refuses_cpu_networks_and_conv_twins(monkeypatch):
                                              ("w8", 128, 256)])
 def test_kernel_compiles_without_spills(tmp_path, name, kc, threads):
     plan = fused_plan(BLOCKS[name], (3, 32, 32), shared_limit=H100_SHARED, kc=kc, threads=threads)
-    src = tmp_path / KERNEL_FILE
-    src.write_text(cuda_source(KERNEL_FILE))
-    out = subprocess.run(["nvcc", "-arch=sm_90", "-cubin", "-Xptxas", "-v", *plan.options,
-                          "-o", str(tmp_path / "k.cubin"), str(src)], capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr
-    assert "0 bytes spill stores" in out.stderr, out.stderr
+    assert_compiles_without_spills(KERNEL_FILE, plan.options, tmp_path)
 
 
 # ------------------------------------------------------------------------------------------------

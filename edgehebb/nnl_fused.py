@@ -89,7 +89,9 @@ def fused_plan(block: BlockSpec, input_shape: tuple[int, int, int], *, shared_li
         return _shared_bytes(c, hpad, wpad, dim, kc, tpos, n, ph * pw)
 
     if nch is None:
-        fits = [n for n in range(dim, 0, -1) if size(n) <= shared_limit // 2] or \
+        # two per multiprocessor: the SM holds the opt-in limit + 1 KB, and each block reserves 1 KB
+        half = (shared_limit + 1024) // 2 - 1024
+        fits = [n for n in range(dim, 0, -1) if size(n) <= half] or \
                [n for n in range(dim, 0, -1) if size(n) <= shared_limit]
         if not fits:
             raise EdgehebbError(f"a {block.kernel}x{block.kernel}x{c} block with kc={kc} does not fit the device's "

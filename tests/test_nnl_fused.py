@@ -55,7 +55,7 @@ def test_default_plan_for_the_paper_blocks():
     for block in load_spec("fig2_middle").blocks:
         plan = fused_plan(block, (3, 32, 32), shared_limit=H100_SHARED)
         assert (plan.define("KC"), plan.threads, plan.chunks, plan.define("KPAD")) == (80, 160, 5, 400)
-        assert plan.shared_bytes <= H100_SHARED // 2  # two thread blocks per multiprocessor
+        assert 2 * (plan.shared_bytes + 1024) <= H100_SHARED + 1024  # two thread blocks per multiprocessor
         n = 3 * block.kernel ** 2
         assert 1 <= plan.define("NCH") <= n
     left = fused_plan(BLOCKS["fig2_left"], (3, 32, 32), shared_limit=H100_SHARED)
@@ -234,7 +234,7 @@ def test_launch_shape_does_not_change_a_bit(gpu):
     net = reference_net(spec, 2).to(gpu)
     x = images(17).to(gpu)
     base = FusedNet(net).features(x)
-    for kc, threads, nch in ((64, 128, None), (128, 256, 7), (16, 64, 1), (80, 320, 20)):
+    for kc, threads, nch in ((64, 128, None), (128, 256, 7), (16, 64, 1), (96, 192, 20)):
         assert torch.equal(FusedNet(net, kc=kc, threads=threads, nch=nch).features(x), base), (kc, threads, nch)
 
 

@@ -77,7 +77,7 @@ def sweep_fused(net, xs: torch.Tensor, batch: int, args) -> list[dict]:
 
     x = (xs[:batch] if batch <= len(xs) else xs[:1].repeat(batch, 1, 1, 1)).cuda().contiguous()
     rows = []
-    for kc, threads, nch in ((80, 160, None), (80, 320, None), (64, 128, None), (64, 256, None),
+    for kc, threads, nch in ((80, 160, None), (64, 128, None), (64, 256, None),
                              (128, 256, None), (96, 192, None), (80, 160, 24), (40, 160, None)):
         try:
             fused = FusedNet(net, kc=kc, threads=threads, nch=nch)

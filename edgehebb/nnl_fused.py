@@ -9,9 +9,12 @@ against the network evaluated in float64.
     fused = FusedNet(net.cuda())       # an NNLNet (or a ConvNet with patch_norm) on a CUDA device
     logits = fused(x)                  # x: float32 (B, C, H, W) on that device, [0, 1]
 
-Launches go to torch's current CUDA stream's device on the legacy default stream; when torch works
-on another stream, that stream is synchronised before and after (correct, a little slower).
-pycuda and nvcc are needed at construction; without them the error says what to install.
+Launches go to the legacy default stream of the network's device. When torch's current stream is
+another one, it is synchronised before and after (correct, a little slower). pycuda and nvcc are
+needed at construction; without them the error says what to install.
+
+Status: the kernel has been checked on the CPU through a g++ build of the same source
+(tests/host_cuda), not yet on a GPU; the GPU tests are written and skip without one.
 """
 
 from __future__ import annotations

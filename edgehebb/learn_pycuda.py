@@ -125,6 +125,13 @@ def lebesgue(M: np.ndarray, power: float) -> np.ndarray:
     return (np.sign(M) * np.abs(M) ** np.float32(power - 1.0)).astype(np.float32)
 
 
+def transposed_currents_weights(M: np.ndarray, power: float, padded: int) -> np.ndarray:
+    """Mp^T as the kernel reads it: (N, padded) float32, sign(M)|M|^(p-1) transposed, zero for k >= K."""
+    out = np.zeros((M.shape[1], padded), dtype=np.float32)
+    out[:, : M.shape[0]] = lebesgue(M, power).T
+    return out
+
+
 # ------------------------------------------------------------------------------------------------
 # pycuda, imported lazily (edgehebb.cuda_driver)
 
@@ -234,9 +241,7 @@ class PyCudaBackend:
         """Replace M (K, N) on the device."""
         cuda = driver()
         M = np.ascontiguousarray(weights.detach().cpu().numpy(), dtype=np.float32)
-        K, kp = self.config.filters, self.plan.padded_filters
-        mpt = np.zeros((self.dim, kp), dtype=np.float32)
-        mpt[:, :K] = lebesgue(M, self.config.power).T
+        mpt = transposed_currents_weights(M, self.config.power, self.plan.padded_filters)
         with Active(self._ctx):
             cuda.memcpy_htod(self._M, M)
             cuda.memcpy_htod(self._MpT, np.ascontiguousarray(mpt))

@@ -137,15 +137,18 @@ class BlockLaunch:
     width: int              # K * HP * WP columns
 
 
+def _check_blocks(net: _Net) -> None:
+    if not len(net.blocks) or not all(isinstance(b, NNLConv) for b in net.blocks):
+        raise EdgehebbError("the fused kernel runs NNL-CONV blocks; this network has standard convolutions "
+                            "(a CONV twin): run it with torch")
+
+
 def block_launches(net: _Net, shared_limit: int, *, kc: int | None = None, threads: int | None = None,
                    nch: int | None = None) -> list[BlockLaunch]:
     """One :class:`BlockLaunch` per block of ``net`` (no pycuda needed: the host emulation uses it too)."""
-    blocks = list(net.blocks)
-    if not blocks or not all(isinstance(b, NNLConv) for b in blocks):
-        raise EdgehebbError("the fused kernel runs NNL-CONV blocks; this network has standard convolutions "
-                            "(a CONV twin): run it with torch")
+    _check_blocks(net)
     spec, out, offset = net.spec, [], 0
-    for block, layer in zip(spec.blocks, blocks):
+    for block, layer in zip(spec.blocks, net.blocks):
         plan = fused_plan(block, spec.input, shared_limit=shared_limit, kc=kc, threads=threads, nch=nch)
         width = block.filters * math.prod(block.out_size(*spec.input[1:]))
         out.append(BlockLaunch(block, plan, kernel_filters(layer, plan.define("KPAD")), offset, width))
@@ -163,8 +166,7 @@ class FusedNet:
     """
 
     def __init__(self, net: _Net, *, kc: int | None = None, threads: int | None = None, nch: int | None = None):
-        if not all(isinstance(b, NNLConv) for b in net.blocks):
-            block_launches(net, 0)  # raises the one-line error for CONV twins
+        _check_blocks(net)
         cuda = driver(why="the fused NNL kernel is launched with pycuda")
         device = net.feature_mean.device
         if device.type != "cuda":
@@ -186,7 +188,10 @@ class FusedNet:
                 self._functions.append(fn)
         self.feature_dim = sum(launch.width for launch in self._launches)
         self.eps = layer_eps(net)
-        self.plans = [launch.plan for launch in self._launches]
+
+    @property
+    def plans(self) -> list[FusedPlan]:
+        return [launch.plan for launch in self._launches]
 
     def _check(self, x: torch.Tensor) -> torch.Tensor:
         want = self.net.spec.input

@@ -113,7 +113,7 @@ class HostHebbian:
                  shared_limit: int = 232448):
         import numpy as np
 
-        from edgehebb.learn_pycuda import KERNEL_FILE, kernel_plan, lebesgue
+        from edgehebb.learn_pycuda import KERNEL_FILE, kernel_plan, transposed_currents_weights
         from edgehebb.patches import patch_grid
 
         n, h, w, c = images.shape
@@ -124,10 +124,9 @@ class HostHebbian:
                                 rank=cfg.rank, power=cfg.power, preprocess=cfg.preprocess, batch=cfg.batch,
                                 sms=blocks, shared_limit=shared_limit, blocks=blocks, tile=tile)
         self.lib = build(KERNEL_FILE, self.plan.options, _HEBBIAN_WRAPPER)
-        K, kp = cfg.filters, self.plan.padded_filters
+        K = cfg.filters
         self.M = np.ascontiguousarray(weights.numpy(), np.float32).copy()
-        self.MpT = np.zeros((self.dim, kp), np.float32)
-        self.MpT[:, :K] = lebesgue(self.M, cfg.power).T
+        self.MpT = transposed_currents_weights(self.M, cfg.power, self.plan.padded_filters)
         self.ds = np.zeros((K, self.dim), np.float32)
         self.acc = np.zeros((K, self.dim), np.uint64)
         self.barrier = np.zeros(1, np.uint32)

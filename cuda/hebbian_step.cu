@@ -18,6 +18,12 @@
 //                              p weights, = M for p = 2) is rewritten transposed for phase A.
 //   -- grid barrier --
 //
+// Residency: the barriers need every block of the grid running at once. If one never arrives (a GPU
+// shared through MPS with an SM limit, a green context, another process's kernel holding SMs), the
+// waiting blocks give up after GRID_TIMEOUT_NS, set the fault word barrier[1] and return; blocks that
+// start later see it and return too. The host then raises instead of hanging. M is left as of the
+// last step every block finished (phase C has no barrier inside it).
+//
 // Determinism: every sum has a fixed order that depends on no launch parameter. Currents are one
 // fmaf chain over n = 0..N-1 per (patch, unit) in every tile shape; ties between units go to the
 // lower unit index; the accumulator is integer (order-free) fixed point with 2^-32 resolution;
@@ -40,9 +46,14 @@
 //   POW2                      1 when the Lebesgue power p is 2 (Mp = M, no pow)
 //   NTHREADS, LB, TB, TK2     block size and the tile shape above
 //   NKC, NC, NNC              number of K chunks, n per shared tile, number of n chunks
+//   GRID_TIMEOUT_NS           optional: how long a grid barrier waits before it reports a fault
 
 #ifndef DYNAMIC_SHARED  // overridable so the kernel can be exercised by a host emulation
 #define DYNAMIC_SHARED(name) extern __shared__ float4 name[]
+#endif
+
+#ifndef GRID_TIMEOUT_NS
+#define GRID_TIMEOUT_NS 10000000000ull  // 10 s: far above any step's phase, short of a user giving up
 #endif
 
 #define NWARPS (NTHREADS / 32)
@@ -159,21 +170,47 @@ __device__ __forceinline__ float lebesgue(float m, float power) {
     return m == 0.0f ? 0.0f : copysignf(powf(fabsf(m), power - 1.0f), m);
 }
 
+__device__ __forceinline__ unsigned long long now_ns() {
+#if defined(__CUDA_ARCH__)
+    unsigned long long t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    return t;
+#else
+    return host_now_ns();  // tests/host_cuda/cuda_host.h
+#endif
+}
+
 // Grid-wide barrier for a grid whose blocks are all resident (cooperative groups' algorithm):
-// block 0 adds 2^31 - (G - 1), every other block 1, so the top bit of the counter flips once all
-// G blocks have arrived and the counter needs no reset. The fences make every write before the
-// barrier visible to every read after it; cross-block data is read with __ldcg (L2) regardless.
-__device__ __forceinline__ void grid_sync(unsigned int* counter) {
+// block 0 adds 2^31 - (G - 1) to the counter barrier[0], every other block 1, so its top bit flips
+// once all G blocks have arrived and the counter needs no reset. The fences make every write before
+// the barrier visible to every read after it; cross-block data is read with __ldcg (L2) regardless.
+// Returns false, in every thread of the block, when the grid has faulted (see "Residency" above):
+// the counter and the fault word are read together in one 8-byte load per spin.
+__device__ __forceinline__ bool grid_sync(unsigned int* barrier) {
     __syncthreads();
+    int failed = 0;
     if (threadIdx.x == 0) {
-        const unsigned int add = blockIdx.x == 0 ? 0x80000000u - (gridDim.x - 1u) : 1u;
-        __threadfence();
-        const unsigned int old = atomicAdd(counter, add);
-        while (((old ^ *(volatile unsigned int*)counter) & 0x80000000u) == 0u) {
+        volatile unsigned long long* words = (volatile unsigned long long*)barrier;  // [counter, fault]
+        if ((*words >> 32) != 0ull) {
+            failed = 1;
+        } else {
+            const unsigned int add = blockIdx.x == 0 ? 0x80000000u - (gridDim.x - 1u) : 1u;
+            __threadfence();
+            const unsigned int old = atomicAdd(barrier, add);
+            const unsigned long long t0 = now_ns();
+            for (;;) {
+                const unsigned long long w = *words;
+                if ((((unsigned int)w ^ old) & 0x80000000u) != 0u) break;
+                if ((w >> 32) != 0ull || now_ns() - t0 > GRID_TIMEOUT_NS) {
+                    atomicExch(barrier + 1, 1u);
+                    failed = 1;
+                    break;
+                }
+            }
+            __threadfence();
         }
-        __threadfence();
     }
-    __syncthreads();
+    return __syncthreads_or(failed) == 0;
 }
 
 // Start copying Mp^T[n0 : n0 + nn][k0 : k0 + KCH] (global, row stride KP) into Ms[nn][KCH]:
@@ -327,13 +364,16 @@ hebbian_run(const unsigned char* __restrict__ images,  // (n_images, H, Wd, CH) 
             unsigned long long* acc,      // K x N fixed-point sums, zero between steps
             unsigned int* scale_bits,     // [2] max|ds| of the step (t & 1) as float bits, zeroed by the host
             unsigned int* wins,           // K win counts, accumulated
-            unsigned int* barrier,        // grid barrier counter
+            unsigned int* barrier,        // [2]: grid barrier counter, fault word (both zero at the start)
             int* dbg_win, int* dbg_rank)  // nsteps * B winners and rank-m units, or null
 {
     DYNAMIC_SHARED(smem4);
     float* Ms = (float*)smem4;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int lb = lane / LK, lk = lane % LK;
+    // an earlier launch (or this one, before this block started) faulted: do nothing. Block-uniform,
+    // since the word may change while the threads read it.
+    if (__syncthreads_or(threadIdx.x == 0 && *(volatile unsigned int*)(barrier + 1) != 0u)) return;
     float* vs = Ms + NC * KCH + warp * (N * PW);
 
     // this block's contiguous share of each minibatch, whole warp tiles
@@ -446,7 +486,7 @@ hebbian_run(const unsigned char* __restrict__ images,  // (n_images, H, Wd, CH) 
                 }
             }
         }
-        grid_sync(barrier);
+        if (!grid_sync(barrier)) return;
 
         // ---- phase B: ds = a - (Mp . a) M per row, max|ds|
         float mx = 0.0f;
@@ -487,7 +527,7 @@ hebbian_run(const unsigned char* __restrict__ images,  // (n_images, H, Wd, CH) 
         mx = warp_max(mx);
         if (lane == 0 && mx > 0.0f) atomicMax(scale_bits + (t & 1), __float_as_uint(mx));
         if (blockIdx.x == 0 && threadIdx.x == 0) scale_bits[(t + 1) & 1] = 0u;  // used by step t+1
-        grid_sync(barrier);
+        if (!grid_sync(barrier)) return;
 
         // ---- phase C: M += ds * eps / max(max|ds|, 1e-30), Mp rewritten
         const float scale = __uint_as_float(*(volatile unsigned int*)(scale_bits + (t & 1)));
@@ -504,12 +544,13 @@ hebbian_run(const unsigned char* __restrict__ images,  // (n_images, H, Wd, CH) 
 #endif
             }
         }
-        grid_sync(barrier);
+        if (!grid_sync(barrier)) return;
     }
 }
 
 // Grid barriers back to back: their cost bounds the time of a step at small B
 // (edgehebb.learn_pycuda.grid_barrier_seconds, tools/bench_learn.py).
 extern "C" __global__ void __launch_bounds__(NTHREADS, 1) grid_sync_bench(unsigned int* barrier, int iters) {
-    for (int i = 0; i < iters; ++i) grid_sync(barrier);
+    for (int i = 0; i < iters; ++i)
+        if (!grid_sync(barrier)) return;
 }

@@ -33,6 +33,9 @@ TILES = (4, 2, 1)  # TB: patches per lane
 # The accumulator is fixed point with 2^-32 resolution in a signed 64-bit integer: the sum of one
 # step's |g * v| must stay below 2^31.
 MAX_STEP_MASS = 2 ** 30
+# A grid barrier that waits longer than this reports a fault instead of hanging (cuda/hebbian_step.cu,
+# "Residency"): far above any step's phase, short of a user giving up.
+BARRIER_TIMEOUT_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -89,7 +92,8 @@ def _tile_cost(batch: int, tile: int, dim: int, filters: int, sms: int, shared_l
 
 def kernel_plan(*, filters: int, dim: int, channels: int, kernel: int, stride: int, rank: int,
                 power: float, preprocess: str, batch: int, sms: int, shared_limit: int,
-                blocks: int | None = None, tile: int | None = None) -> KernelPlan:
+                blocks: int | None = None, tile: int | None = None,
+                barrier_timeout_s: float = BARRIER_TIMEOUT_S) -> KernelPlan:
     """Choose the kernel's constants and launch geometry for one configuration on one device.
 
     ``sms`` and ``shared_limit`` (opt-in shared memory per block, bytes) describe the device;
@@ -112,10 +116,21 @@ def kernel_plan(*, filters: int, dim: int, channels: int, kernel: int, stride: i
         K=filters, N=dim, CH=channels, KW=kernel, STRIDE=stride, RANK=rank, RP=rp,
         PRE=PREPROCESS.index(preprocess), POW2=int(power == 2.0), NTHREADS=THREADS, LB=GROUPS,
         TB=tile, TK2=pairs, NKC=k_chunks, NC=n_chunk, NNC=math.ceil(dim / n_chunk),
+        GRID_TIMEOUT_NS=round(barrier_timeout_s * 1e9),
     )
     chunk = 2 * (32 // GROUPS) * pairs
     return KernelPlan(defines=tuple(defines.items()), blocks=blocks, threads=THREADS,
                       shared_bytes=shared_bytes, padded_filters=chunk * k_chunks)
+
+
+def check_barrier(words, plan: KernelPlan) -> None:
+    """Raise if the kernel's fault word (``words[1]``, after a launch) is set: a grid barrier timed out."""
+    if int(words[1]) != 0:
+        raise EdgehebbError(
+            f"the pycuda kernel stopped: a grid barrier waited over {plan.define('GRID_TIMEOUT_NS') / 1e9:g} s, "
+            f"so its {plan.blocks} blocks were not all running at once (a GPU shared through MPS with an SM limit, "
+            "or another process's kernels?); the weights are those of the last finished step: resume from the "
+            "last checkpoint (--resume), or learn with --backend torch")
 
 
 def lebesgue(M: np.ndarray, power: float) -> np.ndarray:
@@ -162,14 +177,17 @@ def grid_barrier_seconds(blocks: int, iters: int = 20000, device: int = 0) -> fl
                            preprocess="center-unit", batch=1000, sms=dev.get_attribute(attr.MULTIPROCESSOR_COUNT),
                            shared_limit=dev.get_attribute(attr.MAX_SHARED_MEMORY_PER_BLOCK_OPTIN), blocks=blocks)
         fn = _module(device, plan).get_function("grid_sync_bench")
-        counter = cuda.mem_alloc(4)
-        cuda.memset_d32(counter, 0, 1)
+        counter = cuda.mem_alloc(8)  # [counter, fault word]
+        cuda.memset_d32(counter, 0, 2)
         start, end = cuda.Event(), cuda.Event()
         fn(counter, np.int32(10), block=(plan.threads, 1, 1), grid=(blocks, 1))  # warm-up
         start.record()
         fn(counter, np.int32(iters), block=(plan.threads, 1, 1), grid=(blocks, 1))
         end.record()
         end.synchronize()
+        words = np.empty(2, np.uint32)
+        cuda.memcpy_dtoh(words, counter)
+        check_barrier(words, plan)
         return end.time_since(start) * 1e-3 / iters
 
 
@@ -223,13 +241,14 @@ class PyCudaBackend:
             self._acc = cuda.mem_alloc(K * self.dim * 8)
             self._scale = cuda.mem_alloc(8)
             self._wins = cuda.mem_alloc(K * 4)
-            self._barrier = cuda.mem_alloc(4)
+            self._barrier = cuda.mem_alloc(8)  # [counter, fault word]
             cuda.memset_d32(self._acc, 0, K * self.dim * 2)
-            cuda.memset_d32(self._barrier, 0, 1)
+            cuda.memset_d32(self._barrier, 0, 2)
             self._capacity = 0  # patch indices the order buffers hold
             self._dbg_capacity = 0
             self._stream = cuda.Stream()
             self._wins_host = cuda.pagelocked_empty(K, np.uint32)
+            self._barrier_host = cuda.pagelocked_empty(2, np.uint32)
             self._start, self._end = cuda.Event(), cuda.Event()
         self.set_weights(weights)
         self.last_kernel_seconds = 0.0  # GPU time of the latest run: index uploads and kernels (CUDA events)
@@ -313,7 +332,12 @@ class PyCudaBackend:
                     np.intp(dbg[0]), np.intp(dbg[1]), shared_size=self.plan.shared_bytes)
             self._end.record(stream)
             cuda.memcpy_dtoh_async(self._wins_host, self._wins, stream)
+            cuda.memcpy_dtoh_async(self._barrier_host, self._barrier, stream)
             stream.synchronize()  # a kernel fault raises here
+            if self._barrier_host[1] != 0:  # a barrier timed out: clear the grid's state for a later run
+                cuda.memset_d32(self._barrier, 0, 2)
+                cuda.memset_d32(self._acc, 0, K * self.dim * 2)
+                check_barrier(self._barrier_host, self.plan)
             # GPU time from the first index upload to the last kernel's end (CUDA events)
             self.last_kernel_seconds = self._end.time_since(self._start) * 1e-3
             self.kernel_seconds += self.last_kernel_seconds

@@ -4,7 +4,8 @@ CPU tests run everywhere: the kernel source is found, the launch plan is sane, a
 a GPU the backend fails with one line. With g++, the kernel's own source also runs on the CPU
 (tests/host_cuda: every CUDA thread an OS thread, shuffles, atomics and grid barriers emulated)
 against the oracle: the same winners, M after several steps, and bitwise the same M for any grid
-size or tile, including the non-resident path that streams Mp through shared memory. GPU tests (marker ``gpu``) need pycuda, an NVIDIA GPU, nvcc and
+size or tile, including the non-resident path that streams Mp through shared memory; a grid
+barrier whose blocks cannot all run at once times out with one line instead of hanging. GPU tests (marker ``gpu``) need pycuda, an NVIDIA GPU, nvcc and
 torch with CUDA; they are skipped with a reason otherwise, decided inside a fixture so that collecting
 this module never touches the CUDA driver.
 
@@ -204,6 +205,27 @@ def test_host_build_bitwise_independent_of_grid_and_tile():
         assert torch.equal(M, runs[0][1]), plan
 
 
+@needs_gxx
+def test_host_build_barrier_times_out_instead_of_hanging():
+    # room for one of the two blocks: block 0 waits at the first barrier for a block that cannot start
+    # until it leaves, gives up, sets the fault word; block 1 then starts, sees it and does nothing
+    images = random_images(n=12)
+    cfg = LearnConfig(filters=40, kernel=4, batch=80)
+    M0 = init_weights(cfg.filters, 48, 3)
+    host = host_cuda.HostHebbian(images, cfg, M0, blocks=2, resident=1, barrier_timeout_s=0.2)
+    order = torch.randint(0, 12 * 29 * 29, (3 * cfg.batch,), generator=torch.Generator().manual_seed(1))
+    with pytest.raises(EdgehebbError, match=r"grid barrier waited over 0\.2 s, so its 2 blocks") as e:
+        host.run_detail(order, 0.02)
+    assert "\n" not in str(e.value) and "--resume" in str(e.value)
+    assert torch.equal(host.weights(), M0)  # no step finished, so M is untouched
+    assert host.barrier[1] == 1
+    # a later launch on the faulted grid returns at once and reports it again
+    host.resident = -1
+    with pytest.raises(EdgehebbError, match="grid barrier"):
+        host.run_detail(order, 0.02)
+    assert torch.equal(host.weights(), M0)
+
+
 # ------------------------------------------------------------------------------------------------
 # on a GPU
 
@@ -317,3 +339,27 @@ def test_full_run_learns_the_same_filters_as_torch_cuda(gpu):
     assert_close(fast.weights, ref.weights, atol=1e-2, rel_fro=1e-3)
     for a, b in zip(fast.history, ref.history):
         assert abs(a.norm_error - b.norm_error) < 1e-3
+
+
+@pytest.mark.gpu
+def test_barrier_times_out_when_the_grid_is_not_resident(gpu):
+    # twice as many blocks as multiprocessors, each needing most of one's shared memory: half of them
+    # cannot start until the others leave, so the barrier must report a fault rather than hang
+    cuda = cuda_driver.driver()
+    ctx = cuda_driver.context(0)
+    with cuda_driver.Active(ctx):
+        dev, attr = ctx.get_device(), cuda.device_attribute
+        sms, limit = dev.get_attribute(attr.MULTIPROCESSOR_COUNT), dev.get_attribute(attr.MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+        plan = kernel_plan(filters=400, dim=48, channels=3, kernel=4, stride=1, rank=2, power=2.0,
+                           preprocess="none", batch=1000, sms=sms, shared_limit=limit, barrier_timeout_s=0.5)
+        fn = learn_pycuda._module(0, plan).get_function("grid_sync_bench")
+        fn.set_attribute(cuda.function_attribute.MAX_DYNAMIC_SHARED_SIZE_BYTES, limit)
+        words = cuda.mem_alloc(8)
+        cuda.memset_d32(words, 0, 2)
+        fn(words, np.int32(4), block=(plan.threads, 1, 1), grid=(2 * sms, 1), shared=limit)
+        cuda.Context.synchronize()
+        host = np.empty(2, np.uint32)
+        cuda.memcpy_dtoh(host, words)
+    assert host[1] == 1
+    with pytest.raises(EdgehebbError, match="grid barrier waited over 0.5 s"):
+        learn_pycuda.check_barrier(host, plan)

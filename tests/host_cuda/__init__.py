@@ -92,11 +92,11 @@ extern "C" void host_hebbian_run(int blocks, int threads, long long shared, cons
                                  int H, int Wd, int nx, int per_image, const int* order, int B, int nsteps,
                                  float eps, float power, float delta, float* M, float* MpT, float* ds,
                                  unsigned long long* acc, unsigned int* scale_bits, unsigned int* wins,
-                                 unsigned int* barrier, int* dbg_win, int* dbg_rank) {
+                                 unsigned int* barrier, int* dbg_win, int* dbg_rank, int resident) {
     host_cuda::launch(blocks, 1, threads, (size_t)shared, true, [=] {  // all blocks at once: grid barriers
         hebbian_run(images, H, Wd, nx, per_image, order, B, nsteps, eps, power, delta, M, MpT, ds, acc,
                     scale_bits, wins, barrier, dbg_win, dbg_rank);
-    });
+    }, resident);
 }
 """
 
@@ -105,12 +105,13 @@ class HostHebbian:
     """``learn_pycuda.PyCudaBackend``'s ``run_detail`` / ``weights`` on the host build of the kernel.
 
     The same plan (``kernel_plan``), the same buffers and layouts (M, Mp^T padded to KP, the
-    fixed-point accumulator), one launch per call. ``blocks`` OS-thread blocks of 256 threads run at
-    once, so keep it small (1-3).
+    fixed-point accumulator, the barrier's fault word), one launch per call. ``blocks`` OS-thread
+    blocks of 256 threads run at once, so keep it small (1-3); with ``resident`` < ``blocks`` only that
+    many run at first, the rest once they have finished (a GPU without room for the whole grid).
     """
 
     def __init__(self, images, cfg, weights, *, blocks: int = 2, tile: int | None = None,
-                 shared_limit: int = 232448):
+                 shared_limit: int = 232448, resident: int | None = None, barrier_timeout_s: float | None = None):
         import numpy as np
 
         from edgehebb.learn_pycuda import KERNEL_FILE, kernel_plan, transposed_currents_weights
@@ -122,14 +123,16 @@ class HostHebbian:
         self.dim = c * cfg.kernel ** 2
         self.plan = kernel_plan(filters=cfg.filters, dim=self.dim, channels=c, kernel=cfg.kernel, stride=cfg.stride,
                                 rank=cfg.rank, power=cfg.power, preprocess=cfg.preprocess, batch=cfg.batch,
-                                sms=blocks, shared_limit=shared_limit, blocks=blocks, tile=tile)
+                                sms=blocks, shared_limit=shared_limit, blocks=blocks, tile=tile,
+                                **({} if barrier_timeout_s is None else dict(barrier_timeout_s=barrier_timeout_s)))
+        self.resident = -1 if resident is None else resident
         self.lib = build(KERNEL_FILE, self.plan.options, _HEBBIAN_WRAPPER)
         K = cfg.filters
         self.M = np.ascontiguousarray(weights.numpy(), np.float32).copy()
         self.MpT = transposed_currents_weights(self.M, cfg.power, self.plan.padded_filters)
         self.ds = np.zeros((K, self.dim), np.float32)
         self.acc = np.zeros((K, self.dim), np.uint64)
-        self.barrier = np.zeros(1, np.uint32)
+        self.barrier = np.zeros(2, np.uint32)  # [counter, fault word]
 
     def weights(self):
         import torch
@@ -139,6 +142,8 @@ class HostHebbian:
     def run_detail(self, order, eps: float):
         import numpy as np
         import torch
+
+        from edgehebb.learn_pycuda import check_barrier
 
         cfg, (h, w) = self.cfg, self.shape
         B = cfg.batch
@@ -156,6 +161,7 @@ class HostHebbian:
             p(self.images), ctypes.c_int(h), ctypes.c_int(w), ctypes.c_int(self.nx), ctypes.c_int(self.ny * self.nx),
             p(order), ctypes.c_int(B), ctypes.c_int(steps), ctypes.c_float(eps), ctypes.c_float(cfg.power),
             ctypes.c_float(cfg.delta), p(self.M), p(self.MpT), p(self.ds), p(self.acc), p(scale), p(wins),
-            p(self.barrier), p(win), p(ranked))
+            p(self.barrier), p(win), p(ranked), ctypes.c_int(self.resident))
+        check_barrier(self.barrier, self.plan)
         return (torch.from_numpy(wins.astype(np.int64)), torch.from_numpy(win.astype(np.int64).reshape(steps, B)),
                 torch.from_numpy(ranked.astype(np.int64).reshape(steps, B)))

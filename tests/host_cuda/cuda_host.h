@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <atomic>
 #include <barrier>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -46,6 +47,7 @@ struct Block {
     std::barrier<> sync;
     std::vector<Warp> warps;
     std::vector<float4> memory;
+    std::atomic<int> vote{0};  // __syncthreads_or
 };
 inline thread_local Block* block = nullptr;
 inline thread_local void* shared_base = nullptr;
@@ -53,8 +55,11 @@ inline thread_local uint3_ thread_index{0, 0, 0}, block_index{0, 0, 0};
 inline uint3_ grid_dim{1, 1, 1}, block_dim{1, 1, 1};
 
 // Runs body() in grid.x * grid.y blocks of `threads` OS threads. Blocks run one after another, or all
-// at once with `concurrent` (kernels with grid-wide barriers need every block resident).
-inline void launch(int gx, int gy, int threads, size_t shared, bool concurrent, const std::function<void()>& body) {
+// at once with `concurrent` (kernels with grid-wide barriers need every block resident). With
+// `resident` >= 0 (and `concurrent`), only the first `resident` blocks run at once and the rest start
+// when those have finished, as on a GPU that has room for only `resident` of them.
+inline void launch(int gx, int gy, int threads, size_t shared, bool concurrent, const std::function<void()>& body,
+                   int resident = -1) {
     grid_dim = {(unsigned)gx, (unsigned)gy, 1u};
     block_dim = {(unsigned)threads, 1u, 1u};
     std::vector<std::unique_ptr<Block>> blocks;
@@ -76,12 +81,23 @@ inline void launch(int gx, int gy, int threads, size_t shared, bool concurrent, 
         pool.clear();
         blocks.clear();
     };
+    int running = 0;
     for (int by = 0; by < gy; ++by)
         for (int bx = 0; bx < gx; ++bx) {
+            if (concurrent && resident >= 0 && running == resident) {
+                finish();
+                running = 0;
+            }
             start(bx, by);
+            ++running;
             if (!concurrent) finish();
         }
     finish();
+}
+
+inline unsigned long long now_ns() {
+    return (unsigned long long)std::chrono::duration_cast<std::chrono::nanoseconds>(
+               std::chrono::steady_clock::now().time_since_epoch()).count();
 }
 
 template <class T>
@@ -106,6 +122,16 @@ inline T exchange(T v, int src) {  // every lane of the warp calls; returns lane
 inline void __syncthreads() { host_cuda::block->sync.arrive_and_wait(); }
 inline void __syncwarp(unsigned int = 0xffffffffu) { host_cuda::block->warps[threadIdx.x / 32].sync.arrive_and_wait(); }
 inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
+inline int __syncthreads_or(int predicate) {
+    host_cuda::Block* b = host_cuda::block;
+    b->sync.arrive_and_wait();  // every thread has read the previous vote
+    if (threadIdx.x == 0) b->vote.store(0);
+    b->sync.arrive_and_wait();
+    if (predicate) b->vote.store(1);
+    b->sync.arrive_and_wait();
+    return b->vote.load();
+}
+inline unsigned long long host_now_ns() { return host_cuda::now_ns(); }
 
 template <class T>
 inline T __shfl_sync(unsigned int, T v, int src) { return host_cuda::exchange(v, src); }
@@ -124,6 +150,7 @@ inline unsigned int atomicAdd(unsigned int* p, unsigned int v) { return std::ato
 inline unsigned long long atomicAdd(unsigned long long* p, unsigned long long v) {
     return std::atomic_ref<unsigned long long>(*p).fetch_add(v);
 }
+inline unsigned int atomicExch(unsigned int* p, unsigned int v) { return std::atomic_ref<unsigned int>(*p).exchange(v); }
 inline unsigned int atomicMax(unsigned int* p, unsigned int v) {
     std::atomic_ref<unsigned int> a(*p);
     unsigned int old = a.load();

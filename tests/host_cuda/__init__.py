@@ -111,7 +111,7 @@ class HostHebbian:
     """
 
     def __init__(self, images, cfg, weights, *, blocks: int = 2, tile: int | None = None,
-                 shared_limit: int = 232448, resident: int | None = None, barrier_timeout_s: float | None = None):
+                 shared_limit: int = 232448, resident: int | None = None, barrier_timeout_s: float = 300.0):
         import numpy as np
 
         from edgehebb.learn_pycuda import KERNEL_FILE, kernel_plan, transposed_currents_weights
@@ -124,7 +124,7 @@ class HostHebbian:
         self.plan = kernel_plan(filters=cfg.filters, dim=self.dim, channels=c, kernel=cfg.kernel, stride=cfg.stride,
                                 rank=cfg.rank, power=cfg.power, preprocess=cfg.preprocess, batch=cfg.batch,
                                 sms=blocks, shared_limit=shared_limit, blocks=blocks, tile=tile,
-                                **({} if barrier_timeout_s is None else dict(barrier_timeout_s=barrier_timeout_s)))
+                                barrier_timeout_s=barrier_timeout_s)  # OS threads on a busy CI box: be patient
         self.resident = -1 if resident is None else resident
         self.lib = build(KERNEL_FILE, self.plan.options, _HEBBIAN_WRAPPER)
         K = cfg.filters

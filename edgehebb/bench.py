@@ -15,13 +15,13 @@ Per backend (``torch``, ``torch-cuda``, ``onnxruntime``, ``onnxruntime-cuda``, `
     on streams of their own and return synchronised, and the CPU backends by wall clock around a run
     (ONNX Runtime on CUDA with IOBinding, so no host copies; TensorRT's includes its runner's
     device-to-device copy of the input into the engine's binding). A model directory on ONNX Runtime
-    is exported with the preprocessing in the graph, so there "device" includes it (for same-size
-    frames: a cast, a division and a transpose).
+    is exported with the preprocessing in the graph, so there "device" includes it (a cast, a
+    division, a transpose and a Resize, which is an exact copy for frames of the model's size).
 
-A batch larger than a TensorRT engine's profile allows is reported as skipped for that backend.
+A batch outside a TensorRT engine's profile is reported as skipped for that backend.
 
-A backend that cannot run here (not installed, no GPU, wrong kind of model file) is reported as
-``{"status": "skipped", "reason": ...}``, not as an error.
+A backend that cannot run here (not installed, no GPU, wrong kind of model file, a GPU stack that
+will not start) is reported as ``{"status": "skipped", "reason": ...}``, not as an error.
 """
 
 from __future__ import annotations
@@ -144,6 +144,10 @@ def bench_backend(rt: Runtime, test: ImageSet, shadowed: np.ndarray, batches: Se
             result["latency"].append({"batch": b, "status": "skipped",
                                       "reason": f"above the engine's profile (max batch {rt.max_batch})"})
             continue
+        if b < rt.min_batch:
+            result["latency"].append({"batch": b, "status": "skipped",
+                                      "reason": f"below the engine's profile (min batch {rt.min_batch})"})
+            continue
         frames = np.ascontiguousarray(test.x[np.arange(b) % len(test)])   # the test images, repeated to fill b
         result["latency"].append({"batch": b, "host": summarise(time_host(rt, frames, warmup, iters), b),
                                   "device": summarise(time_device(rt, frames, warmup, iters), b)})
@@ -169,8 +173,10 @@ def run_bench(model, test: ImageSet, *, backends: Sequence[str] = tuple(BACKENDS
     unknown = [b for b in backends if b not in BACKENDS]
     if unknown:
         raise EdgehebbError(f"unknown backend(s) {', '.join(unknown)}; choose from {', '.join(BACKENDS)}")
-    if not batches or min(batches) < 1 or iters < 1 or warmup < 0:
+    if not batches or min(batches) < 1 or iters < 1:
         raise EdgehebbError(f"batches must be >= 1 and iters >= 1 (got batches {list(batches)}, iters {iters})")
+    if warmup < 0:
+        raise EdgehebbError(f"warmup must be >= 0, got {warmup}")
     if len(test) == 0:
         raise EdgehebbError(f"no test images in {test.source}")
     kind, target = resolve_target(model)
@@ -183,12 +189,18 @@ def run_bench(model, test: ImageSet, *, backends: Sequence[str] = tuple(BACKENDS
               "timing": TIMING, "machine": machine(), "backends": {}}
     for name in backends:
         reason = why_skipped(name, kind)
+        entry = {"status": "skipped", "reason": reason}
         if reason is None:
             backend, device = BACKENDS[name]
-            with Runtime(target, backend, device) as rt:
-                entry = bench_backend(rt, test, shadowed, batches, warmup, iters)
-        else:
-            entry = {"status": "skipped", "reason": reason}
+            try:
+                rt = Runtime(target, backend, device)
+            except EdgehebbError as e:
+                if device != "cuda":  # a CPU backend that cannot load the model: the model is at fault
+                    raise
+                entry["reason"] = str(e)  # installed, but its GPU stack cannot start on this machine
+            else:
+                with rt:
+                    entry = bench_backend(rt, test, shadowed, batches, warmup, iters)
         result["backends"][name] = entry
         if log:
             log(describe(name, entry))

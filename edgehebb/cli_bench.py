@@ -56,14 +56,16 @@ def bench(model, data, backends, batches, limit, warmup, iters, skip_bad, png, a
     """
     from edgehebb.bench import run_bench, save_bench_png
     from edgehebb.data import load_split, resolve_data_root
+    from edgehebb.io import check_writable
     from edgehebb.runtime import resolve_target
 
-    resolve_target(model)   # a wrong MODEL fails before the test set is decoded
+    resolve_target(model)   # a wrong MODEL or --png fails before the test set is decoded
+    check_writable(png)
     test = load_split(resolve_data_root(data), "test", limit=limit, skip_bad=skip_bad)
     click.echo(f"{len(test)} test images from {test.source}", err=True)
     result = run_bench(model, test, backends=backends, batches=batches, warmup=warmup, iters=iters,
                        log=lambda line: click.echo(line, err=True))
+    if as_json:  # first: the numbers are the result, the chart only shows them
+        click.echo(json.dumps(result, indent=2))
     save_bench_png(result, png)
     click.echo(f"wrote {png}", err=True)
-    if as_json:
-        click.echo(json.dumps(result, indent=2))

@@ -67,6 +67,11 @@ def export(model, out, preprocess, channel_order, frame_size, fit, opset, trt, f
     Each NNL-CONV block becomes one ai.edgehebb::PatchNormPowReLU node whose standard-op definition
     ships inside the file (export/OP_SPEC.md), so ONNX Runtime and TensorRT run it as is.
     """
+    if out.suffix.lower() != ".onnx":  # --trt writes OUT with .engine beside it; Runtime picks a backend by suffix
+        raise EdgehebbError(f"--out must name a .onnx file, got {out}")
+    from edgehebb.io import check_writable
+
+    check_writable(out)
     size = parse_frame_size(frame_size)
     trt_only = {"--fp16": fp16, "--batch": batch is not None, "--workspace-mib": workspace_mib is not None,
                 "--timing-cache": timing_cache is not None}

@@ -14,7 +14,6 @@ import json
 import os
 import pickle
 import sys
-import tempfile
 import warnings
 import zipfile
 from concurrent.futures import ProcessPoolExecutor
@@ -26,6 +25,7 @@ from PIL import Image, ImageFile
 from tqdm import tqdm
 
 from edgehebb.errors import EdgehebbError
+from edgehebb.io import atomic_write
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 CIFAR_DIR = "cifar-10-batches-py"
@@ -130,16 +130,31 @@ def _load_npz(path: Path) -> ImageSet:
     return ImageSet(np.ascontiguousarray(x), y.astype(np.int64), classes, f"npz {path}")
 
 
+class _CifarUnpickler(pickle.Unpickler):
+    """Builds only what the CIFAR-10 batches hold (dicts, lists, bytes, numbers and numpy arrays):
+    any other global, the way a crafted pickle runs code, is refused."""
+
+    ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),  # bytes in protocol 2
+               *((f"numpy.{core}.{module}", name) for core in ("core", "_core")
+                 for module, name in (("multiarray", "_reconstruct"), ("numeric", "_frombuffer")))}
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"it refers to {module}.{name}, which a CIFAR-10 batch never does")
+        return super().find_class(module, name)
+
+
 def _unpickle_cifar(path: Path) -> dict:
     # The project never unpickles user files. These exact names are the official CIFAR-10 python
-    # release (a trusted, well-known format that only exists as pickles), so they are the one exception.
+    # release (a well-known format that only exists as pickles), so they are the one exception, and
+    # even they go through an unpickler that can build nothing but plain data and numpy arrays.
     if path.name not in ("batches.meta", *CIFAR_BATCHES["train"], *CIFAR_BATCHES["test"]):
         raise EdgehebbError(f"refusing to unpickle {path}: not a CIFAR-10 batch file")
     if not path.is_file():
         raise EdgehebbError(f"{path} is missing: the {CIFAR_DIR} folder is incomplete, download it again")
     try:
         with open(path, "rb") as f:
-            return pickle.load(f, encoding="bytes")
+            return _CifarUnpickler(f, encoding="bytes").load()
     except (OSError, EOFError, pickle.UnpicklingError) as e:
         raise EdgehebbError(f"cannot read {path}: {e}; download {CIFAR_DIR} again") from None
 
@@ -309,9 +324,9 @@ def _load_image_tree(split_dir: Path, root: Path, skip_bad: bool, cache_dir, pro
     try:
         cache.mkdir(parents=True, exist_ok=True)
         key_file.unlink(missing_ok=True)  # the key goes last: a crash before it leaves no valid-looking cache
-        _atomic_write(npy, lambda f: np.save(f, x))
-        _atomic_write(key_file, lambda f: f.write(json.dumps(meta).encode()))
-    except OSError as e:  # a read-only cache costs a decode next time, not this run
+        atomic_write(npy, lambda f: np.save(f, x))
+        atomic_write(key_file, json.dumps(meta).encode())
+    except (OSError, EdgehebbError) as e:  # a read-only cache costs a decode next time, not this run
         warnings.warn(f"could not write the decode cache in {cache} ({e}); set EDGEHEBB_CACHE to a writable "
                       f"folder", stacklevel=3)
         return ImageSet(x, y, classes, f"image folder {split_dir}")
@@ -330,22 +345,6 @@ def _read_cache_key(key_file: Path, key: dict) -> dict | None:
 def _warn_skipped(count: int, split_dir: Path) -> None:
     if count:
         warnings.warn(f"skipped {count} unreadable image(s) in {split_dir}", stacklevel=4)
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Write through a temporary file in the same folder and rename: readers see the old file or the new one."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(fd, 0o644)  # mkstemp makes it private; a shared cache folder should stay readable
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 # ---------------------------------------------------------------- subsets

@@ -43,6 +43,9 @@ def crop_box(h: int, w: int, size: tuple[int, int]) -> tuple[int, int, int, int]
     """
     th, tw = size
     rows, cols = min(h, w * th // tw), min(w, h * tw // th)
+    if rows < 1 or cols < 1:
+        raise EdgehebbError(f"a {h}x{w} frame is too small to centre-crop to the model's {th}:{tw} aspect; "
+                            f"use fit='resize'")
     return (h - rows) // 2, (w - cols) // 2, rows, cols
 
 

@@ -11,6 +11,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
+from typing import BinaryIO, Callable
 
 import torch
 from safetensors import SafetensorError
@@ -25,20 +26,57 @@ CHECKPOINT_FILE = "checkpoint.safetensors"
 FORMAT = "edgehebb.filters/1"
 
 
-def atomic_write(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that a reader sees the old file or the new one, never half of one."""
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path: str | os.PathLike, data: bytes | Callable[[BinaryIO], object]) -> None:
+    """Write ``data`` to ``path`` so that a reader sees the old file or the new one, never half of one.
+
+    ``data`` is the bytes, or a function that writes them to the open file (a large array need not
+    be copied into memory first).
+
+    The file gets the permissions a plain ``open(path, "w")`` would (0666 minus the umask): mkstemp's
+    0600 would hide a model from a pipeline that runs as another user. A path that cannot be written
+    raises one ``EdgehebbError`` line naming it.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise EdgehebbError(f"cannot write {path}: {e.strerror or e}") from None
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            os.fchmod(f.fileno(), 0o666 & ~_umask())
+            if callable(data):
+                data(f)
+            else:
+                f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise EdgehebbError(f"cannot write {path}: {e.strerror or e}") from None
         raise
+
+
+def check_writable(path: str | os.PathLike) -> Path:
+    """Fail now, with one line, if ``path`` could not be written later (before a long run, not after)."""
+    path = Path(path)
+    if path.is_dir():
+        raise EdgehebbError(f"cannot write {path}: it is a folder")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise EdgehebbError(f"cannot write {path}: {e.strerror or e}") from None
+    if not os.access(path.parent, os.W_OK):
+        raise EdgehebbError(f"cannot write {path}: {path.parent} is not writable")
+    return path
 
 
 def atomic_write_json(path: str | os.PathLike, obj) -> None:

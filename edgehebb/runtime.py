@@ -28,9 +28,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import shutil
 import tempfile
 import threading
+import warnings
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -40,7 +42,7 @@ import numpy as np
 import torch
 
 from edgehebb.errors import EdgehebbError, missing_dependency
-from edgehebb.frames import CHANNEL_ORDERS, FITS, check_choice, frames_to_tensor
+from edgehebb.frames import CHANNEL_ORDERS, FITS, check_choice, crop_box, frames_to_tensor
 from edgehebb.io import CONFIG_FILE
 
 BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt")
@@ -166,7 +168,7 @@ class _Staging:
 
 class _TorchBackend:
     name = "torch"
-    max_batch = None
+    min_batch, max_batch = 1, None
 
     def __init__(self, model_dir: Path, device: str, channel_order: str, fit: str):
         from edgehebb.model import load_model
@@ -249,9 +251,13 @@ class _OrtHandle:
         self.output_names = [o.name for o in session.get_outputs()]
 
 
+class _NoCudaProvider(EdgehebbError):
+    """ONNX Runtime lists its CUDA provider but cannot start it here (no GPU, CUDA or cuDNN libraries)."""
+
+
 class _OrtBackend:
     name = "onnxruntime"
-    max_batch = None
+    min_batch, max_batch = 1, None
 
     def __init__(self, onnx_path: Path, device: str, channel_order: str, fit: str):
         ort = _import_onnxruntime()
@@ -275,7 +281,7 @@ class _OrtBackend:
         self.providers = self.session.get_providers()
         if device == "cuda" and "CUDAExecutionProvider" not in self.providers:
             # ORT falls back to the CPU silently when the CUDA provider cannot load (e.g. no cuDNN)
-            raise EdgehebbError(f"onnxruntime could not start its CUDAExecutionProvider for {onnx_path} (are the "
+            raise _NoCudaProvider(f"onnxruntime could not start its CUDAExecutionProvider for {onnx_path} (are the "
                                 f"CUDA and cuDNN libraries onnxruntime-gpu needs installed?); use device='cpu'")
         inp = self.session.get_inputs()[0]
         self.input_name = inp.name
@@ -295,6 +301,8 @@ class _OrtBackend:
             if any(d is not None and d != s for d, s in zip(want, x.shape[1:3])):
                 raise EdgehebbError(f"this ONNX file takes frames of {want[0]}x{want[1]} (H x W), got "
                                     f"{x.shape[1]}x{x.shape[2]}")
+            if self.fit == "center-crop":
+                crop_box(x.shape[1], x.shape[2], self.input_size)  # the graph's crop must not be empty
             x = x[..., ::-1] if self.flip else x
             dtype = np.uint8
         else:
@@ -354,7 +362,7 @@ class _TrtBackend:
         if not self.classes:
             raise EdgehebbError(f"{engine} has no class names: its sidecar {sidecar_path(engine).name} is missing "
                                 f"or incomplete; rebuild it with `edgehebb export --trt`")
-        self.max_batch = self.runner.max_batch
+        self.min_batch, self.max_batch = self.runner.min_batch, self.runner.max_batch
         self.channel_order, self.fit, self.flip = channel_order, fit, False
         self.baked = self.runner.input_dtype == torch.uint8   # a ``frames`` engine: preprocessing inside
         if self.baked:
@@ -374,6 +382,8 @@ class _TrtBackend:
     def prepare(self, frames) -> torch.Tensor:
         x = self._staging.put(frames)
         if self.baked:
+            if self.fit == "center-crop":
+                crop_box(x.shape[1], x.shape[2], self.input_size)  # the engine's crop must not be empty
             return x.flip(-1) if self.flip else x
         return frames_to_tensor(x, self.input_size, self.channel_order, self.fit)
 
@@ -431,7 +441,7 @@ def resolve_target(path) -> tuple[str, Path]:
 
 
 def _resolve_device(backend: str, device: str | None) -> str:
-    if device is not None and device != "auto" and device != "cpu" and not str(device).startswith("cuda"):
+    if device not in (None, "auto", "cpu") and not re.fullmatch(r"cuda(:\d+)?", str(device)):
         raise EdgehebbError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
     if backend == "tensorrt":
         if device not in (None, "auto") and not str(device).startswith("cuda"):
@@ -498,13 +508,21 @@ class Runtime:
         try:
             if backend == "onnxruntime" and kind == "model":
                 target = self._export(target, channel_order, fit)
-            self._backend = make(target, self.device, channel_order, fit)
+            try:
+                self._backend = make(target, self.device, channel_order, fit)
+            except _NoCudaProvider as e:
+                if device not in (None, "auto"):  # asked for CUDA: say why it cannot have it
+                    raise
+                warnings.warn(f"{e}; running on the CPU", stacklevel=2)
+                self.device = "cpu"
+                self._backend = make(target, self.device, channel_order, fit)
         except BaseException:
             self.close()
             raise
         self.classes: list[str] = self._backend.classes
         self.input_size: tuple[int, int] = self._backend.input_size   # (H, W) frames are resized to
         self.max_batch: int | None = self._backend.max_batch          # a TensorRT profile's limit; None: any
+        self.min_batch: int = self._backend.min_batch                  # a TensorRT profile's smallest batch
 
     def _export(self, model_dir: Path, channel_order: str, fit: str) -> Path:
         """The model exported to a temporary .onnx, removed by close() (or when the Runtime is collected).
@@ -532,15 +550,27 @@ class Runtime:
         step = self.max_batch or len(frames)   # batches beyond an engine's profile go in slices
         with self._lock:
             backend = self._open()
-            parts = [backend.fetch(backend.forward(backend.prepare(frames[lo:lo + step])), features)
-                     for lo in range(0, len(frames), step)]
+            parts = [self._run(backend, frames[lo:lo + step], features) for lo in range(0, len(frames), step)]
         probs = np.concatenate([p for p, _ in parts])
         feats = np.concatenate([f for _, f in parts]) if features else None
         ids = probs.argmax(1).astype(np.int64)
         return Prediction(ids, probs, [self.classes[i] for i in ids], feats)
 
+    def _run(self, backend, frames, features: bool):
+        n = len(frames)
+        if n < self.min_batch:  # below an engine profile's smallest batch: pad with the last frame, drop after
+            extra = self.min_batch - n
+            frames = (np.concatenate([frames, np.repeat(frames[-1:], extra, axis=0)]) if isinstance(frames, np.ndarray)
+                      else torch.cat([frames, frames[-1:].expand(extra, *frames.shape[1:])]))
+        probs, feats = backend.fetch(backend.forward(backend.prepare(frames)), features)
+        return probs[:n], (feats[:n] if feats is not None else None)
+
     def prepare(self, frames):
-        """For benchmarks: frames checked, preprocessed and copied to where the model runs."""
+        """For benchmarks: frames checked, preprocessed and copied to where the model runs.
+
+        The result lives in this Runtime's reused input buffers: it is valid until the next
+        ``prepare`` or ``predict`` call, which overwrites it.
+        """
         return self._open().prepare(check_frames(frames))
 
     def forward(self, prepared):

@@ -62,6 +62,21 @@ def test_backends_that_cannot_run_are_skipped_with_a_reason(monkeypatch):
     assert why_skipped("torch", "model") is None
 
 
+@pytest.mark.filterwarnings("ignore:Specified provider:UserWarning")  # ORT's own, expected here
+def test_gpu_backend_that_cannot_start_is_skipped_with_its_reason(model_dir, image_tree, monkeypatch):
+    import onnxruntime
+
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        pytest.skip("this onnxruntime has CUDA")
+    monkeypatch.setattr(onnxruntime, "get_available_providers",
+                        lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    test = load_split(image_tree, "test", progress=False)
+    result = run_bench(model_dir, test, backends=["torch", "onnxruntime-cuda"], batches=[1], warmup=0, iters=1)
+    assert result["backends"]["torch"]["status"] == "ok"
+    skipped = result["backends"]["onnxruntime-cuda"]
+    assert skipped["status"] == "skipped" and "could not start its CUDAExecutionProvider" in skipped["reason"]
+
+
 def test_summarise():
     s = summarise([4.0, 1.0, 3.0, 2.0, 100.0], batch=10)
     assert (s["p50_ms"], s["min_ms"], s["mean_ms"]) == (3.0, 1.0, 22.0)
@@ -74,6 +89,8 @@ def test_bad_settings_are_errors(model_dir, image_tree):
         run_bench(model_dir, test, backends=["torch", "tflite"])
     with pytest.raises(EdgehebbError, match="batches must be"):
         run_bench(model_dir, test, batches=[0])
+    with pytest.raises(EdgehebbError, match="warmup must be >= 0, got -1"):
+        run_bench(model_dir, test, warmup=-1)
 
 
 def test_cli_writes_json_and_png(model_dir, image_tree, tmp_path):
@@ -132,3 +149,10 @@ def test_onnx_file_runs_on_onnxruntime_only(model_dir, image_tree, tmp_path):
 def test_cli_checks_the_model_before_loading_data(tmp_path):
     result = CliRunner().invoke(bench, [str(tmp_path / "missing-model"), "--data", str(tmp_path / "no-data")])
     assert isinstance(result.exception, EdgehebbError) and "missing-model" in str(result.exception)
+
+
+def test_cli_checks_the_png_path_before_loading_data(model_dir, tmp_path):
+    (tmp_path / "file").write_text("x")
+    png = tmp_path / "file" / "bench.png"
+    result = CliRunner().invoke(bench, [str(model_dir), "--data", str(tmp_path / "no-data"), "--png", str(png)])
+    assert isinstance(result.exception, EdgehebbError) and f"cannot write {png}" in str(result.exception)

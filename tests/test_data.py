@@ -173,7 +173,7 @@ def test_process_pool_matches_serial(tree, cache, monkeypatch):
 def test_unwritable_cache_warns_and_still_loads(tree, cache, monkeypatch):
     def refuse(path, write):
         raise PermissionError(13, "Permission denied", str(path))
-    monkeypatch.setattr(data, "_atomic_write", refuse)
+    monkeypatch.setattr(data, "atomic_write", refuse)
     with pytest.warns(UserWarning, match="could not write the decode cache"):
         s = load(tree, cache_dir=cache)
     assert s.x.shape == (12, 32, 32, 3) and s.y.tolist() == [0] * 4 + [1] * 4 + [2] * 4
@@ -262,6 +262,28 @@ def test_cifar_pickles_bad_split_and_missing_batch(tmp_path):
         load(tmp_path, "val")
     (tmp_path / "cifar-10-batches-py" / "data_batch_3").unlink()
     with pytest.raises(EdgehebbError, match="data_batch_3 is missing"):
+        load(tmp_path)
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_cifar_pickles_of_any_protocol_load(tmp_path, protocol):
+    chw = write_cifar(tmp_path / "cifar-10-batches-py")
+    for name in [f"data_batch_{i}" for i in range(1, 6)]:  # arrays, not lists, in several protocols
+        with open(tmp_path / "cifar-10-batches-py" / name, "wb") as f:
+            pickle.dump({b"data": chw.reshape(4, 3072), b"labels": np.arange(4)}, f, protocol=protocol)
+    assert load(tmp_path).x.shape == (20, 32, 32, 3)
+
+
+class _Payload:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > /dev/null",))
+
+
+def test_cifar_pickle_that_would_run_code_is_refused(tmp_path):
+    write_cifar(tmp_path / "cifar-10-batches-py")
+    with open(tmp_path / "cifar-10-batches-py" / "data_batch_2", "wb") as f:
+        pickle.dump({b"data": _Payload(), b"labels": []}, f)
+    with pytest.raises(EdgehebbError, match=r"cannot read .*data_batch_2: it refers to (posix|os)\.system"):
         load(tmp_path)
 
 

@@ -228,6 +228,8 @@ def test_frames_to_tensor_inputs_and_crop_box():
         frames_to_tensor(frame.astype(np.float32))
     with pytest.raises(EdgehebbError, match="'crop'"):
         frames_to_tensor(frame, (4, 4), fit="crop")
+    with pytest.raises(EdgehebbError, match="a 1x1 frame is too small to centre-crop to the model's 24:40 aspect"):
+        frames_to_tensor(frame[:1, :1], (24, 40), fit="center-crop")   # the crop would have 0 rows
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -309,6 +311,16 @@ def test_cli_export_bad_options(cli, net, tmp_path, args, message):
     assert res.exit_code != 0 and isinstance(res.exception, EdgehebbError), res.output
     assert message in str(res.exception)
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_cli_export_bad_out_is_one_line_before_any_work(cli, net, tmp_path):
+    save_model(tmp_path / "m", net, CLASSES)
+    (tmp_path / "file").write_text("not a folder")
+    for out, message in [(tmp_path / "m.engine", "--out must name a .onnx file"),
+                         (tmp_path / "file" / "m.onnx", f"cannot write {tmp_path / 'file' / 'm.onnx'}")]:
+        res = CliRunner().invoke(cli, ["export", str(tmp_path / "m"), "--out", str(out)])
+        assert res.exit_code != 0 and isinstance(res.exception, EdgehebbError), res.output
+        assert message in str(res.exception) and "\n" not in str(res.exception)
 
 
 def test_cli_export_unknown_preprocess_is_a_usage_error(cli, tmp_path):

@@ -289,6 +289,45 @@ def test_onnxruntime_cuda_without_the_provider_is_a_clear_error(onnx_file):
         Runtime(onnx_file, device="cuda")
 
 
+@pytest.mark.filterwarnings("ignore:Specified provider:UserWarning")  # ORT's own, expected here
+def test_onnxruntime_cuda_listed_but_unable_to_start(onnx_file, frames, monkeypatch):
+    # onnxruntime-gpu on a machine without a usable GPU, CUDA or cuDNN lists the provider, then the
+    # session falls back to the CPU silently: auto picks the CPU with a warning, device="cuda" refuses
+    import onnxruntime
+
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        pytest.skip("this onnxruntime has CUDA")
+    monkeypatch.setattr(onnxruntime, "get_available_providers",
+                        lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    with pytest.warns(UserWarning, match="could not start its CUDAExecutionProvider.*running on the CPU"):
+        auto = Runtime(onnx_file)
+    with auto:
+        assert auto.device == "cpu" and auto.providers == ["CPUExecutionProvider"]
+        assert len(auto.predict(frames).class_ids) == len(frames)
+    with pytest.raises(EdgehebbError, match="could not start its CUDAExecutionProvider"):
+        Runtime(onnx_file, device="cuda")
+
+
+def test_batches_below_an_engines_smallest_are_padded(rt, frames):
+    # a TensorRT profile may start above 1 (e.g. --batch 4,8,16): fewer frames are padded, then dropped
+    want = rt.predict(frames, features=True)
+    rt.min_batch = 4
+    try:
+        for part in (frames[:1], torch.from_numpy(frames[:3].copy()), frames):   # 1, 3 and 5 frames
+            got = rt.predict(part, features=True)
+            n = len(part)
+            assert got.probabilities.shape == (n, len(CLASSES)) and got.features.shape[0] == n
+            assert_close(got.probabilities, want.probabilities[:n], rtol=1e-5, atol=1e-7, what="padded batch")
+    finally:
+        rt.min_batch = 1
+
+
+@pytest.mark.parametrize("device", ["cudax", "cuda:abc", "gpu"])
+def test_malformed_device_is_one_line_error(onnx_file, device):
+    with pytest.raises(EdgehebbError, match=r"device must be 'cpu', 'cuda' or 'cuda:N'"):
+        Runtime(onnx_file, device=device)
+
+
 @pytest.mark.gpu
 def test_onnxruntime_cuda_matches_torch(onnx_file, rt, frames):
     import onnxruntime

@@ -1,0 +1,51 @@
+"""Atomic writes: permissions like a plain open(), one-line errors naming the path, nothing left behind."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+import numpy as np
+import pytest
+
+from edgehebb.errors import EdgehebbError
+from edgehebb.io import atomic_write, check_writable
+
+
+def test_atomic_write_bytes_and_writer_with_umask_permissions(tmp_path):
+    old = os.umask(0o022)
+    try:
+        atomic_write(tmp_path / "a" / "x.bin", b"abc")  # creates the folder
+        atomic_write(tmp_path / "y.npy", lambda f: np.save(f, np.arange(3)))
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a" / "x.bin").read_bytes() == b"abc"
+    assert np.load(tmp_path / "y.npy").tolist() == [0, 1, 2]
+    for name in ("a/x.bin", "y.npy"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o644, name  # not mkstemp's 0600
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "y.npy"]  # no temporary files left
+
+
+def test_atomic_write_failure_is_one_line_and_keeps_the_old_file(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(EdgehebbError, match=f"cannot write {tmp_path / 'file' / 'm.onnx'}"):
+        atomic_write(tmp_path / "file" / "m.onnx", b"new")
+    (tmp_path / "keep").write_bytes(b"old")
+
+    def fail(f):
+        f.write(b"half")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(EdgehebbError, match="cannot write .*keep: No space left on device"):
+        atomic_write(tmp_path / "keep", fail)
+    assert (tmp_path / "keep").read_bytes() == b"old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "keep"]
+
+
+def test_check_writable(tmp_path):
+    assert check_writable(tmp_path / "new" / "c.png") == tmp_path / "new" / "c.png"
+    with pytest.raises(EdgehebbError, match="it is a folder"):
+        check_writable(tmp_path)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(EdgehebbError, match="cannot write"):
+        check_writable(tmp_path / "file" / "c.png")

@@ -17,6 +17,7 @@ from edgehebb import __version__
 from edgehebb.errors import EdgehebbError
 
 DEVICES = click.Choice(["auto", "cpu", "cuda"])
+SEEDS = click.IntRange(0, 2 ** 32 - 1)  # what numpy and torch generators take
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -51,9 +52,9 @@ def data_option(f):
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Use a class-balanced subset of N training images.")
 @click.option("--skip-bad", is_flag=True, help="Skip unreadable images (counted) instead of stopping.")
 @click.option("--backend", type=click.Choice(["auto", "torch", "pycuda"]), default="auto",
-              help="torch (CPU or CUDA), pycuda (our CUDA kernel), auto (pycuda when usable).")
+              help="torch (CPU or CUDA), pycuda (our CUDA kernel), auto (pycuda when usable, unless --device cpu).")
 @click.option("--device", type=DEVICES, default="auto", help="Device of the torch backend.")
-@click.option("--seed", type=int, default=0, help="Seeds the initial weights and every epoch's shuffle.")
+@click.option("--seed", type=SEEDS, default=0, help="Seeds the initial weights and every epoch's shuffle.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last completed epoch.")
 @click.option("--json", "as_json", is_flag=True, help="Print the run's summary as JSON on stdout.")
 def learn(data, out, filters, kernel, stride, epochs, batch, lr, power, delta, rank, preprocess, limit, skip_bad,
@@ -113,7 +114,7 @@ def show(model_dir, out, as_json):
 @click.option("--learn-batch", type=click.IntRange(min=1), default=1000, help="Minibatch of `edgehebb learn` for missing banks.")
 @click.option("--backend", type=click.Choice(["auto", "torch", "pycuda"]), default="auto", help="Backend for learning banks.")
 @click.option("--device", type=DEVICES, default="auto", help="Device for features and training.")
-@click.option("--seed", type=int, default=0, help="Seeds the validation split, initialisation, shuffles and learning.")
+@click.option("--seed", type=SEEDS, default=0, help="Seeds the validation split, initialisation, shuffles and learning.")
 @click.option("--skip-bad", is_flag=True, help="Skip unreadable images (counted) instead of stopping.")
 @click.option("--no-cache", is_flag=True, help="Do not read or write the frozen-feature cache.")
 @click.option("--json", "as_json", is_flag=True, help="Print the training record as JSON on stdout.")
@@ -130,6 +131,11 @@ def train(spec, data, out, limit, filters_from, baseline, baseline_power, patch_
         raise EdgehebbError(f"{out} already holds a model; choose another --out")
     if (baseline_power != 1.0 or patch_norm) and not baseline:
         raise EdgehebbError("--baseline-power and --patch-norm only apply with --baseline")
+    learning = {"--filters-from": bool(filters_from), "--learn-epochs": learn_epochs != 1,
+                "--learn-batch": learn_batch != 1000, "--backend": backend != "auto", "--no-cache": no_cache}
+    if baseline and any(learning.values()):
+        raise EdgehebbError(f"{', '.join(k for k, v in learning.items() if v)} do not apply with --baseline "
+                            f"(it learns no filter bank and caches no features)")
     train_set = load_split(resolve_data_root(data), "train", limit=limit, skip_bad=skip_bad)
     click.echo(f"{len(train_set)} training images from {train_set.source}", err=True)
     fit = FitConfig(epochs=epochs, batch=batch, lr=lr, weight_decay=weight_decay, val_fraction=val_fraction, seed=seed)
@@ -147,7 +153,7 @@ def train(spec, data, out, limit, filters_from, baseline, baseline_power, patch_
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Use a class-balanced subset of N test images.")
 @click.option("--intensity", type=click.FloatRange(0, 1), default=0.3, help="Shadow intensity (pixel multiplier).")
 @click.option("--coverage", type=click.FloatRange(0, 1), default=0.8, help="Shadowed fraction of each image.")
-@click.option("--shadow-seed", type=int, default=0, help="Seed of the shadow shapes.")
+@click.option("--shadow-seed", type=SEEDS, default=0, help="Seed of the shadow shapes.")
 @click.option("--sweep/--no-sweep", default=True, help="Also measure error at shadow intensities 0.1 ... 1.0.")
 @click.option("--png", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Error-vs-intensity plot of all MODELS [default: MODEL/eval.png for one model directory, else ./eval.png].")
@@ -161,11 +167,19 @@ def eval_(models, data, limit, intensity, coverage, shadow_seed, sweep, png, dev
     """
     from edgehebb.data import load_split, resolve_data_root
     from edgehebb.evaluate import evaluate, save_sweep_png
+    from edgehebb.io import check_writable
     from edgehebb.learn_dir import resolve_device
     from edgehebb.model import load_model
     from edgehebb.shadow import SWEEP_INTENSITIES
 
+    if png is not None and not sweep:
+        raise EdgehebbError("--png draws the intensity sweep, which --no-sweep turns off")
     device = resolve_device(device)
+    one = Path(models[0])
+    # beside a model the user trained; a shipped model's folder may be read-only
+    where = png or (one / "eval.png" if len(models) == 1 and one.is_dir() else Path("eval.png"))
+    if sweep:
+        check_writable(where)  # before the evaluation, not after it
     test = load_split(resolve_data_root(data), "test", limit=limit, skip_bad=skip_bad)
     results = {}
     for name in models:
@@ -176,9 +190,6 @@ def eval_(models, data, limit, intensity, coverage, shadow_seed, sweep, png, dev
         click.echo(f"{name}: clean accuracy {r['clean']['accuracy']:.2%}, shadowed ({coverage:.0%} x {intensity}) "
                    f"{r['shadowed']['accuracy']:.2%} on {len(test)} images", err=True)
     if sweep:
-        # beside a model the user trained; a shipped model's folder may be read-only
-        one = Path(models[0])
-        where = png or (one / "eval.png" if len(models) == 1 and one.is_dir() else Path("eval.png"))
         save_sweep_png(results, where)
         click.echo(f"wrote {where}", err=True)
     if as_json:
@@ -187,9 +198,13 @@ def eval_(models, data, limit, intensity, coverage, shadow_seed, sweep, png, dev
 
 def _report_filters(where: Path, stats: dict, payload: dict, as_json: bool) -> None:
     click.echo(f"wrote {where}", err=True)
+    def num(x, fmt=".2f"):
+        return "n/a" if x is None else format(x, fmt)
+
     click.echo(f"colour units {stats['colour_units']}, black-and-white {stats['bw_units']}; mean orientation "
-               f"selectivity {stats['orientation_of_colour_units']:.2f} (colour) vs "
-               f"{stats['orientation_of_bw_units']:.2f} (b/w); corr {stats['corr_colour_orientation']:+.2f}", err=True)
+               f"selectivity {num(stats['orientation_of_colour_units'])} (colour) vs "
+               f"{num(stats['orientation_of_bw_units'])} (b/w); corr {num(stats['corr_colour_orientation'], '+.2f')}",
+               err=True)
     if as_json:
         click.echo(json.dumps(payload, indent=2))
 

@@ -302,7 +302,7 @@ def _load_image_tree(split_dir: Path, root: Path, skip_bad: bool, cache_dir, pro
     stem = f"{split_dir.name}-{hashlib.sha256(str(split_dir).encode()).hexdigest()[:16]}"
     npy, key_file = cache / f"{stem}.npy", cache / f"{stem}.json"
     key = {"version": CACHE_VERSION, "source": str(split_dir), "files": len(rels), "digest": digest}
-    source = f"image folder {split_dir} (decode cache {npy})"
+    source = f"image folder {split_dir}"  # not the cache's path: resume and records key on this
 
     meta = _read_cache_key(key_file, key)
     if meta is not None and meta["skipped"] and not skip_bad:
@@ -329,7 +329,7 @@ def _load_image_tree(split_dir: Path, root: Path, skip_bad: bool, cache_dir, pro
     except (OSError, EdgehebbError) as e:  # a read-only cache costs a decode next time, not this run
         warnings.warn(f"could not write the decode cache in {cache} ({e}); set EDGEHEBB_CACHE to a writable "
                       f"folder", stacklevel=3)
-        return ImageSet(x, y, classes, f"image folder {split_dir}")
+        return ImageSet(x, y, classes, source)
     return ImageSet(np.load(npy, mmap_mode="r"), y, classes, source)
 
 

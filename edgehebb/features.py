@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from edgehebb.errors import EdgehebbError
 from edgehebb.io import atomic_write
+from edgehebb import nnl
 from edgehebb.nnl import _Net
 
 BATCH = 250   # images per forward pass: the fig. 2-middle blocks' maps take ~0.9 GB at this size
@@ -53,8 +54,10 @@ def cache_dir() -> Path:
 
 
 def features_key(net: _Net, images: np.ndarray) -> str:
-    """Hex digest of the images, the blocks' tensors (not the head's) and the spec."""
+    """Hex digest of the images, the blocks' tensors (not the head's), the spec and the layer's code
+    (edgehebb/nnl.py: a change to its arithmetic must not reuse features computed before it)."""
     h = hashlib.sha256()
+    h.update(Path(nnl.__file__).read_bytes())
     h.update(json.dumps(net.spec.to_dict(), sort_keys=True).encode())
     h.update(json.dumps([list(images.shape), str(images.dtype)]).encode())
     h.update(np.ascontiguousarray(images).data)
@@ -84,7 +87,7 @@ def cached_features(net: _Net, images: np.ndarray, *, device: str | torch.device
     np.save(buf, feats)
     try:
         atomic_write(path, buf.getvalue())
-    except OSError as e:   # a read-only or full cache must not lose the computed result
+    except (OSError, EdgehebbError) as e:   # a read-only or full cache must not lose the computed result
         import warnings
         warnings.warn(f"could not write the feature cache {path}: {e}", stacklevel=2)
     return feats

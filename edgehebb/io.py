@@ -88,9 +88,12 @@ def read_json(path: str | os.PathLike) -> dict:
     if not path.is_file():
         raise EdgehebbError(f"{path} does not exist")
     try:
-        return json.loads(path.read_text())
+        obj = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise EdgehebbError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(obj, dict):
+        raise EdgehebbError(f"{path} holds a JSON {type(obj).__name__}, not an object")
+    return obj
 
 
 def save_figure(fig, path: str | os.PathLike, **savefig_kw) -> None:
@@ -119,10 +122,13 @@ def load_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
     try:
         tensors = st_load(data)
         header_len = int.from_bytes(data[:8], "little")
-        meta = json.loads(data[8:8 + header_len]).get("__metadata__", {})
-    except (SafetensorError, ValueError, json.JSONDecodeError) as e:
+        meta = json.loads(data[8:8 + header_len]).get("__metadata__") or {}
+    except (SafetensorError, ValueError, AttributeError) as e:
         raise EdgehebbError(f"{path} is not a safetensors file: {e}") from None
-    return tensors, (json.loads(meta["json"]) if "json" in meta else None)
+    try:
+        return tensors, (json.loads(meta["json"]) if "json" in meta else None)
+    except json.JSONDecodeError as e:
+        raise EdgehebbError(f"{path}: its metadata is not valid JSON ({e})") from None
 
 
 def save_filters(model_dir: str | os.PathLike, filters: torch.Tensor, config: dict) -> None:

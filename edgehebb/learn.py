@@ -50,6 +50,8 @@ class LearnConfig:
             raise EdgehebbError(f"learning rate must be > 0, got {self.lr}")
         if self.preprocess not in PREPROCESS:
             raise EdgehebbError(f"unknown preprocessing {self.preprocess!r}; choose one of {', '.join(PREPROCESS)}")
+        if not 0 <= self.seed < 2 ** 32:
+            raise EdgehebbError(f"seed must be in [0, 2^32), got {self.seed}")
 
 
 @dataclass
@@ -79,10 +81,19 @@ def row_norm_error(weights: torch.Tensor) -> float:
     return float((weights.norm(dim=1) - 1.0).abs().mean())
 
 
+def resolve_backend(name: str, device: str = "auto") -> str:
+    """``torch`` or ``pycuda`` for ``name`` (torch | pycuda | auto): auto is pycuda when it can run,
+    unless ``device`` asks for the CPU (pycuda always runs on the GPU)."""
+    if name == "auto":
+        return "pycuda" if device != "cpu" and _pycuda_usable() else "torch"
+    if name not in ("torch", "pycuda"):
+        raise EdgehebbError(f"unknown backend {name!r}; choose auto, torch or pycuda")
+    return name
+
+
 def make_backend(name: str, images: np.ndarray, config: LearnConfig, weights: torch.Tensor, device: str):
     """The learning backend ``name`` (torch | pycuda | auto), holding ``images`` and ``weights``."""
-    if name == "auto":
-        name = "pycuda" if _pycuda_usable() else "torch"
+    name = resolve_backend(name, device)
     if name == "torch":
         from edgehebb.learn_torch import TorchBackend
 
@@ -91,7 +102,6 @@ def make_backend(name: str, images: np.ndarray, config: LearnConfig, weights: to
         from edgehebb.learn_pycuda import PyCudaBackend
 
         return PyCudaBackend(images, config, weights)
-    raise EdgehebbError(f"unknown backend {name!r}; choose auto, torch or pycuda")
 
 
 def _pycuda_usable() -> bool:

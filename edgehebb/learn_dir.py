@@ -18,7 +18,7 @@ import torch
 import edgehebb
 from edgehebb.errors import EdgehebbError
 from edgehebb.io import CHECKPOINT_FILE, FILTERS_FILE, load_tensors, save_filters, save_tensors
-from edgehebb.learn import EpochStats, LearnConfig, LearnState, learn
+from edgehebb.learn import EpochStats, LearnConfig, LearnState, learn, resolve_backend
 from edgehebb.viz import colour_orientation_summary, save_filter_png
 
 
@@ -30,9 +30,22 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def normalised_data_key(saved) -> dict | None:
+    """A checkpoint's data key. Checkpoints written before 2026-11-23 name the decode cache in an image
+    folder's source; it moves with $EDGEHEBB_CACHE and is not part of the data, so it is dropped."""
+    if not isinstance(saved, dict):
+        return None
+    source = saved.get("source")
+    if isinstance(source, str) and source.startswith("image folder ") and " (decode cache " in source:
+        saved = {**saved, "source": source[:source.index(" (decode cache ")]}
+    return saved
+
+
 def _load_checkpoint(out: Path, config: LearnConfig, data_key: dict) -> LearnState:
     tensors, meta = load_tensors(out / CHECKPOINT_FILE)
-    if not meta or "weights" not in tensors:
+    needed = {"learn": dict, "data": dict, "epochs_done": int, "history": list}
+    if (not isinstance(meta, dict) or "weights" not in tensors
+            or not all(isinstance(meta.get(k), t) for k, t in needed.items())):
         raise EdgehebbError(f"{out / CHECKPOINT_FILE} is not an edgehebb checkpoint")
     saved = meta["learn"]
     differ = [k for k, v in dataclasses.asdict(config).items() if saved.get(k) != v and k != "epochs"]
@@ -42,7 +55,7 @@ def _load_checkpoint(out: Path, config: LearnConfig, data_key: dict) -> LearnSta
     if saved.get("epochs") != config.epochs:
         raise EdgehebbError(f"{out} was started with --epochs {saved.get('epochs')}; the annealing schedule depends on it, "
                             "so resume with the same --epochs")
-    if meta.get("data") != data_key:
+    if normalised_data_key(meta.get("data")) != data_key:
         raise EdgehebbError(f"{out} was learned from other data ({meta.get('data')}); resume with the same --data and --limit")
     return LearnState(tensors["weights"].float(), meta["epochs_done"], [EpochStats(**h) for h in meta["history"]])
 
@@ -52,6 +65,7 @@ def learn_to_dir(images, config: LearnConfig, out: str | Path, *, data_key: dict
                  log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> dict:
     """Learn a filter bank from uint8 NHWC ``images`` into ``out``; return the run's summary dict."""
     out = Path(out)
+    backend = resolve_backend(backend, device)  # before resolving device: --device cpu rules out pycuda
     device = resolve_device(device)
     state = None
     if resume:

@@ -28,9 +28,9 @@ import edgehebb
 from edgehebb.data import ImageSet
 from edgehebb.errors import EdgehebbError
 from edgehebb.features import cached_features
-from edgehebb.io import CONFIG_FILE, FILTERS_FILE, load_filters, load_tensors, read_json
+from edgehebb.io import CHECKPOINT_FILE, CONFIG_FILE, FILTERS_FILE, load_filters, load_tensors, read_json
 from edgehebb.learn import LearnConfig
-from edgehebb.learn_dir import learn_to_dir, resolve_device
+from edgehebb.learn_dir import normalised_data_key, learn_to_dir, resolve_device
 from edgehebb.model import MODEL_FORMAT, WEIGHTS_FILE, save_model
 from edgehebb.nnl import BlockSpec, ConvNet, NetSpec, NNLNet, _Net, spec_from_dict
 
@@ -55,6 +55,8 @@ class FitConfig:
             raise EdgehebbError(f"invalid training settings {self}")
         if not 0 < self.val_fraction < 1:
             raise EdgehebbError(f"validation fraction must be in (0, 1), got {self.val_fraction}")
+        if not 0 <= self.seed < 2 ** 32:
+            raise EdgehebbError(f"seed must be in [0, 2^32), got {self.seed}")
 
 
 def validation_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -178,6 +180,8 @@ def _bank_from_dir(path: Path, block: BlockSpec, channels: int) -> torch.Tensor 
     if fmt == MODEL_FORMAT:
         if config.get("kind") != "nnl":
             return None
+        if not isinstance(config.get("spec"), dict):
+            raise EdgehebbError(f"{path / CONFIG_FILE} is an NNL model without a 'spec': not a model edgehebb wrote")
         spec = spec_from_dict(config["spec"], str(path / CONFIG_FILE))
         tensors, _ = load_tensors(path / WEIGHTS_FILE)
         for i, b in enumerate(spec.blocks):
@@ -212,11 +216,12 @@ def filter_banks(spec: NetSpec, train: ImageSet, out: Path, *, filters_from: lis
     channels = spec.input[0]
     banks, origins = [], []
     for i, block in enumerate(spec.blocks):
-        found = find_bank([*filters_from, out / "banks"], block, channels)
-        if found is None and filters_from:
-            raise EdgehebbError(f"no filter bank in {', '.join(map(str, filters_from))} fits block {i} of {spec.name} "
-                                f"(K={block.filters}, W={block.kernel}, C={channels}, preprocess {block.preprocess})")
-        if found is not None:
+        if filters_from:
+            found = find_bank(filters_from, block, channels)
+            if found is None:
+                raise EdgehebbError(f"no filter bank in {', '.join(map(str, filters_from))} fits block {i} of "
+                                    f"{spec.name} (K={block.filters}, W={block.kernel}, C={channels}, preprocess "
+                                    f"{block.preprocess})")
             banks.append(found[0].float())
             origins.append(str(found[1]))
             log(f"block {i}: filters from {found[1]}")
@@ -224,12 +229,27 @@ def filter_banks(spec: NetSpec, train: ImageSet, out: Path, *, filters_from: lis
         where = bank_dir(out, i, block)
         config = LearnConfig(filters=block.filters, kernel=block.kernel, preprocess=block.preprocess, **learn)
         data_key = {"source": train.source, "split": "train", "images": len(train)}
-        log(f"block {i}: learning K={block.filters} W={block.kernel} filters into {where}")
-        learn_to_dir(train.x, config, where, data_key=data_key, backend=backend, device=device,
-                     resume=(where / "checkpoint.safetensors").is_file(), progress=progress, log=log)
+        if (where / FILTERS_FILE).is_file():  # finished by an earlier, interrupted `train` into this OUT
+            _check_bank(where, config, data_key)
+            log(f"block {i}: filters from {where} (learned by an earlier run)")
+        else:
+            log(f"block {i}: learning K={block.filters} W={block.kernel} filters into {where}")
+            learn_to_dir(train.x, config, where, data_key=data_key, backend=backend, device=device,
+                         resume=(where / CHECKPOINT_FILE).is_file(), progress=progress, log=log)
         banks.append(load_filters(where)[0])
         origins.append(str(where))
     return banks, origins
+
+
+def _check_bank(where: Path, config: LearnConfig, data_key: dict) -> None:
+    """A bank left in OUT/banks is reused only if it was learned with these settings from this data."""
+    saved = read_json(where / CONFIG_FILE)
+    want = dataclasses.asdict(config)
+    differ = [k for k, v in want.items() if (saved.get("learn") or {}).get(k) != v]
+    if differ or normalised_data_key(saved.get("data")) != data_key:
+        what = ", ".join(f"{k}={(saved.get('learn') or {}).get(k)}" for k in differ) or f"data {saved.get('data')}"
+        raise EdgehebbError(f"{where} was learned with other settings or data ({what}) than this run asks for; "
+                            f"delete it to learn it again, or choose another --out")
 
 
 # ----------------------------------------------------------------------------- edgehebb train

@@ -36,11 +36,16 @@ def filter_stats(filters: torch.Tensor) -> dict[str, np.ndarray]:
 
 
 def colour_orientation_summary(filters: torch.Tensor, colour_threshold: float = 0.3) -> dict:
-    """The blob/interblob observation as numbers: colour units should be the unoriented ones."""
+    """The blob/interblob observation as numbers: colour units should be the unoriented ones.
+
+    A value that is undefined (no colour units, a constant statistic) is None, so the JSON files that
+    carry it stay strict JSON (no bare NaN).
+    """
     s = filter_stats(filters)
     is_colour = s["colour"] > colour_threshold
-    corr = float(np.corrcoef(s["colour"], s["orientation"])[0, 1]) if len(s["colour"]) > 1 else float("nan")
-    mean = lambda a: float(a.mean()) if a.size else float("nan")  # noqa: E731
+    spread = len(s["colour"]) > 1 and s["colour"].std() > 0 and s["orientation"].std() > 0
+    corr = float(np.corrcoef(s["colour"], s["orientation"])[0, 1]) if spread else None
+    mean = lambda a: float(a.mean()) if a.size else None  # noqa: E731
     return {
         "colour_units": int(is_colour.sum()),
         "bw_units": int((~is_colour).sum()),

@@ -389,3 +389,17 @@ def test_real_cifar10_test_split(tmp_path):
     assert isinstance(again.x, np.memmap)
     np.testing.assert_array_equal(again.x[::997], s.x[::997])
 
+
+
+def test_image_folder_source_does_not_depend_on_the_cache(tree, tmp_path):
+    # resume and training records key on the source: moving $EDGEHEBB_CACHE must not change it
+    a = load(tree, cache_dir=tmp_path / "c1").source
+    assert a == load(tree, cache_dir=tmp_path / "c2").source and "cache" not in a
+
+
+def test_read_json_wants_an_object(tmp_path):
+    from edgehebb.io import read_json
+
+    (tmp_path / "config.json").write_text("[]")
+    with pytest.raises(EdgehebbError, match="config.json holds a JSON list, not an object"):
+        read_json(tmp_path / "config.json")

@@ -72,6 +72,33 @@ def test_resume_refuses_other_settings_and_existing_runs(images, tmp_path):
         learn_to_dir(images, LearnConfig(epochs=1, **SMALL), tmp_path / "new", data_key=key, resume=True)
 
 
+def test_resume_survives_a_moved_decode_cache_and_bad_checkpoints(images, tmp_path):
+    from edgehebb.io import CHECKPOINT_FILE, save_tensors
+    from edgehebb.learn_dir import normalised_data_key
+
+    # checkpoints written before 2026-11-23 named the decode cache in an image folder's source
+    old = {"source": "image folder /d/train (decode cache /c/train-1.npy)", "split": "train", "images": 3}
+    assert normalised_data_key(old) == {**old, "source": "image folder /d/train"}
+    learn_to_dir(images, LearnConfig(epochs=2, **SMALL), tmp_path / "run", data_key={"source": "s"},
+                 progress=False, log=lambda s: None)
+    for meta in ({"learn": {}}, {"learn": [], "data": {}, "epochs_done": 1, "history": []}):
+        save_tensors(tmp_path / "run" / CHECKPOINT_FILE, {"weights": torch.zeros(2, 2)}, meta)
+        with pytest.raises(EdgehebbError, match="is not an edgehebb checkpoint"):
+            learn_to_dir(images, LearnConfig(epochs=2, **SMALL), tmp_path / "run",
+                         data_key={"source": "s"}, resume=True, progress=False)
+
+
+def test_auto_backend_obeys_device_cpu(monkeypatch):
+    from edgehebb import learn as learn_mod
+
+    monkeypatch.setattr(learn_mod, "_pycuda_usable", lambda: True)
+    assert learn_mod.resolve_backend("auto", "cpu") == "torch"   # pycuda would run on the GPU
+    assert learn_mod.resolve_backend("auto", "auto") == "pycuda"
+    assert learn_mod.resolve_backend("torch", "cuda") == "torch"
+    with pytest.raises(EdgehebbError, match="unknown backend 'cupy'"):
+        learn_mod.resolve_backend("cupy")
+
+
 def test_learn_rejects_bad_shapes(images):
     with pytest.raises(EdgehebbError, match="larger than the images"):
         learn(images, LearnConfig(filters=4, kernel=17), progress=False)
@@ -106,6 +133,12 @@ def test_cli_learn_and_show(image_tree, tmp_path):
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["colour_units"] + json.loads(r.stdout)["bw_units"] == 8
     assert (tmp_path / "again.png").is_file()
+
+
+@pytest.mark.parametrize("seed", ["-1", str(2 ** 32)])
+def test_cli_seed_out_of_range_is_a_usage_error(image_tree, tmp_path, seed):
+    r = CliRunner().invoke(cli, ["learn", "--data", str(image_tree), "--out", str(tmp_path / "m"), "--seed", seed])
+    assert r.exit_code == 2 and "--seed" in r.output and not (tmp_path / "m").exists()
 
 
 @pytest.mark.parametrize("extra,message", [

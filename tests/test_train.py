@@ -165,6 +165,7 @@ def test_cli_train_and_eval(bank_dir, tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--spec", "nope"], "unknown model spec 'nope'"),
     (["--patch-norm"], "only apply with --baseline"),
+    (["--baseline", "--learn-epochs", "3", "--no-cache"], "--learn-epochs, --no-cache do not apply with --baseline"),
 ])
 def test_cli_train_bad_options(tmp_path, args, message):
     res = CliRunner().invoke(cli, ["train", "--out", str(tmp_path / "m"), "--data", str(tmp_path), *args])
@@ -185,3 +186,39 @@ def test_real_data_train_eval_beats_floor(cifar_root, tmp_path):
     r = evaluate(net, test, config["classes"], sweep=None, progress=False)
     assert r["clean"]["accuracy"] > 0.30, r["clean"]
     assert 0 <= r["shadowed"]["accuracy"] <= r["clean"]["accuracy"] + 0.05
+
+
+def test_cli_eval_png_needs_the_sweep_and_a_writable_path(bank_dir, tmp_path):
+    res = CliRunner().invoke(cli, ["eval", str(bank_dir), "--no-sweep", "--png", str(tmp_path / "x.png")])
+    assert isinstance(res.exception, EdgehebbError) and "--no-sweep" in str(res.exception)
+    (tmp_path / "file").write_text("x")
+    res = CliRunner().invoke(cli, ["eval", str(bank_dir), "--data", str(tmp_path / "none"),
+                                   "--png", str(tmp_path / "file" / "x.png")])
+    assert isinstance(res.exception, EdgehebbError) and "cannot write" in str(res.exception)
+
+
+def test_unwritable_feature_cache_keeps_the_features(bank_dir, tmp_path):
+    from edgehebb.features import cached_features
+    from edgehebb.io import load_filters
+
+    net = NNLNet(spec_from_dict(SPEC), [load_filters(bank_dir)[0]])
+    (tmp_path / "file").write_text("x")
+    with pytest.warns(UserWarning, match="could not write the feature cache"):
+        feats = cached_features(net, _gratings(6, 0).x, cache=str(tmp_path / "file" / "sub"), progress=False)
+    assert feats.shape[0] == 6
+
+
+def test_banks_left_by_an_earlier_run_must_match_its_settings(tmp_path):
+    spec = spec_from_dict(SPEC)
+    train = _gratings(60, 0)
+    quiet = dict(device="cpu", cache="", progress=False, log=lambda s: None)
+    learn = {"epochs": 1, "batch": 200}
+    first = train_to_dir(spec, train, tmp_path / "m", fit=FAST, learn=learn, **quiet)
+    (tmp_path / "m" / "config.json").unlink()   # as if the head's training had been interrupted
+    again = train_to_dir(spec, train, tmp_path / "m", fit=FAST, learn=learn, **quiet)
+    assert again["filters"]["from"] == first["filters"]["from"]   # the finished bank is reused
+    (tmp_path / "m" / "config.json").unlink()
+    with pytest.raises(EdgehebbError, match="was learned with other settings or data .*epochs=1"):
+        train_to_dir(spec, train, tmp_path / "m", fit=FAST, learn={**learn, "epochs": 2}, **quiet)
+    with pytest.raises(EdgehebbError, match="other settings or data .*data"):
+        train_to_dir(spec, _gratings(30, 0), tmp_path / "m", fit=FAST, learn=learn, **quiet)

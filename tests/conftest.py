@@ -38,6 +38,23 @@ def assert_compiles_without_spills(kernel_file: str, options: list[str], tmp_pat
     assert "0 bytes spill stores" in out.stderr, out.stderr
 
 
+@pytest.fixture
+def ort_cuda_unusable(monkeypatch):
+    """onnxruntime as on a machine with onnxruntime-gpu but no usable GPU, CUDA or cuDNN: it lists the
+    CUDA provider, then a session falls back to the CPU silently (with ORT's own warning, ignored)."""
+    import warnings
+
+    import onnxruntime
+
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        pytest.skip("this onnxruntime has CUDA")
+    monkeypatch.setattr(onnxruntime, "get_available_providers",
+                        lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Specified provider", UserWarning)
+        yield
+
+
 @pytest.fixture(scope="session")
 def cifar_root() -> Path:
     path = os.environ.get("EDGEHEBB_DATA")

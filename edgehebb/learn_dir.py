@@ -54,7 +54,7 @@ def _load_checkpoint(out: Path, config: LearnConfig, data_key: dict) -> LearnSta
                             "resume with the same options or choose another --out")
     if saved.get("epochs") != config.epochs:
         raise EdgehebbError(f"{out} was started with --epochs {saved.get('epochs')}; the annealing schedule depends on it, "
-                            "so resume with the same --epochs")
+                            "so resume with the same --epochs (--learn-epochs in `edgehebb train`)")
     if normalised_data_key(meta.get("data")) != data_key:
         raise EdgehebbError(f"{out} was learned from other data ({meta.get('data')}); resume with the same --data and --limit")
     return LearnState(tensors["weights"].float(), meta["epochs_done"], [EpochStats(**h) for h in meta["history"]])

@@ -7,6 +7,7 @@ shape (K, C, W, W): a ``conv2d`` weight). Nothing here unpickles anything.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import tempfile
@@ -26,10 +27,16 @@ CHECKPOINT_FILE = "checkpoint.safetensors"
 FORMAT = "edgehebb.filters/1"
 
 
+@functools.cache
 def _umask() -> int:
+    # read once: os.umask can only be read by setting it, which briefly changes it for every thread
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def _cannot_write(path: Path, e: OSError) -> EdgehebbError:
+    return EdgehebbError(f"cannot write {path}: {e.strerror or e}")
 
 
 def atomic_write(path: str | os.PathLike, data: bytes | Callable[[BinaryIO], object]) -> None:
@@ -47,7 +54,7 @@ def atomic_write(path: str | os.PathLike, data: bytes | Callable[[BinaryIO], obj
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     except OSError as e:
-        raise EdgehebbError(f"cannot write {path}: {e.strerror or e}") from None
+        raise _cannot_write(path, e) from None
     try:
         with os.fdopen(fd, "wb") as f:
             os.fchmod(f.fileno(), 0o666 & ~_umask())
@@ -61,7 +68,7 @@ def atomic_write(path: str | os.PathLike, data: bytes | Callable[[BinaryIO], obj
     except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
         if isinstance(e, OSError):
-            raise EdgehebbError(f"cannot write {path}: {e.strerror or e}") from None
+            raise _cannot_write(path, e) from None
         raise
 
 
@@ -73,7 +80,7 @@ def check_writable(path: str | os.PathLike) -> Path:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise EdgehebbError(f"cannot write {path}: {e.strerror or e}") from None
+        raise _cannot_write(path, e) from None
     if not os.access(path.parent, os.W_OK):
         raise EdgehebbError(f"cannot write {path}: {path.parent} is not writable")
     return path

@@ -50,8 +50,7 @@ class LearnConfig:
             raise EdgehebbError(f"learning rate must be > 0, got {self.lr}")
         if self.preprocess not in PREPROCESS:
             raise EdgehebbError(f"unknown preprocessing {self.preprocess!r}; choose one of {', '.join(PREPROCESS)}")
-        if not 0 <= self.seed < 2 ** 32:
-            raise EdgehebbError(f"seed must be in [0, 2^32), got {self.seed}")
+        check_seed(self.seed)
 
 
 @dataclass
@@ -79,6 +78,12 @@ def epoch_order(n_patches: int, seed: int, epoch: int) -> torch.Tensor:
 
 def row_norm_error(weights: torch.Tensor) -> float:
     return float((weights.norm(dim=1) - 1.0).abs().mean())
+
+
+def check_seed(seed: int) -> None:
+    """Seeds go to numpy and torch generators, which take [0, 2^32)."""
+    if not 0 <= seed < 2 ** 32:
+        raise EdgehebbError(f"seed must be in [0, 2^32), got {seed}")
 
 
 def resolve_backend(name: str, device: str = "auto") -> str:

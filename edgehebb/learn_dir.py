@@ -41,6 +41,13 @@ def normalised_data_key(saved) -> dict | None:
     return saved
 
 
+def settings_differ(saved, config: LearnConfig, ignore: tuple[str, ...] = ()) -> str:
+    """The saved learn settings that differ from ``config``, as "name=saved value, ..." ("" if none)."""
+    saved = saved if isinstance(saved, dict) else {}
+    return ", ".join(f"{k}={saved.get(k)}" for k, v in dataclasses.asdict(config).items()
+                     if k not in ignore and saved.get(k) != v)
+
+
 def _load_checkpoint(out: Path, config: LearnConfig, data_key: dict) -> LearnState:
     tensors, meta = load_tensors(out / CHECKPOINT_FILE)
     needed = {"learn": dict, "data": dict, "epochs_done": int, "history": list}
@@ -48,9 +55,9 @@ def _load_checkpoint(out: Path, config: LearnConfig, data_key: dict) -> LearnSta
             or not all(isinstance(meta.get(k), t) for k, t in needed.items())):
         raise EdgehebbError(f"{out / CHECKPOINT_FILE} is not an edgehebb checkpoint")
     saved = meta["learn"]
-    differ = [k for k, v in dataclasses.asdict(config).items() if saved.get(k) != v and k != "epochs"]
+    differ = settings_differ(saved, config, ignore=("epochs",))
     if differ:
-        raise EdgehebbError(f"{out} was started with other settings ({', '.join(f'{k}={saved.get(k)}' for k in differ)}); "
+        raise EdgehebbError(f"{out} was started with other settings ({differ}); "
                             "resume with the same options or choose another --out")
     if saved.get("epochs") != config.epochs:
         raise EdgehebbError(f"{out} was started with --epochs {saved.get('epochs')}; the annealing schedule depends on it, "

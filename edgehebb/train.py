@@ -29,8 +29,8 @@ from edgehebb.data import ImageSet
 from edgehebb.errors import EdgehebbError
 from edgehebb.features import cached_features
 from edgehebb.io import CHECKPOINT_FILE, CONFIG_FILE, FILTERS_FILE, load_filters, load_tensors, read_json
-from edgehebb.learn import LearnConfig
-from edgehebb.learn_dir import normalised_data_key, learn_to_dir, resolve_device
+from edgehebb.learn import LearnConfig, check_seed
+from edgehebb.learn_dir import learn_to_dir, normalised_data_key, resolve_device, settings_differ
 from edgehebb.model import MODEL_FORMAT, WEIGHTS_FILE, save_model
 from edgehebb.nnl import BlockSpec, ConvNet, NetSpec, NNLNet, _Net, spec_from_dict
 
@@ -55,8 +55,7 @@ class FitConfig:
             raise EdgehebbError(f"invalid training settings {self}")
         if not 0 < self.val_fraction < 1:
             raise EdgehebbError(f"validation fraction must be in (0, 1), got {self.val_fraction}")
-        if not 0 <= self.seed < 2 ** 32:
-            raise EdgehebbError(f"seed must be in [0, 2^32), got {self.seed}")
+        check_seed(self.seed)
 
 
 def validation_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -244,10 +243,9 @@ def filter_banks(spec: NetSpec, train: ImageSet, out: Path, *, filters_from: lis
 def _check_bank(where: Path, config: LearnConfig, data_key: dict) -> None:
     """A bank left in OUT/banks is reused only if it was learned with these settings from this data."""
     saved = read_json(where / CONFIG_FILE)
-    want = dataclasses.asdict(config)
-    differ = [k for k, v in want.items() if (saved.get("learn") or {}).get(k) != v]
+    differ = settings_differ(saved.get("learn"), config)
     if differ or normalised_data_key(saved.get("data")) != data_key:
-        what = ", ".join(f"{k}={(saved.get('learn') or {}).get(k)}" for k in differ) or f"data {saved.get('data')}"
+        what = differ or f"data {saved.get('data')}"
         raise EdgehebbError(f"{where} was learned with other settings or data ({what}) than this run asks for; "
                             f"delete it to learn it again, or choose another --out")
 

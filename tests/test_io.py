@@ -13,12 +13,16 @@ from edgehebb.io import atomic_write, check_writable
 
 
 def test_atomic_write_bytes_and_writer_with_umask_permissions(tmp_path):
+    from edgehebb import io
+
     old = os.umask(0o022)
+    io._umask.cache_clear()   # the umask is read once per process
     try:
         atomic_write(tmp_path / "a" / "x.bin", b"abc")  # creates the folder
         atomic_write(tmp_path / "y.npy", lambda f: np.save(f, np.arange(3)))
     finally:
         os.umask(old)
+        io._umask.cache_clear()
     assert (tmp_path / "a" / "x.bin").read_bytes() == b"abc"
     assert np.load(tmp_path / "y.npy").tolist() == [0, 1, 2]
     for name in ("a/x.bin", "y.npy"):

@@ -288,7 +288,8 @@ __device__ __forceinline__ void fetch_patches(Raw& raw, const unsigned char* __r
     }
 }
 
-__device__ __forceinline__ float quad_sum(float x) {
+template <class T>
+__device__ __forceinline__ T quad_sum(T x) {
     x += __shfl_xor_sync(FULL_MASK, x, 1);
     return x + __shfl_xor_sync(FULL_MASK, x, 2);  // (x0 + x1) + (x2 + x3) in all four lanes
 }
@@ -311,10 +312,12 @@ __device__ __forceinline__ void store_patches(float* vs, const Raw& raw, int lan
     const bool mine = p < PW;
     float* col = vs + (mine ? p : 0);
 #if PRE & 1
-    float sum = 0.0f;
+    // the mean of edgehebb/patches.py: a float64 sum (exact for values k/255, so its order does not
+    // matter and a flat patch centres to exactly zero), divided by N, rounded once to float
+    double sum = 0.0;
     if (mine)
-        for (int q = s; q < N; q += 4) sum += col[q * PW];
-    const float mean = quad_sum(sum) / (float)N;
+        for (int q = s; q < N; q += 4) sum += (double)col[q * PW];
+    const float mean = (float)(quad_sum(sum) / (double)N);
     if (mine)
         for (int q = s; q < N; q += 4) col[q * PW] -= mean;
 #endif

@@ -65,13 +65,19 @@ def preprocess(v: torch.Tensor, mode: str, eps: float = 1e-8) -> torch.Tensor:
     ``none``: pixel values in [0, 1] as in Krotov & Hopfield's code. ``center``: subtract each patch's
     mean. ``unit``: scale each patch to unit length (the NNL-CONV patch normalisation).
     ``center-unit``: both. ``eps`` keeps a flat black patch from dividing by zero.
+
+    The mean is the float64 sum divided by N, rounded once to float32: exact for patches cut from
+    uint8 images (the sum of at most a few thousand values k/255 fits float64's mantissa), so a flat
+    patch centres to exactly zero. A float32 mean is off by rounding noise (~1e-6), which ``unit``
+    would blow up into a near-unit random vector that wins units and wastes a filter on it. The
+    kernel (cuda/hebbian_step.cu, store_patches) computes the same mean bit for bit.
     """
     if mode == "none":
         return v
     if mode not in PREPROCESS:
         raise EdgehebbError(f"unknown preprocessing {mode!r}; choose one of {', '.join(PREPROCESS)}")
     if mode.startswith("center"):
-        v = v - v.mean(dim=1, keepdim=True)
+        v = v - (v.double().sum(dim=1, keepdim=True) / v.shape[1]).to(v.dtype)
     if mode.endswith("unit"):
         v = v / (v.norm(dim=1, keepdim=True) + eps)
     return v

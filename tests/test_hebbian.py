@@ -92,3 +92,18 @@ def test_preprocess_modes():
     assert torch.isfinite(preprocess(torch.zeros(2, 12), "center-unit")).all()
     with pytest.raises(EdgehebbError, match="unknown preprocessing"):
         preprocess(v, "whiten")
+
+
+@pytest.mark.parametrize("kernel", [3, 4, 5, 6, 8])
+def test_flat_patches_centre_to_exactly_zero_at_every_grey_level(kernel):
+    # A float32 mean leaves ~1e-6 of rounding noise in a flat patch, and the unit step blew that up
+    # into a near-unit random vector for about a third of the grey levels (saturated sky, walls).
+    levels = torch.arange(256, dtype=torch.uint8)
+    images = levels[:, None, None, None].expand(256, 3, kernel, kernel).contiguous()
+    v = PatchSampler(images, kernel, 1).gather(torch.arange(256))
+    for mode in ("center", "center-unit"):
+        assert torch.equal(preprocess(v, mode), torch.zeros_like(v)), mode
+    # one level off in one pixel is a real (tiny) contrast, and stays one
+    images[:, 0, 0, 0] = levels.clamp_min(1) - 1
+    v = PatchSampler(images, kernel, 1).gather(torch.arange(1, 256))
+    assert_close(preprocess(v, "center-unit").norm(dim=1), torch.ones(255), rtol=0, atol=1e-5, what="norms")

@@ -149,10 +149,10 @@ def test_kernel_compiles_without_spills(tmp_path, kernel, tile):
 needs_gxx = pytest.mark.skipif(host_cuda.compiler() is None, reason="needs g++ (C++20) for the host build")
 
 
-def host_vs_oracle(cfg, steps: int, seed: int, **host_args):
+def host_vs_oracle(cfg, steps: int, seed: int, images=None, **host_args):
     """Run ``steps`` steps on the host build and on the oracle from the same M; (winner/rank-m patches
     that differ away from near-ties, all that differ, host M, oracle M)."""
-    images = random_images(n=12)
+    images = random_images(n=12) if images is None else images
     sampler = oracle_setup(images, cfg, "cpu")
     dim = 3 * cfg.kernel ** 2
     M = init_weights(cfg.filters, dim, seed)
@@ -187,6 +187,18 @@ def test_host_build_non_resident_tiles_match_the_oracle():
     bad, _, got, want = host_vs_oracle(cfg, steps=3, seed=2, tile=1, shared_limit=24 * 1024)
     assert bad == 0
     assert_close(got, want, atol=1e-5)
+
+
+@needs_gxx
+@pytest.mark.parametrize("pre", ["center", "center-unit"])
+def test_host_build_flat_images_leave_the_weights_alone(pre):
+    # flat patches centre to exactly zero in the kernel as in the oracle, so they move nothing; with
+    # a float32 mean their rounding noise used to drive updates (at level 162, say)
+    images = np.full((12, 32, 32, 3), 162, np.uint8)
+    cfg = LearnConfig(filters=40, kernel=4, batch=96, preprocess=pre)
+    bad, _, got, want = host_vs_oracle(cfg, steps=2, seed=1, images=images)
+    M0 = init_weights(cfg.filters, 48, 1)
+    assert bad == 0 and torch.equal(got, M0) and torch.equal(want, M0)
 
 
 @needs_gxx

@@ -11,6 +11,7 @@ from click.testing import CliRunner
 from edgehebb.cli import cli
 from edgehebb.data import ImageSet, load_split
 from edgehebb.errors import EdgehebbError
+from edgehebb import features
 from edgehebb.evaluate import evaluate, predict
 from edgehebb.io import save_filters
 from edgehebb.model import load_model, save_model
@@ -77,7 +78,7 @@ def test_standardiser_scales_tiny_features_and_ignores_constant_ones():
     assert_close(z[:, 1:].std(0, unbiased=False), torch.ones(d - 1), rtol=0, atol=1e-3, what="unit std")
 
 
-def test_head_on_frozen_filters_learns_and_round_trips(bank_dir, tmp_path):
+def test_head_on_frozen_filters_learns_and_round_trips(bank_dir, tmp_path, monkeypatch):
     spec = spec_from_dict(SPEC)
     train, test = _gratings(240, 0), _gratings(90, 1)
     record = train_to_dir(spec, train, tmp_path / "m", fit=FAST, filters_from=[bank_dir], device="cpu",
@@ -87,8 +88,9 @@ def test_head_on_frozen_filters_learns_and_round_trips(bank_dir, tmp_path):
     assert config["kind"] == "nnl" and config["classes"] == ["h", "v", "d"]
     acc = float((predict(net, test.x) == test.y).mean())
     assert acc > 0.8, acc   # chance is 1/3
-    # the feature cache holds one entry, and a second run reads it back
+    # the feature cache holds one entry, and a second run reads it back instead of computing
     assert len(list((tmp_path / "cache").glob("*.npy"))) == 1
+    monkeypatch.setattr(features, "compute_features", lambda *a, **k: pytest.fail("features recomputed"))
     again = train_to_dir(spec, train, tmp_path / "m2", fit=FAST, filters_from=[bank_dir], device="cpu",
                          cache=str(tmp_path / "cache"), progress=False, log=lambda s: None)
     assert [h["val_accuracy"] for h in again["training"]["history"]] == \
@@ -96,6 +98,19 @@ def test_head_on_frozen_filters_learns_and_round_trips(bank_dir, tmp_path):
     net2, _ = load_model(tmp_path / "m2")
     x = torch.from_numpy(test.x[:8]).permute(0, 3, 1, 2).float() / 255
     assert torch.equal(net(x), net2(x))   # same seed, same cached features: the same model
+
+
+def test_feature_cache_key_tells_networks_with_the_same_tensors_apart():
+    from edgehebb.nnl import ConvNet
+
+    spec, images = spec_from_dict(SPEC), _gratings(4, 0).x
+    torch.manual_seed(0)
+    a = ConvNet(spec, power=1.0)
+    b = ConvNet(spec, power=3.0)
+    b.load_state_dict(a.state_dict())
+    keys = {features.features_key(net, images) for net in (a, b)}
+    assert len(keys) == 2   # same tensors, different features
+    assert features.features_key(a, images) == features.features_key(a, images)
 
 
 def test_baseline_trains_end_to_end_and_reloads(tmp_path):

@@ -321,9 +321,10 @@ class _Net(nn.Module):
         self.head = nn.Linear(d, spec.classes)
 
     def _check_input(self, x: torch.Tensor) -> None:
-        if x.dim() != 4 or tuple(x.shape[1:]) != self.spec.input:
-            raise EdgehebbError(f"{self.spec.name} expects float images (N, {', '.join(map(str, self.spec.input))}), "
-                                f"got {tuple(x.shape)}")
+        want = self.head.weight.dtype   # float32, or float64 after .double()
+        if x.dim() != 4 or tuple(x.shape[1:]) != self.spec.input or x.dtype != want:
+            raise EdgehebbError(f"{self.spec.name} expects {want} images (N, {', '.join(map(str, self.spec.input))}) "
+                                f"in [0, 1], got {x.dtype} {tuple(x.shape)}")
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """(N, feature_dim(spec)) pooled block outputs of float NCHW images in [0, 1] (unstandardised)."""

@@ -176,8 +176,12 @@ def test_nnlnet_shapes_and_feature_dim():
         NNLNet(spec, [banks[0], torch.randn(5, 3, 4, 4)])
     with pytest.raises(EdgehebbError, match="2 block"):
         NNLNet(spec, banks[:1])
-    with pytest.raises(EdgehebbError, match="expects float images"):
+    with pytest.raises(EdgehebbError, match=r"expects torch.float32 images .* got torch.float32 \(2, 3, 16, 16\)"):
         net(torch.rand(2, 3, 16, 16))
+    for bad in (x.double(), x.half(), (x * 255).to(torch.uint8)):   # uint8 used to pass a centring block
+        with pytest.raises(EdgehebbError, match=f"got {bad.dtype}"):
+            net(bad)
+    assert torch.equal(net.double()(x.double()).argmax(1), net.double()(x.double()).argmax(1))
 
 
 def test_shipped_nets_build_with_the_right_feature_sizes():

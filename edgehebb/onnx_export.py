@@ -105,7 +105,16 @@ def op_function(opset: int = MIN_OPSET) -> onnx.FunctionProto:
         _n("Div", ["M", "Mnorm_c"], "U"),
         _n("Shape", ["M"], "k", end=1),
         _n("Shape", ["M"], "cww", start=1),
-        _n("ReduceProd", ["cww"], "N_i", keepdims=1),                     # N = C * W * W, int64 [1]
+        # N = C * W * W as int64 [1], by Gather and Mul: shape arithmetic that shape inference (and
+        # TensorRT's parser, whose EyeLike and computed-weight Conv need N at parse time) folds to a
+        # constant, which it does not for ReduceProd
+        _const("i0", np.array([0], np.int64)), _const("i1", np.array([1], np.int64)),
+        _const("i2", np.array([2], np.int64)),
+        _n("Gather", ["cww", "i0"], "c_i", axis=0),
+        _n("Gather", ["cww", "i1"], "h_i", axis=0),
+        _n("Gather", ["cww", "i2"], "w_i", axis=0),
+        _n("Mul", ["c_i", "h_i"], "ch_i"),
+        _n("Mul", ["ch_i", "w_i"], "N_i"),
         _n("Cast", ["N_i"], "N", to=FLOAT),
         _n("ReduceSum", ["U", "axes"], "Us", keepdims=1),
         _n("Div", ["Us", "N"], "Umean"),
@@ -203,8 +212,8 @@ def _conv_block(g: _Graph, x: str, block: ConvBlock, i: int) -> str:
     """A CONV-twin block: Conv(+bias) -> MaxPool -> Relu -> Pow, standard ops only."""
     conv = block.conv
     w, b = g.init(f"block{i}.weight", conv.weight), g.init(f"block{i}.bias", conv.bias)
-    y = g.add("Conv", [x, w, b], f"block{i}.conv", strides=list(conv.stride), pads=[conv.padding[0]] * 2 +
-              [conv.padding[1]] * 2, kernel_shape=list(conv.kernel_size))
+    y = g.add("Conv", [x, w, b], f"block{i}.conv", strides=list(conv.stride),
+              pads=[*conv.padding, *conv.padding], kernel_shape=list(conv.kernel_size))  # [h0, w0, h1, w1]
     return _pool_relu_pow(g, y, block.pool, block.pool_stride, block.power, i)
 
 

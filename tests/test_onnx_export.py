@@ -1,11 +1,10 @@
 """ONNX export: the file checks, carries the custom op with its body, and ONNX Runtime (CPU) matches torch.
 
 Reference. ONNX Runtime is compared with the torch network evaluated in float64 (the same nnl.py
-code, ``net.double()``). The float32 torch path computes each patch's variance as s2 - s1^2 / N,
-which cancels on low-contrast patches: on 1,000 CIFAR-10 test images it is off from float64 by up
-to 0.7 of a row's largest logit and flips 0.4% of the top-1 decisions, so no float32 implementation
-summing in another order can match it to 1e-4. The exported op computes the variance in two passes
-(export/OP_SPEC.md) and stays within ~2e-5 of float64.
+code, ``net.double()``). A float32 evaluation of each patch's variance as s2 - s1^2 / N cancels on
+low-contrast patches (off from float64 by up to 0.7 of a row's largest logit on 1,000 CIFAR-10 test
+images, 0.4% of top-1 flipped), which is why nnl.py takes those sums in float64 and the exported op
+computes the variance in two passes (export/OP_SPEC.md); the op stays within ~2e-5 of float64.
 
 Tolerances. Logits: |onnx - torch| <= 1e-4 * max_j |torch_j| per row (measured worst ~2e-5), and the
 same top-1. Features (pooled cos^n, spanning many orders of magnitude): rtol 1e-4 plus an atol of 1e-6
@@ -131,6 +130,24 @@ def test_export_is_valid_and_carries_the_custom_op(net, tmp_path):
     assert meta["edgehebb.version"]
     assert [i.name for i in model.graph.input] == ["images"]
     assert [o.name for o in model.graph.output] == ["logits", "probabilities", "features"]
+
+
+def test_function_body_sizes_fold_to_constants(net):
+    # TensorRT's parser needs the identity kernel's size (EyeLike) and the reshaped filters' channel
+    # count (Conv with computed weights) while it parses: N = C*W*W must fold from Shape(M)
+    # arithmetic, as ONNX shape inference with data propagation does here (ReduceProd did not)
+    from onnx.inliner import inline_local_functions
+
+    model = inline_local_functions(build_model_proto(net, CLASSES))
+    model = onnx.shape_inference.infer_shapes(model, data_prop=True)
+
+    def dims(prefix):
+        return sorted(tuple(d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim)
+                      for v in model.graph.value_info if v.name.split("__")[0] == prefix)
+
+    ns = [3 * b.kernel ** 2 for b in SPEC.blocks]
+    assert dims("eye") == sorted((n, n) for n in ns)
+    assert dims("Mflat") == sorted((b.filters, 3 * b.kernel ** 2, 1, 1) for b in SPEC.blocks)
 
 
 # ----------------------------------------------------------------------------- numbers

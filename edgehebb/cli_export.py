@@ -78,6 +78,13 @@ def export(model, out, preprocess, channel_order, frame_size, fit, opset, trt, f
     if not trt and any(trt_only.values()):
         raise EdgehebbError(f"{', '.join(k for k, v in trt_only.items() if v)} only apply with --trt")
     profile = parse_batch(batch) if batch is not None else None  # validated before the (slower) export
+    if trt:   # what TensorRT would refuse, refused before the ONNX file is written
+        if preprocess == "uint8-nhwc" and size is None:
+            raise EdgehebbError("--trt with --preprocess uint8-nhwc needs --frame-size HxW: a TensorRT engine with "
+                                "baked-in preprocessing takes frames of one fixed size")
+        from edgehebb.tensorrt_engine import preflight
+
+        preflight(fp16)
 
     from edgehebb.onnx_export import export_onnx
 
@@ -85,15 +92,17 @@ def export(model, out, preprocess, channel_order, frame_size, fit, opset, trt, f
                        fit=fit, opset=opset)
     result = {"onnx": str(path), "bytes": path.stat().st_size, "preprocess": preprocess, "opset": opset}
     if trt:
-        from edgehebb.tensorrt_engine import build_engine
+        from edgehebb.io import read_json
+        from edgehebb.tensorrt_engine import build_engine, sidecar_path
 
         engine = path.with_suffix(".engine")
         # options left out keep build_engine's own defaults
         given = {"batch": profile, "workspace_mib": workspace_mib, "timing_cache": timing_cache}
-        info = build_engine(path, engine, fp16=fp16, **{k: v for k, v in given.items() if v is not None})
+        build_engine(path, engine, fp16=fp16, **{k: v for k, v in given.items() if v is not None})
         result["engine"] = str(engine)
-        if isinstance(info, dict):
-            result["trt"] = info
+        sidecar = read_json(sidecar_path(engine))
+        result["trt"] = {"sidecar": str(sidecar_path(engine)),
+                         **{k: sidecar.get(k) for k in ("tensorrt", "precision", "profile", "device")}}
     if as_json:
         click.echo(json.dumps(result, indent=2, default=str))
     else:

@@ -68,7 +68,7 @@ def engine_plan(trt_version: str, fp16: bool) -> dict:
 
     Keys: ``network_flags`` (names of NetworkDefinitionCreationFlag members to set), ``strongly_typed``,
     ``builder_fp16`` (set BuilderFlag.FP16), ``obey_precision_constraints``, ``fp32_custom_layers`` (pin
-    the op's layers and everything after them to FP32), ``disable_tf32``, ``plugin_replaces_function``,
+    the op's layers, what feeds them and everything after them to FP32), ``disable_tf32``, ``plugin_replaces_function``,
     ``plugin_override_flag``, ``precision`` and ``notes`` (lines worth logging).
     """
     major, minor, *_ = parse_version(trt_version)
@@ -87,8 +87,8 @@ def engine_plan(trt_version: str, fp16: bool) -> dict:
             "build without --fp16, or with TensorRT 10.x")
     weak_fp16 = fp16 and major == 10
     if weak_fp16:
-        notes.append("fp16: the ai.edgehebb op and every layer after it stay FP32 (" + FP16_UNDERFLOW
-                     + "); only the layers before it may run in FP16 - check accuracy with edgehebb eval")
+        notes.append("fp16: the ai.edgehebb op, every layer feeding it and every layer after it stay FP32 ("
+                     + FP16_UNDERFLOW + "); only layers beside it may run in FP16 - check accuracy with edgehebb eval")
         if minor >= 12:
             # 10.12 release notes: "Weak typing APIs deprecated ... TensorRT will be using strong-typing
             # exclusively in the future."
@@ -253,11 +253,21 @@ def _import_tensorrt(why: str):
     return tensorrt
 
 
+def preflight(fp16: bool) -> dict:
+    """Import TensorRT and check that it can build what is asked: the CLI calls this before it writes
+    the ONNX file, so a missing TensorRT or an impossible ``--fp16`` costs nothing. Returns the plan."""
+    trt = _import_tensorrt("needed to build TensorRT engines")
+    return engine_plan(trt.__version__, fp16)
+
+
 def _set_timing_cache(config, path: Path | None, log: Callable[[str], None]) -> None:
     # IBuilderConfig.create_timing_cache / set_timing_cache(cache, ignore_mismatch) and
     # ITimingCache.serialize: docs.nvidia.com/deeplearning/tensorrt/latest/_static/python-api/infer/Core/
     # TimingCache.html; the same load/save pattern as TensorRT's samples/python/common_runtime.py.
-    data = path.read_bytes() if path is not None and path.is_file() else b""
+    try:
+        data = path.read_bytes() if path is not None and path.is_file() else b""
+    except OSError as e:
+        raise EdgehebbError(f"cannot read the timing cache {path}: {e.strerror or e}") from None
     cache = config.create_timing_cache(data)
     if cache is None or not config.set_timing_cache(cache, ignore_mismatch=False):
         # A cache from another TensorRT version or GPU is refused; a fresh one only costs build time.
@@ -276,38 +286,59 @@ def _keep_outputs(network, keep: Sequence[str]) -> None:
             network.unmark_output(tensor)   # as Polygraphy's backend/trt/util.py unmark_outputs does
 
 
-def _pin_fp32(trt, network, nodes: Sequence[tuple[str, str]]) -> list[str]:
-    """Pin the custom op's layers, the constants they read and every float layer after them to FP32.
+def _inputs(layer) -> list:
+    return [t for t in (layer.get_input(k) for k in range(layer.num_inputs)) if t is not None]
 
-    Layer-level precision in a weakly typed network: ``layer.precision`` and ``layer.set_output_type``,
-    enforced by BuilderFlag.OBEY_PRECISION_CONSTRAINTS (TensorRT 10 "Precision Control", reduced precision
-    in weakly-typed networks: docs.nvidia.com/deeplearning/tensorrt/10.16.1/inference-library/
+
+def _outputs(layer) -> list:
+    return [layer.get_output(k) for k in range(layer.num_outputs)]
+
+
+def _pin_fp32(trt, network, nodes: Sequence[tuple[str, str]]) -> tuple[list[str], list[str]]:
+    """Pin the custom op's layers, every layer feeding them and every layer after them to FP32.
+
+    Returns (pinned layer names, float layers left free to run in FP16). Layer-level precision in a
+    weakly typed network: ``layer.precision`` and ``layer.set_output_type``, enforced by
+    BuilderFlag.OBEY_PRECISION_CONSTRAINTS (TensorRT 10 "Precision Control", reduced precision in
+    weakly-typed networks: docs.nvidia.com/deeplearning/tensorrt/10.16.1/inference-library/
     precision-control.html). Pinning only the op would not do: its tiny outputs would underflow in the
-    first FP16 layer after it, and its filters rounded to FP16 would move the cosine by ~1e-3, which
-    the 40th power makes ~4%. The parser adds layers in graph order, so producers come before consumers.
+    first FP16 layer after it; its filters rounded to FP16 would move the cosine by ~1e-3, which the
+    40th power makes ~4%; and frame preprocessing in FP16 rounds the op's input enough to move
+    fig2_left's logits by 1.7e-2 of a row's largest (1,000 CIFAR-10 test images; OP_SPEC allows 1e-4).
+    The parser adds layers in graph order, so producers come before consumers.
     """
     layers = [network.get_layer(i) for i in range(network.num_layers)]
-    fp32_tensors: set[str] = set()
-    chosen = []
-    for layer in layers:
-        inputs = [layer.get_input(k) for k in range(layer.num_inputs)]
-        if any(t is not None and t.name in fp32_tensors for t in inputs) or \
-                is_custom_layer(layer.name, getattr(layer, "metadata", "") or "", nodes):
+    chosen = [layer for layer in layers if is_custom_layer(layer.name, getattr(layer, "metadata", "") or "", nodes)]
+    # what feeds the op, back to the network input (and the constants the op reads)
+    needed = {t.name for layer in chosen for t in _inputs(layer)}
+    for layer in reversed(layers):
+        if layer not in chosen and any(t.name in needed for t in _outputs(layer)):
             chosen.append(layer)
-            fp32_tensors.update(layer.get_output(k).name for k in range(layer.num_outputs))
-    read = {t.name for layer in chosen for t in (layer.get_input(k) for k in range(layer.num_inputs)) if t is not None}
+            needed.update(t.name for t in _inputs(layer))
+    # what follows it
+    fp32_tensors = {t.name for layer in chosen if is_custom_layer(layer.name, getattr(layer, "metadata", "") or "", nodes)
+                    for t in _outputs(layer)}
+    for layer in layers:
+        if layer not in chosen and any(t.name in fp32_tensors for t in _inputs(layer)):
+            chosen.append(layer)
+            fp32_tensors.update(t.name for t in _outputs(layer))
+    read = {t.name for layer in chosen for t in _inputs(layer)}   # constants of the layers after it too
     chosen += [layer for layer in layers if layer.num_inputs == 0 and layer not in chosen
-               and any(layer.get_output(k).name in read for k in range(layer.num_outputs))]
-    pinned = []
-    for layer in chosen:
-        outputs = [layer.get_output(k) for k in range(layer.num_outputs)]
+               and any(t.name in read for t in _outputs(layer))]
+    pinned, free = [], []
+    for layer in layers:
+        outputs = _outputs(layer)
         if not outputs or any(t.dtype != trt.float32 for t in outputs):
             continue   # shape and index layers keep their integer types
+        if layer not in chosen:
+            if layer.num_inputs:   # a constant counts with the layer that reads it
+                free.append(layer.name)
+            continue
         layer.precision = trt.float32
         for k in range(layer.num_outputs):
             layer.set_output_type(k, trt.float32)
         pinned.append(layer.name)
-    return pinned
+    return pinned, free
 
 
 def build_engine(onnx_path: str | Path, engine_path: str | Path, *, fp16: bool = False,
@@ -364,11 +395,18 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, *, fp16: bool =
         config.set_flag(trt.BuilderFlag.FP16)
         config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
     if plan["fp32_custom_layers"] and nodes:
-        pinned = _pin_fp32(trt, network, nodes)
-        if not pinned:   # FP32 spreads only from the op's own layers: none pinned means none found
+        pinned, free = _pin_fp32(trt, network, nodes)
+        if not any(is_custom_layer(layer.name, getattr(layer, "metadata", "") or "", nodes)
+                   for layer in (network.get_layer(i) for i in range(network.num_layers))):
             raise EdgehebbError(f"found no TensorRT layers of the ai.edgehebb nodes {[n for n, _ in nodes]}; refusing "
                                 f"an FP16 build that could run the op in FP16 ({FP16_UNDERFLOW})")
-        log(f"fp16: {len(pinned)} layers pinned to FP32 (the ai.edgehebb op and what follows it)")
+        if not free:
+            raise EdgehebbError(
+                f"--fp16 would change nothing for {onnx_path.name}: every float layer feeds the ai.edgehebb op or "
+                f"follows it, and those stay FP32 ({FP16_UNDERFLOW}; FP16 input to it moves the logits ~1e-2); "
+                "build without --fp16")
+        log(f"fp16: {len(pinned)} layers pinned to FP32 (the ai.edgehebb op, what feeds it and what follows it); "
+            f"{len(free)} may run in FP16")
     elif plan["builder_fp16"]:
         log("fp16: the model has no ai.edgehebb op, so TensorRT may run any layer in FP16")
     # One profile over the batch dimension (IOptimizationProfile.set_shape(name, min, opt, max)).

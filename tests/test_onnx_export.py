@@ -305,16 +305,48 @@ def test_cli_export(cli, net, tmp_path, monkeypatch):
     assert [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim][1:] == [24, 32, 3]
 
     # --trt: build_engine gets the ONNX file, OUT.engine and the options (a stand-in: no TensorRT here)
+    from edgehebb.tensorrt_engine import sidecar_path
+
     calls = []
+
+    def build_engine(onnx_path, engine_path, **kw):
+        assert onnx_path.is_file()
+        calls.append((onnx_path, engine_path, kw))
+        engine_path.write_bytes(b"PLAN")
+        sidecar_path(engine_path).write_text(json.dumps({"tensorrt": "10.8.0", "precision": "fp16",
+                                                         "profile": {"min": [1, 3, 16, 16]}, "device": "GPU"}))
+        return engine_path
+
     fake = types.ModuleType("edgehebb.tensorrt_engine")
-    fake.build_engine = lambda onnx_path, engine_path, **kw: calls.append((onnx_path, engine_path, kw)) or engine_path
+    fake.build_engine, fake.sidecar_path = build_engine, sidecar_path
+    fake.preflight = lambda fp16: calls.append(("preflight", fp16))
     monkeypatch.setitem(sys.modules, "edgehebb.tensorrt_engine", fake)
     res = CliRunner().invoke(cli, ["export", str(tmp_path / "m"), "--out", str(tmp_path / "t.onnx"), "--trt",
-                                   "--fp16", "--batch", "1,2,4", "--workspace-mib", "256"])
+                                   "--fp16", "--batch", "1,2,4", "--workspace-mib", "256", "--json"])
     assert res.exit_code == 0, res.output
-    assert calls == [(tmp_path / "t.onnx", tmp_path / "t.engine", {"fp16": True, "batch": (1, 2, 4),
-                                                                    "workspace_mib": 256})]
-    assert "t.engine" in res.output
+    assert calls == [("preflight", True), (tmp_path / "t.onnx", tmp_path / "t.engine",
+                                           {"fp16": True, "batch": (1, 2, 4), "workspace_mib": 256})]
+    info = json.loads(res.output)
+    assert info["engine"] == str(tmp_path / "t.engine")
+    assert info["trt"] == {"sidecar": str(tmp_path / "t.engine.json"), "tensorrt": "10.8.0", "precision": "fp16",
+                           "profile": {"min": [1, 3, 16, 16]}, "device": "GPU"}
+
+
+def test_cli_export_trt_refusals_come_before_the_onnx_file(cli, net, tmp_path, monkeypatch):
+    save_model(tmp_path / "m", net, CLASSES)
+    out = tmp_path / "m.onnx"
+
+    def refused(*args, message):
+        res = CliRunner().invoke(cli, ["export", str(tmp_path / "m"), "--out", str(out), "--trt", *args])
+        assert res.exit_code != 0 and isinstance(res.exception, EdgehebbError), res.output
+        assert message in str(res.exception) and "\n" not in str(res.exception)
+        assert not out.exists()
+
+    refused("--preprocess", "uint8-nhwc", message="needs --frame-size HxW")
+    monkeypatch.setitem(sys.modules, "tensorrt", None)   # as without TensorRT installed
+    refused(message="pip install")
+    monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(__version__="11.5.0.1"))
+    refused("--fp16", message="--fp16 is not available with TensorRT 11.5.0.1")
 
 
 @pytest.mark.parametrize("args, message", [

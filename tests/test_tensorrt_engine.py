@@ -282,10 +282,11 @@ class FakeLayer:
         self.output_types[i] = dtype
 
 
-def fake_network():
+def fake_network(side=False):
     """frames -> cast -> [relu(., filters), pow: the inlined ai.edgehebb body] -> flatten -> shape (int64) / head
-    -> softmax, plus a constant nobody reads."""
-    t = {n: FakeTensor(n) for n in ("xf", "M", "r", "p", "f", "logits", "probabilities", "unused")}
+    (reading a weight constant) -> softmax, plus a constant nobody reads; ``side``: also a float layer
+    beside the op (frames -> side -> aux), which neither feeds it nor follows it."""
+    t = {n: FakeTensor(n) for n in ("xf", "M", "r", "p", "f", "W", "logits", "probabilities", "unused", "aux")}
     t["frames"], t["s"] = FakeTensor("frames", "uint8"), FakeTensor("s", "int64")
     layers = [FakeLayer("cast", [t["frames"]], [t["xf"]], "[ONNX Layer: cast]"),
               FakeLayer("block0.filters", [], [t["M"]]),
@@ -294,8 +295,11 @@ def fake_network():
               FakeLayer("pow", [t["r"], None], [t["p"]], "[ONNX Layer: pow | block0 (PatchNormPowReLU)]"),
               FakeLayer("flatten0", [t["p"]], [t["f"]]),
               FakeLayer("shape", [t["f"]], [t["s"]]),
-              FakeLayer("head", [t["f"]], [t["logits"]]),
+              FakeLayer("head.weight", [], [t["W"]]),
+              FakeLayer("head", [t["f"], t["W"]], [t["logits"]]),
               FakeLayer("softmax", [t["logits"]], [t["probabilities"]])]
+    if side:
+        layers.append(FakeLayer("side", [t["frames"]], [t["aux"]]))
 
     class Network:
         num_layers = len(layers)
@@ -317,7 +321,7 @@ def fake_network():
     return Network(), {layer.name: layer for layer in layers}
 
 
-def fake_tensorrt(version, parse_ok=True):
+def fake_tensorrt(version, parse_ok=True, side=False):
     import types
 
     trt = types.SimpleNamespace(__version__=version, float32="float32", calls=[])
@@ -358,7 +362,7 @@ def fake_tensorrt(version, parse_ok=True):
 
         def create_network(self, flags):
             trt.calls.append(("flags", flags))
-            trt.network, trt.layers = fake_network()
+            trt.network, trt.layers = fake_network(side)
             return trt.network
 
         create_builder_config = Config
@@ -383,8 +387,8 @@ def fake_tensorrt(version, parse_ok=True):
     return trt
 
 
-def test_fp16_build_pins_the_op_and_what_follows(tmp_path, monkeypatch):
-    trt = fake_tensorrt("10.8.0.43")
+def test_fp16_build_pins_the_op_what_feeds_it_and_what_follows(tmp_path, monkeypatch):
+    trt = fake_tensorrt("10.8.0.43", side=True)
     monkeypatch.setitem(sys.modules, "tensorrt", trt)
     onnx_path = tmp_path / "model.onnx"
     onnx.save(tiny_model("frames", ("batch", 32, 32, 3), TensorProto.UINT8, blocks=1), onnx_path)
@@ -394,8 +398,9 @@ def test_fp16_build_pins_the_op_and_what_follows(tmp_path, monkeypatch):
                           timing_cache=tmp_path / "timing.cache", outputs=["probabilities"], log=logs.append)
 
     pinned = {n for n, layer in trt.layers.items() if layer.precision == "float32"}
-    # not the cast before the op, not the int64 shape, not the unrelated constant; the op's filters yes
-    assert pinned == {"block0.filters", "relu", "pow", "flatten0", "head", "softmax"}
+    # the cast before the op (FP16 there rounds the op's input), the op, its filters, what follows and the
+    # head's weights; not the int64 shape, the unread constant or the layer beside the op
+    assert pinned == {"cast", "block0.filters", "relu", "pow", "flatten0", "head.weight", "head", "softmax"}
     assert trt.layers["pow"].output_types == {0: "float32"}
     assert ("flags", 0) in trt.calls                                      # weakly typed for BuilderFlag.FP16
     assert {("set", trt.BuilderFlag.FP16), ("set", trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS),
@@ -405,11 +410,36 @@ def test_fp16_build_pins_the_op_and_what_follows(tmp_path, monkeypatch):
     assert engine.read_bytes() == b"PLAN" and (tmp_path / "timing.cache").read_bytes() == b"old+run"
     meta = json.loads(sidecar_path(engine).read_text())
     assert meta["precision"] == "fp16" and meta["outputs"] == ["probabilities"] and meta["classes"] == CIFAR10
-    assert meta["custom_op"] == {"domain": CUSTOM_DOMAIN, "nodes": ["block0"], "fp32_layers": 6}
+    assert meta["custom_op"] == {"domain": CUSTOM_DOMAIN, "nodes": ["block0"], "fp32_layers": 8}
     assert meta["input"] == {"name": "frames", "dtype": "uint8", "layout": "NHWC"}
     exported = {p.key: p.value for p in onnx.load(str(onnx_path)).metadata_props if p.key.startswith("edgehebb.")}
     assert exported and meta["onnx"]["metadata"] == exported   # the runtime reads the baked fit from here
-    assert any("6 layers pinned to FP32" in line for line in logs)
+    assert any("8 layers pinned to FP32" in line and "1 may run in FP16" in line for line in logs)
+
+
+def test_fp16_that_would_change_nothing_is_refused(tmp_path, monkeypatch):
+    # edgehebb's own graphs: every float layer feeds the op or follows it, so FP16 would leave all FP32
+    trt = fake_tensorrt("10.8.0.43")
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    onnx_path = tmp_path / "model.onnx"
+    onnx.save(tiny_model("frames", ("batch", 32, 32, 3), TensorProto.UINT8, blocks=1), onnx_path)
+    with pytest.raises(EdgehebbError, match="--fp16 would change nothing for model.onnx") as e:
+        build_engine(onnx_path, tmp_path / "m.engine", fp16=True, log=lambda m: None)
+    assert "\n" not in str(e.value) and not (tmp_path / "m.engine").exists()
+
+
+def test_unreadable_timing_cache_is_one_line(tiny_onnx, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt("10.8.0.43"))
+    cache = tmp_path / "timing.cache"
+    cache.write_bytes(b"old")
+
+    def unreadable(self):   # chmod does not stop root, who runs CI
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(type(cache), "read_bytes", unreadable)
+    with pytest.raises(EdgehebbError, match="cannot read the timing cache .*Permission denied"):
+        build_engine(tiny_onnx, tmp_path / "m.engine", timing_cache=cache, log=lambda m: None)
+    assert not (tmp_path / "m.engine").exists()
 
 
 def test_fp32_build_is_strongly_typed_and_parser_errors_are_reported(tiny_onnx, tmp_path, monkeypatch):
@@ -621,3 +651,33 @@ def test_build_and_run_matches_onnxruntime(tiny_onnx, tmp_path):
     assert {k: v.data_ptr() for k, v in again.items()} == ptrs and again["logits"].shape[0] == 1
     with pytest.raises(EdgehebbError, match="outside the engine's profile"):
         runner.infer(np.zeros((5, 3, 32, 32), np.float32))
+
+
+@pytest.mark.trt
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAVE_TRT, reason="needs TensorRT (pip install 'edgehebb[gpu]')")
+@pytest.mark.parametrize("preprocess", ["none", "uint8-nhwc"])
+def test_exported_nnl_models_build_and_match_onnxruntime(tmp_path, preprocess):
+    # the real op body, not the stand-in above: a centred block and an uncentred, padded, strided one
+    import onnxruntime as ort
+    import torch
+
+    from edgehebb.model import save_model
+    from edgehebb.nnl import NNLNet
+    from edgehebb.onnx_export import export_onnx
+    from tests.test_onnx_export import CLASSES, SPEC, patch_filters, ready
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    x = torch.rand(8, *SPEC.input, generator=torch.Generator().manual_seed(0))
+    save_model(tmp_path / "m", ready(NNLNet(SPEC, patch_filters(x, SPEC, seed=1)), x), CLASSES)
+    frames = preprocess == "uint8-nhwc"
+    path = export_onnx(tmp_path / "m", tmp_path / "m.onnx", preprocess=preprocess,
+                       frame_size=(24, 32) if frames else None)
+    engine = build_engine(path, tmp_path / "m.engine", batch=(1, 4, 8), workspace_mib=256, log=lambda m: None)
+    feed = np.random.default_rng(1).integers(0, 256, (5, 24, 32, 3), dtype=np.uint8) if frames else x[:5].numpy()
+    got = TrtRunner(engine).infer(feed)["logits"].cpu().numpy()
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    want = sess.run(["logits"], {sess.get_inputs()[0].name: feed})[0]
+    assert (np.abs(got - want).max(1) <= 1e-4 * np.abs(want).max(1)).all()
+    assert (got.argmax(1) == want.argmax(1)).all()

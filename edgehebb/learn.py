@@ -57,7 +57,7 @@ class LearnConfig:
 class EpochStats:
     epoch: int  # 1-based, completed
     eps: float
-    norm_error: float  # mean |row norm - 1|
+    norm_error: float  # mean |row p-norm - 1| (the Lebesgue power p: rows converge to unit p-norm)
     dead_fraction: float  # units that never won a patch in the epoch
     seconds: float
     patches_per_s: float
@@ -76,8 +76,9 @@ def epoch_order(n_patches: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(n_patches, generator=gen)
 
 
-def row_norm_error(weights: torch.Tensor) -> float:
-    return float((weights.norm(dim=1) - 1.0).abs().mean())
+def row_norm_error(weights: torch.Tensor, power: float = 2.0) -> float:
+    """Mean |row p-norm - 1|: the rule's fixed point is unit p-norm rows for Lebesgue power p."""
+    return float((weights.double().norm(p=power, dim=1) - 1.0).abs().mean())
 
 
 def check_seed(seed: int) -> None:
@@ -136,6 +137,10 @@ def learn(images: np.ndarray, config: LearnConfig, *, backend: str = "torch", de
         raise EdgehebbError(f"batch {config.batch} is larger than the {n_patches} patches of the data")
     if state is None:
         state = LearnState(init_weights(config.filters, c * config.kernel ** 2, config.seed))
+    want = (config.filters, c * config.kernel ** 2)
+    if tuple(state.weights.shape) != want:
+        raise EdgehebbError(f"the weights to continue from are {tuple(state.weights.shape)}; {config.filters} filters of "
+                            f"{config.kernel}x{config.kernel}x{c} need {want}")
     runner = make_backend(backend, images, config, state.weights, device)
 
     from tqdm import tqdm
@@ -156,7 +161,7 @@ def learn(images: np.ndarray, config: LearnConfig, *, backend: str = "torch", de
         state.weights = runner.weights()
         state.epochs_done = epoch + 1
         state.history.append(EpochStats(
-            epoch=epoch + 1, eps=eps, norm_error=row_norm_error(state.weights),
+            epoch=epoch + 1, eps=eps, norm_error=row_norm_error(state.weights, config.power),
             dead_fraction=float((wins == 0).float().mean()), seconds=seconds,
             patches_per_s=steps * config.batch / max(seconds, 1e-9)))
         if on_epoch is not None:

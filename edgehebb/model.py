@@ -29,14 +29,22 @@ WEIGHTS_FILE = "model.safetensors"
 INPUT = {"layout": "NCHW", "dtype": "float32", "channels": "RGB", "range": [0.0, 1.0]}
 
 
-def build_net(kind: str, spec: NetSpec, conv: dict | None = None) -> _Net:
-    """An untrained network of ``kind`` for ``spec`` (filters zero for ``nnl``, random for ``conv``)."""
+def build_net(kind: str, spec: NetSpec, conv: dict | None = None, where: str = "model") -> _Net:
+    """An untrained network of ``kind`` for ``spec`` (filters zero for ``nnl``, random for ``conv``).
+
+    ``conv`` holds a CONV twin's settings as config.json stores them; ``where`` names that file in errors.
+    """
     if kind == "nnl":
         c = spec.input[0]
         return NNLNet(spec, [torch.zeros(b.filters, c, b.kernel, b.kernel) for b in spec.blocks])
     if kind == "conv":
-        conv = conv or {}
-        return ConvNet(spec, power=float(conv.get("power", 1.0)), patch_norm=bool(conv.get("patch_norm", False)))
+        conv = {} if conv is None else conv
+        power, patch_norm = (conv.get("power", 1.0), conv.get("patch_norm", False)) if isinstance(conv, dict) else (0, 0)
+        if not isinstance(conv, dict) or isinstance(power, bool) or not isinstance(power, (int, float)) \
+                or not power > 0 or not isinstance(patch_norm, bool):
+            raise EdgehebbError(f"{where}: 'conv' must be an object with a positive number 'power' and a true/false "
+                                f"'patch_norm', got {conv!r}")
+        return ConvNet(spec, power=float(power), patch_norm=patch_norm)
     raise EdgehebbError(f"unknown model kind {kind!r} (expected 'nnl' or 'conv')")
 
 
@@ -54,7 +62,10 @@ def save_model(out: str | os.PathLike, net: _Net, classes: list[str], record: di
     if len(classes) != net.spec.classes:
         raise EdgehebbError(f"{len(classes)} class names for a {net.spec.classes}-class network")
     kind, conv = model_kind(net)
-    save_tensors(out / WEIGHTS_FILE, {k: v.float() for k, v in net.state_dict().items()})
+    state = net.state_dict()
+    if kind == "nnl":   # a net with trainable filters holds them raw; an nnl model file holds unit filters
+        state.update({f"blocks.{i}.weight": block.unit_weight().detach() for i, block in enumerate(net.blocks)})
+    save_tensors(out / WEIGHTS_FILE, {k: v.float() for k, v in state.items()})
     config = {"format": MODEL_FORMAT, "kind": kind, "spec": net.spec.to_dict(), "classes": list(classes),
               "input": INPUT}
     if conv is not None:
@@ -96,7 +107,7 @@ def load_model(name_or_path: str | os.PathLike, device: str | torch.device = "cp
     classes = config.get("classes")
     if not isinstance(classes, list) or len(classes) != spec.classes:
         raise EdgehebbError(f"{path / CONFIG_FILE}: 'classes' must list {spec.classes} names")
-    net = build_net(config.get("kind"), spec, config.get("conv"))
+    net = build_net(config.get("kind"), spec, config.get("conv"), str(path / CONFIG_FILE))
     tensors, _ = load_tensors(path / WEIGHTS_FILE)
     try:
         net.load_state_dict(tensors, strict=True)

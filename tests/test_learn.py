@@ -1,6 +1,7 @@
 """Learning runs: convergence, resume, model directories, and the CLI's happy and bad-input paths."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -25,6 +26,20 @@ def test_rows_converge_toward_unit_norm(images):
     assert errors[-1] < 0.05, errors
     assert errors[-1] < errors[0]
     assert all(0 <= h.dead_fraction <= 1 and h.patches_per_s > 0 for h in state.history)
+
+
+def test_power_3_rows_converge_toward_unit_3_norm(images):
+    state = learn(images, LearnConfig(epochs=3, power=3.0, **SMALL), progress=False)
+    assert state.history[-1].norm_error < 0.05, [h.norm_error for h in state.history]
+    assert (state.weights.norm(p=3, dim=1) - 1).abs().mean() == pytest.approx(state.history[-1].norm_error, abs=1e-6)
+
+
+def test_weights_to_continue_from_must_fit_the_config(images):
+    from edgehebb.learn import LearnState
+
+    for shape in [(5, 48), (16, 27)]:
+        with pytest.raises(EdgehebbError, match=re.escape(f"continue from are {shape}; 16 filters of 4x4x3 need (16, 48)")):
+            learn(images, LearnConfig(epochs=1, **SMALL), state=LearnState(torch.randn(*shape)), progress=False)
 
 
 def test_same_seed_same_filters_other_seed_different(images):

@@ -15,7 +15,7 @@ from edgehebb import features
 from edgehebb.evaluate import evaluate, predict
 from edgehebb.io import save_filters
 from edgehebb.model import load_model, save_model
-from edgehebb.nnl import NNLNet, spec_from_dict
+from edgehebb.nnl import ConvNet, NNLNet, spec_from_dict
 from edgehebb.train import FitConfig, fit_standardiser, train_to_dir, validation_split
 
 from .conftest import assert_close
@@ -150,6 +150,24 @@ def test_load_model_rejects_non_models(tmp_path, bank_dir):
     (tmp_path / "m" / "model.safetensors").write_bytes(b"garbage")
     with pytest.raises(EdgehebbError, match="safetensors"):
         load_model(tmp_path / "m")
+    save_model(tmp_path / "c", ConvNet(spec, power=3.0), ["h", "v", "d"])
+    config = json.loads((tmp_path / "c" / "config.json").read_text())
+    for bad in ({"power": "x"}, "str", {"power": 2, "patch_norm": "false"}, {"power": -1}, {"power": True}):
+        (tmp_path / "c" / "config.json").write_text(json.dumps({**config, "conv": bad}))
+        with pytest.raises(EdgehebbError, match=r"config.json: 'conv' must be an object"):
+            load_model(tmp_path / "c")
+
+
+def test_nnl_net_with_trainable_filters_saves_unit_filters(tmp_path):
+    spec = spec_from_dict(SPEC)
+    torch.manual_seed(0)
+    net = NNLNet(spec, [torch.randn(12, 3, 4, 4)], trainable_filters=True)
+    with torch.no_grad():
+        net.blocks[0].weight.mul_(5.0)   # raw scale: the layer normalises it, a frozen reload must too
+    save_model(tmp_path / "m", net, ["h", "v", "d"])
+    again, _ = load_model(tmp_path / "m")
+    x = torch.rand(3, 3, 16, 16)
+    assert_close(again(x), net(x), rtol=0, atol=1e-5, what="logits after reload")
 
 
 def _npz(path, data: ImageSet):

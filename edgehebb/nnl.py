@@ -150,6 +150,13 @@ def spec_from_dict(d: dict, source: str = "spec") -> NetSpec:
             raise EdgehebbError(f"{at}.kernel {block.kernel} does not fit a {h}x{w} input (padding {block.padding})")
         if block.pool > min(mh, mw):
             raise EdgehebbError(f"{at}.pool {block.pool} is larger than the {mh}x{mw} convolution map")
+        if not block.norm:
+            # without the patch norm a response is a dot product of up to |v| = sqrt(N) (pixels in
+            # [0, 1]; half that centred), and its n-th power must stay finite in float32
+            top = math.sqrt(c * block.kernel ** 2) * (0.5 if block.center else 1.0)
+            if block.power * math.log10(max(top, 1.0)) > 38.0:
+                raise EdgehebbError(f"{at}: norm=false with kernel {block.kernel} and power {block.power:g} can reach "
+                                    f"{top:.3g}^{block.power:g}, beyond float32 (~3e38): lower the power, or keep norm=true")
         blocks.append(block)
     name = d.get("name", Path(source).stem)
     if not isinstance(name, str) or not name:

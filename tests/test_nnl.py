@@ -147,6 +147,8 @@ def test_spec_by_path_and_errors(tmp_path):
                             ({**d, "blocks": [{**d["blocks"][0], "kernel": 0}]}, r"blocks\[0\]\.kernel"),
                             ({**d, "blocks": [{**d["blocks"][0], "power": -1}]}, r"blocks\[0\]\.power"),
                             ({**d, "blocks": [{**d["blocks"][0], "pool": 30}]}, "larger than the 29x29"),
+                            ({**d, "blocks": [{**d["blocks"][0], "kernel": 6, "norm": False, "center": False}]},
+                             r"10.4\^40, beyond float32"),
                             ({**d, "input": [3, 32]}, "'input'")]:
         path.write_text(json.dumps(broken))
         with pytest.raises(EdgehebbError, match=f"mine.json.*{message}"):

@@ -11,12 +11,17 @@
 //   1. the padded image (shifted by -0.5 when CENTER) and the chunk's filters Mc^T[N][KC] go to
 //      shared memory; Mc are the centred unit filters (the host prepares them, as the op does).
 //   2. per tile of TPOS positions: one thread per position computes its patch mean and squared
-//      deviations in two passes over the patch (OP_SPEC's accuracy rule: no s2 - s1^2/N); then the
-//      centred patches d = v - mean go to shared memory As[n][TPOS], NCH values of n at a time.
+//      deviations in two passes over the patch (OP_SPEC's accuracy rule: no s2 - s1^2/N), and
+//      notes the patch's offset in the image, 1 / (|d| + eps) and the pooled cells it falls in;
+//      then the centred patches d = v - mean go to shared memory As[n][TPOS], NCH values of n at a
+//      time (the offset of value n inside a patch comes from a table made once per block).
 //   3. dot[p][k] = sum_n As[n][p] Mc[n][k]: each thread owns 8 positions x 8 filters (64
 //      accumulators), with float4 reads of As and Mc (broadcast across the warp where they repeat).
-//   4. cos = dot / (|d| + eps), ReLU, and an atomicMax into the pooled cell(s) of the position.
-//      Non-negative floats order like their bit patterns, so the maxima are unsigned integers.
+//   4. cos = dot * (1 / (|d| + eps)), ReLU, and an atomicMax into the pooled cell(s) of the position,
+//      skipped when the ReLU gives 0 (the cells start at 0). Non-negative floats order like their
+//      bit patterns, so the maxima are unsigned integers.
+//   Steps 2 and 4 work from the per-position notes so that the integer arithmetic of patch and cell
+//   indexing is done once per position, not once per value or per filter.
 //   5. after the last tile: Y = min(max, 1)^power, written to y[image * ystride + k * HP * WP + cell].
 //
 // Every output is a max of cosines each computed by one fixed-order fmaf chain: the result does not
@@ -41,11 +46,13 @@
 #define TY (NTHREADS / TX)            // threads along positions
 #define TPOS (8 * TY)                 // positions per tile
 #define IMG_FLOATS (((CH * HPAD * WPAD) + 3) / 4 * 4)
+#define NO_CELL (-1)                  // a position outside every pooling window, or past the map
 
 static_assert(KC % 8 == 0, "a thread owns 2 x 4 filters");
 static_assert(NTHREADS % 32 == 0 && NTHREADS % TX == 0, "whole warps, whole rows of threads");
 static_assert(NCH >= 1 && NCH <= N, "chunk of the patch tile");
 static_assert(KPAD % KC == 0, "Mc^T is padded to whole chunks");
+static_assert(HP < 128 && WP < 128, "pooled cell ranges pack into one int, 8 bits a bound");
 
 extern "C" __global__ void __launch_bounds__(NTHREADS, 2)
 nnl_forward(const float* __restrict__ x,    // (B, CH, HIN, WIN) float32, [0, 1]
@@ -58,8 +65,11 @@ nnl_forward(const float* __restrict__ x,    // (B, CH, HIN, WIN) float32, [0, 1]
     float* ms = img + IMG_FLOATS;                     // [N][KC]
     float* as = ms + N * KC;                          // [NCH][TPOS]
     float* pmean = as + NCH * TPOS;                   // [TPOS]
-    float* pden = pmean + TPOS;                       // [TPOS] |d| + eps
-    unsigned int* best = (unsigned int*)(pden + TPOS);  // [NCELL][KC] pooled max cosine, as bits
+    float* prden = pmean + TPOS;                      // [TPOS] 1 / (|d| + eps)
+    int* pbase = (int*)(prden + TPOS);                // [TPOS] offset of the patch's first value in img
+    int* pcell = pbase + TPOS;                        // [TPOS] pooled cells wi0 | wi1 << 8 | wj0 << 16 | wj1 << 24
+    int* noff = pcell + TPOS;                         // [N] offset of value n inside a patch
+    unsigned int* best = (unsigned int*)(noff + N);   // [NCELL][KC] pooled max cosine, as bits
 
     const int tid = threadIdx.x;
     const int tx = tid % TX, ty = tid / TX;
@@ -78,16 +88,23 @@ nnl_forward(const float* __restrict__ x,    // (B, CH, HIN, WIN) float32, [0, 1]
         ms[e] = __ldg(mct + (size_t)n * KPAD + k0 + kk);
     }
     for (int e = tid; e < NCELL * KC; e += NTHREADS) best[e] = 0u;  // = 0.0f: ReLU's floor
+    for (int n = tid; n < N; n += NTHREADS) {
+        const int c = n / (KW * KW), ij = n - c * (KW * KW);
+        const int di = ij / KW, dj = ij - di * KW;
+        noff[n] = (c * HPAD + di) * WPAD + dj;
+    }
 
     for (int p0 = 0; p0 < NPOS; p0 += TPOS) {
-        __syncthreads();  // the image is loaded / the last tile's epilogue is done with pmean, pden
-        // ---- 2a. patch statistics, one thread per position, two passes
+        __syncthreads();  // the image and tables are in / the last tile's epilogue is done with the notes
+        // ---- 2a. patch statistics, one thread per position, two passes; the position's notes
         for (int lp = tid; lp < TPOS; lp += NTHREADS) {
             const int p = p0 + lp;
-            float mean = 0.0f, den = 0.0f;
+            float mean = 0.0f, rden = 0.0f;
+            int at = 0, cells = NO_CELL;
             if (p < NPOS) {
                 const int i = p / WO, j = p - (p / WO) * WO;
-                const float* base = img + i * STRIDE * WPAD + j * STRIDE;
+                at = i * STRIDE * WPAD + j * STRIDE;
+                const float* base = img + at;
 #if CENTER
                 float s = 0.0f;
                 for (int c = 0; c < CH; ++c)
@@ -104,10 +121,16 @@ nnl_forward(const float* __restrict__ x,    // (B, CH, HIN, WIN) float32, [0, 1]
                             const float d = base[(c * HPAD + di) * WPAD + dj] - mean;
                             ss = fmaf(d, d, ss);
                         }
-                den = sqrtf(ss) + eps;
+                rden = 1.0f / (sqrtf(ss) + eps);
+                // pooled cells whose window holds (i, j): w * PSTRIDE <= i < w * PSTRIDE + POOL
+                const int wi0 = i >= POOL ? (i - POOL + PSTRIDE) / PSTRIDE : 0, wi1 = min(HP - 1, i / PSTRIDE);
+                const int wj0 = j >= POOL ? (j - POOL + PSTRIDE) / PSTRIDE : 0, wj1 = min(WP - 1, j / PSTRIDE);
+                if (wi0 <= wi1 && wj0 <= wj1) cells = wi0 | wi1 << 8 | wj0 << 16 | wj1 << 24;
             }
             pmean[lp] = mean;
-            pden[lp] = den;
+            prden[lp] = rden;
+            pbase[lp] = at;
+            pcell[lp] = cells;
         }
 
         float acc[8][8];
@@ -120,17 +143,10 @@ nnl_forward(const float* __restrict__ x,    // (B, CH, HIN, WIN) float32, [0, 1]
             const int nn = min(NCH, N - n0);
             __syncthreads();  // pmean is written / the last chunk's products are done with As
             // ---- 2b. centred patches of this chunk: As[q][lp] = v[n0 + q] - mean
+            //         (positions past the map read the image's first patch; their products are never used)
             for (int e = tid; e < nn * TPOS; e += NTHREADS) {
                 const int q = e / TPOS, lp = e - q * TPOS;
-                const int p = p0 + lp, n = n0 + q;
-                float d = 0.0f;
-                if (p < NPOS) {
-                    const int i = p / WO, j = p - (p / WO) * WO;
-                    const int c = n / (KW * KW), ij = n - c * (KW * KW);
-                    const int di = ij / KW, dj = ij - di * KW;
-                    d = img[(c * HPAD + i * STRIDE + di) * WPAD + j * STRIDE + dj] - pmean[lp];
-                }
-                as[e] = d;
+                as[e] = img[pbase[lp] + noff[n0 + q]] - pmean[lp];
             }
             __syncthreads();
             // ---- 3. the tile's dot products: positions ty*4 + {0..3} and TPOS/2 + ty*4 + {0..3},
@@ -154,21 +170,24 @@ nnl_forward(const float* __restrict__ x,    // (B, CH, HIN, WIN) float32, [0, 1]
 #pragma unroll
         for (int r = 0; r < 8; ++r) {
             const int lp = (r < 4 ? 0 : TPOS / 2) + ty * 4 + (r & 3);
-            const int p = p0 + lp;
-            if (p >= NPOS) continue;
-            const int i = p / WO, j = p - (p / WO) * WO;
-            // pooled cells whose window holds (i, j): w * PSTRIDE <= i < w * PSTRIDE + POOL
-            const int wi0 = i >= POOL ? (i - POOL + PSTRIDE) / PSTRIDE : 0, wi1 = min(HP - 1, i / PSTRIDE);
-            const int wj0 = j >= POOL ? (j - POOL + PSTRIDE) / PSTRIDE : 0, wj1 = min(WP - 1, j / PSTRIDE);
-            if (wi0 > wi1 || wj0 > wj1) continue;
-            const float den = pden[lp];
+            const int cells = pcell[lp];
+            if (cells == NO_CELL) continue;
+            const int wi0 = cells & 255, wi1 = (cells >> 8) & 255, wj0 = (cells >> 16) & 255, wj1 = cells >> 24;
+            const bool one = wi0 == wi1 && wj0 == wj1;  // most positions lie in a single window
+            unsigned int* cell = best + (wi0 * WP + wj0) * KC + tx * 4;
+            const float rden = prden[lp];
 #pragma unroll
             for (int f = 0; f < 8; ++f) {
-                const int kk = (f < 4 ? 0 : KC / 2) + tx * 4 + (f & 3);
-                const float c = __fdiv_rn(acc[r][f], den);
-                const unsigned int bits = c > 0.0f ? __float_as_uint(c) : 0u;  // ReLU; -0 and NaN to 0
-                for (int wi = wi0; wi <= wi1; ++wi)
-                    for (int wj = wj0; wj <= wj1; ++wj) atomicMax(best + (wi * WP + wj) * KC + kk, bits);
+                const int kk = (f < 4 ? 0 : KC / 2) + (f & 3);  // + tx * 4, in cell
+                const float c = acc[r][f] * rden;
+                if (!(c > 0.0f)) continue;  // ReLU gives 0 (-0 and NaN too), which every cell already holds
+                const unsigned int bits = __float_as_uint(c);
+                if (one) {
+                    atomicMax(cell + kk, bits);
+                } else {
+                    for (int wi = wi0; wi <= wi1; ++wi)
+                        for (int wj = wj0; wj <= wj1; ++wj) atomicMax(cell + ((wi - wi0) * WP + wj - wj0) * KC + kk, bits);
+                }
             }
         }
     }

@@ -56,7 +56,9 @@ class FusedPlan:
 
 def _shared_bytes(channels: int, hpad: int, wpad: int, dim: int, kc: int, tpos: int, nch: int, cells: int) -> int:
     img = (channels * hpad * wpad + 3) // 4 * 4
-    return 4 * (img + dim * kc + nch * tpos + 2 * tpos + cells * kc)
+    # image, Mc^T chunk, As tile, four notes per position (mean, 1/den, patch offset, cells), the
+    # patch offset table, pooled maxima: the carve-up at the top of nnl_forward
+    return 4 * (img + dim * kc + nch * tpos + 4 * tpos + dim + cells * kc)
 
 
 def fused_plan(block: BlockSpec, input_shape: tuple[int, int, int], *, shared_limit: int,

@@ -28,3 +28,15 @@ def test_readme_main_job_uses_real_options():
     help_text = CliRunner().invoke(cli, [main_job[0], "--help"]).output
     for option in (w for w in main_job if w.startswith("--")):
         assert option in help_text, option
+
+
+def test_every_tool_answers_help():
+    # tools/README.md: each script runs with --help (and prints JSON when run for real)
+    import subprocess
+    import sys
+
+    tools = sorted((ROOT / "tools").glob("*.py"))
+    assert len(tools) >= 6
+    for tool in tools:
+        done = subprocess.run([sys.executable, str(tool), "--help"], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0 and "usage" in done.stdout.lower(), (tool.name, done.stderr[-500:])

@@ -19,6 +19,7 @@ Status: the kernel has been checked on the CPU through a g++ build of the same s
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -151,6 +152,9 @@ def block_launches(net: _Net, shared_limit: int, *, kc: int | None = None, threa
     _check_blocks(net)
     spec, out, offset = net.spec, [], 0
     for block, layer in zip(spec.blocks, net.blocks):
+        # the layer's own settings: a ConvNet with patch_norm gives every block its power, not the spec's
+        block = dataclasses.replace(block, power=layer.power, stride=layer.stride, padding=layer.padding,
+                                    pool=layer.pool, pool_stride=layer.pool_stride, center=layer.center)
         plan = fused_plan(block, spec.input, shared_limit=shared_limit, kc=kc, threads=threads, nch=nch)
         width = block.filters * math.prod(block.out_size(*spec.input[1:]))
         out.append(BlockLaunch(block, plan, kernel_filters(layer, plan.define("KPAD")), offset, width))

@@ -19,6 +19,8 @@ fmaf chain and pooling is a max.
 
 from __future__ import annotations
 
+import dataclasses
+
 import shutil
 import sys
 
@@ -193,6 +195,20 @@ def test_host_build_matches_float64_torch(name):
     net = reference_net(spec, 1)
     x = images(6)
     assert_features_close(host_cuda.nnl_features(net, x, H100_SHARED), float64_features(net, x), spec)
+
+
+@needs_gxx
+def test_host_build_runs_a_patch_norm_conv_twin_with_its_own_power():
+    # ConvNet(patch_norm=True) gives every block the net's power (3 here), not the spec's (30, 10)
+    from edgehebb.nnl import ConvNet
+
+    spec = NetSpec("two", (BLOCKS["gaps"], BLOCKS["stride_pad_plain"]), input=(3, 32, 32))
+    torch.manual_seed(3)
+    net = ConvNet(spec, power=3.0, patch_norm=True).eval()
+    x = images(3)
+    got, ref = host_cuda.nnl_features(net, x, H100_SHARED), float64_features(net, x)
+    assert_features_close(got, ref, NetSpec("two", tuple(dataclasses.replace(b, power=3.0) for b in spec.blocks),
+                                            input=(3, 32, 32)))
 
 
 @needs_gxx

@@ -5,7 +5,7 @@ For every seed and backend, learn the fig. 2-left bank (K=400, W=4, all training
 the fig. 2-left softmax head on it (validation-chosen epoch), then measure clean test accuracy.
 The float32 rule amplifies rounding (a 1e-7 change of M0 moves the final filters a lot, see
 notes/pycuda-kernel.md), so single runs differ; the question is whether the per-backend means do.
-``--batches`` also learns with the given minibatch sizes (first backend) to find the largest B that
+``--batches`` also learns with the given minibatch sizes (last backend, seed 0) to find the largest B that
 still learns good filters. Prints one JSON line per run, then a summary line.
 
   python tools/compare_backends.py --data $EDGEHEBB_DATA --out runs/compare --seeds 0,1,2
@@ -56,7 +56,7 @@ def main(argv=None) -> int:
     ap.add_argument("--backends", default="torch,pycuda")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--batch", type=int, default=1000)
-    ap.add_argument("--batches", default="", help="Extra minibatch sizes to try with the first backend, seed 0.")
+    ap.add_argument("--batches", default="", help="Extra minibatch sizes to try with the last backend (pycuda by default), seed 0.")
     ap.add_argument("--learn-epochs", type=int, default=1)
     ap.add_argument("--head-epochs", type=int, default=30)
     ap.add_argument("--limit", type=int, default=None)

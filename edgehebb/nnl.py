@@ -215,6 +215,15 @@ def _ieee_fp32(x: torch.Tensor):
         torch.backends.cudnn.allow_tf32 = saved
 
 
+@torch.compiler.disable
+def _conv_ieee(x: torch.Tensor, m: torch.Tensor, stride: int) -> torch.Tensor:
+    """The block's convolution in IEEE FP32. Kept out of torch.compile: dynamo traces through the
+    flag switch of :func:`_ieee_fp32` without keeping it, and the compiled convolution would then
+    run with the global TF32 default."""
+    with _ieee_fp32(x):
+        return F.conv2d(x, m, stride=stride)
+
+
 def _unit(w: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     """Each filter (K, C, W, W) scaled to unit length."""
     return w / w.flatten(1).norm(dim=1).clamp_min(eps)[:, None, None, None]
@@ -269,8 +278,7 @@ class NNLConv(nn.Module):
             # [-0.5, 0.5] halves the values whose squares cancel in s_2 - s_1^2 / N (float32).
             x = x - 0.5
             m = m - m.mean(dim=(1, 2, 3), keepdim=True)    # <m, v - mean(v)> = <m - mean(m), v>
-        with _ieee_fp32(x):
-            dot = F.conv2d(x, m, stride=self.stride)
+        dot = _conv_ieee(x, m, self.stride)
         if not self.norm:
             return dot
         if self.center:

@@ -214,3 +214,45 @@ def test_convnet_trains_one_step(kw):
     assert after < before
     conv_params = [p for n, p in net.named_parameters() if n.startswith("blocks")]
     assert conv_params and all(p.grad is not None and p.grad.abs().sum() > 0 for p in conv_params)
+
+
+def test_ieee_convolution_survives_torch_compile(monkeypatch):
+    # The NNL convolution turns cuDNN's TF32 off around itself (TF32 moved fig2_left logits by 35x a
+    # row's max on an H100). Under torch.compile that switch used to be traced away. A custom op
+    # reads the flag when the compiled graph runs; _ieee_fp32 is made to act as on a CUDA tensor.
+    import contextlib
+
+    from edgehebb import nnl
+
+    seen = []
+
+    @torch.library.custom_op("edgehebb_test::tf32_probe", mutates_args=())
+    def probe(x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:   # the dot product (the patch-norm box sums run in float64)
+            seen.append(torch.backends.cudnn.allow_tf32)
+        return x.clone()
+
+    @probe.register_fake
+    def _(x):
+        return torch.empty_like(x)
+
+    @contextlib.contextmanager
+    def as_on_cuda(x):
+        saved, torch.backends.cudnn.allow_tf32 = torch.backends.cudnn.allow_tf32, False
+        try:
+            yield
+        finally:
+            torch.backends.cudnn.allow_tf32 = saved
+
+    conv2d = torch.nn.functional.conv2d
+    monkeypatch.setattr(nnl, "_ieee_fp32", as_on_cuda)
+    monkeypatch.setattr(torch.nn.functional, "conv2d", lambda x, w, *a, **k: conv2d(probe(x), w, *a, **k))
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    layer = NNLConv(torch.randn(4, 3, 3, 3), 10.0, pool=2)
+    x = torch.rand(2, 3, 8, 8)
+    eager = layer(x)
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, backend="eager")(x)
+    torch._dynamo.reset()
+    assert torch.equal(compiled, eager)
+    assert seen == [False, False], seen   # eager, then compiled: the dot product never saw TF32 allowed

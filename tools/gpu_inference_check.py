@@ -11,7 +11,9 @@ The fused kernel's launch shapes (filters per thread block, threads, patch value
 are swept at the largest batch (features only, ``fused_shapes``); the tables use the default plan.
 Roofline at each batch: max(FLOPs / FP32 peak, bytes / memory bandwidth) with the FLOPs of the
 block convolutions (dot product and box sums) and head, and the bytes of input, filters and output.
-Prints one JSON object.
+Prints one JSON object; ``--out`` also writes it after every model, so a run cut short keeps what it
+measured. A path that fails (ORT without a working CUDA provider, the fused kernel, torch.compile) is
+recorded under ``errors`` and the others go on.
 
   python tools/gpu_inference_check.py models/fig2_left-cifar10 runs/paper/models/fig2_middle-local \\
       --data $EDGEHEBB_DATA --peak-tflops 66.9 --bandwidth-tbs 3.35
@@ -61,14 +63,39 @@ def time_fn(fn, warmup: int, iters: int) -> list[float]:
 
 
 def ort_cuda_runner(sess, x: torch.Tensor, classes: int):
-    """IOBinding with device-resident input and logits; ORT allocates the other outputs on the device."""
+    """IOBinding with device-resident input and logits; ORT allocates the other outputs on the device.
+    The returned call holds ``x`` and the logits, whose memory ORT reads and writes."""
+    x = x.contiguous()
     io = sess.io_binding()
     logits = torch.empty((x.shape[0], classes), device="cuda")
     io.bind_input("images", "cuda", 0, np.float32, tuple(x.shape), x.data_ptr())
     io.bind_output("logits", "cuda", 0, np.float32, tuple(logits.shape), logits.data_ptr())
     for name in ("probabilities", "features"):
         io.bind_output(name, "cuda")
-    return lambda: sess.run_with_iobinding(io), logits
+
+    def run(bound=(x, logits)):   # keeps the bound tensors alive as long as the call
+        sess.run_with_iobinding(io)
+    return run, logits
+
+
+def attempt(r: dict, key: str, fn):
+    """``fn()``, or None with the error recorded under ``r["errors"][key]``: one path failing (a CUDA
+    provider that did not load, a kernel that does not compile) must not lose the others."""
+    try:
+        return fn()
+    except Exception as e:   # noqa: BLE001 - reported, not hidden
+        r.setdefault("errors", {})[key] = f"{type(e).__name__}: {e}"
+        print(f"{key}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        return None
+
+
+def ort_cuda_session(path: Path, options: dict | None):
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(path), providers=[("CUDAExecutionProvider", options or {})])
+    if sess.get_providers()[0] != "CUDAExecutionProvider":   # ORT falls back to the CPU silently
+        raise RuntimeError(f"the CUDA provider did not load (session providers {sess.get_providers()})")
+    return sess
 
 
 def sweep_fused(net, xs: torch.Tensor, batch: int, args) -> list[dict]:
@@ -81,10 +108,10 @@ def sweep_fused(net, xs: torch.Tensor, batch: int, args) -> list[dict]:
                              (128, 256, None), (96, 192, None), (80, 160, 24), (40, 160, None)):
         try:
             fused = FusedNet(net, kc=kc, threads=threads, nch=nch)
-        except Exception as e:  # a shape that does not fit this device: report, keep sweeping
-            rows.append({"kc": kc, "threads": threads, "nch": nch, "error": str(e)})
+            ms = time_fn(lambda: fused.features(x), args.warmup, args.iters)
+        except Exception as e:  # noqa: BLE001 - a shape that does not fit this device: report, keep sweeping
+            rows.append({"kc": kc, "threads": threads, "nch": nch, "error": f"{type(e).__name__}: {e}"})
             continue
-        ms = time_fn(lambda: fused.features(x), args.warmup, args.iters)
         rows.append({"kc": kc, "threads": threads, "nch": [p.define("NCH") for p in fused.plans],
                      **percentiles(ms)})
     return rows
@@ -100,6 +127,7 @@ def main(argv=None) -> int:
     ap.add_argument("--iters", type=int, default=50)
     ap.add_argument("--peak-tflops", type=float, default=66.9, help="FP32 (non-tensor-core) peak of the GPU.")
     ap.add_argument("--bandwidth-tbs", type=float, default=3.35, help="Memory bandwidth of the GPU, TB/s.")
+    ap.add_argument("--out", type=Path, default=None, help="Also write the report here after every model.")
     args = ap.parse_args(argv)
 
     import onnxruntime as ort
@@ -114,7 +142,7 @@ def main(argv=None) -> int:
     with_fused = cuda_driver.available()  # pycuda, a GPU and nvcc
 
     test = load_split(resolve_data_root(args.data, download=False), "test", limit=args.images, progress=False)
-    xs = torch.from_numpy(np.array(test.x)).permute(0, 3, 1, 2).float() / 255
+    xs = (torch.from_numpy(np.array(test.x)).permute(0, 3, 1, 2).float() / 255).contiguous()   # NCHW, not channels_last
     report = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "onnxruntime": ort.__version__,
               "providers": ort.get_available_providers(), "models": {}}
     tmp = Path(tempfile.mkdtemp())
@@ -128,14 +156,27 @@ def main(argv=None) -> int:
             gpu_net = load_model(name, "cuda")[0]
             outs = {"torch-cuda": torch.cat([gpu_net(xs[i:i + 250].cuda()).cpu() for i in range(0, len(xs), 250)])}
         # use_tf32=0 is what edgehebb.Runtime sets; ORT's default (TF32 on) is kept beside it for comparison
-        sessions = {"onnxruntime-cpu": ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"]),
-                    "onnxruntime-cuda": ort.InferenceSession(
-                        str(onnx_path), providers=[("CUDAExecutionProvider", {"use_tf32": "0"})]),
-                    "onnxruntime-cuda-tf32": ort.InferenceSession(str(onnx_path), providers=["CUDAExecutionProvider"])}
-        fused = FusedNet(gpu_net) if with_fused else None
-        if fused is not None:
+        sessions = {"onnxruntime-cpu": ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])}
+        for key, options in (("onnxruntime-cuda", {"use_tf32": "0"}), ("onnxruntime-cuda-tf32", None)):
+            sess = attempt(r, key, lambda: ort_cuda_session(onnx_path, options))
+            if sess is not None:
+                sessions[key] = sess
+        fused = attempt(r, "pycuda-fused", lambda: FusedNet(gpu_net)) if with_fused else None
+        compiled = torch.compile(gpu_net)
+
+        def logits_of(model):
             with torch.no_grad():
-                outs["pycuda-fused"] = torch.cat([fused(xs[i:i + 250].cuda()).cpu() for i in range(0, len(xs), 250)])
+                return torch.cat([model(xs[i:i + 250].cuda()).cpu() for i in range(0, len(xs), 250)])
+
+        for key, model in (("pycuda-fused", fused), ("torch-compile", compiled)):
+            if model is not None:
+                out = attempt(r, key, lambda: logits_of(model))
+                if out is None and key == "pycuda-fused":
+                    fused = None
+                elif out is None:
+                    compiled = None
+                else:
+                    outs[key] = out
         for key, sess in sessions.items():
             r[f"{key}_providers"] = sess.get_providers()
             outs[key] = torch.from_numpy(np.concatenate([sess.run(["logits"], {"images": xs[i:i + 250].numpy()})[0]
@@ -147,28 +188,32 @@ def main(argv=None) -> int:
                                 "top1_agreement": float((out.argmax(1) == ref.argmax(1)).double().mean()),
                                 "accuracy": float((out.argmax(1).numpy() == test.y).mean())}
         r["parity"]["torch-cpu"] = {"accuracy": float((ref.argmax(1).numpy() == test.y).mean())}
-        compiled = torch.compile(gpu_net)
         for b in (int(s) for s in args.batches.split(",")):
             x = xs[:b].cuda() if b <= len(xs) else xs[:1].repeat(b, 1, 1, 1).cuda()
             row = {}
-            with torch.no_grad():
-                row["torch-cuda"] = time_fn(lambda: gpu_net(x), args.warmup, args.iters)
-                row["torch-compile"] = time_fn(lambda: compiled(x), args.warmup + 5, args.iters)
+            paths = {"torch-cuda": (gpu_net, args.warmup), "torch-compile": (compiled, args.warmup + 5),
+                     "pycuda-fused": (fused, args.warmup)}
+            for key, (model, warmup) in paths.items():
+                if model is not None:
+                    with torch.no_grad():
+                        ms = attempt(r, f"{key}@{b}", lambda: time_fn(lambda: model(x), warmup, args.iters))
+                    if ms is not None:
+                        row[key] = ms
             for key in ("onnxruntime-cuda", "onnxruntime-cuda-tf32"):
-                fn, _ = ort_cuda_runner(sessions[key], x.contiguous(), spec.classes)
-                row[key] = time_fn(fn, args.warmup, args.iters)
-            if fused is not None:
-                with torch.no_grad():
-                    row["pycuda-fused"] = time_fn(lambda: fused(x), args.warmup, args.iters)
+                if key in sessions:
+                    ms = attempt(r, f"{key}@{b}", lambda: time_fn(ort_cuda_runner(sessions[key], x, spec.classes)[0],
+                                                                  args.warmup, args.iters))
+                    if ms is not None:
+                        row[key] = ms
             flop_s = r["flops_per_image"] * b / (args.peak_tflops * 1e12)
             nbytes = 4 * (b * np.prod(spec.input) + b * spec.classes
                           + sum(bl.filters * spec.input[0] * bl.kernel ** 2 for bl in spec.blocks))
             roof_ms = 1e3 * max(flop_s, nbytes / (args.bandwidth_tbs * 1e12))
             r["latency"][b] = {k: {**percentiles(v), "images_per_s": b / (statistics.median(v) / 1e3)}
                                for k, v in row.items()}
-            best = min(r["latency"][b].values(), key=lambda v: v["p50_ms"])["p50_ms"]
+            best = min((v["p50_ms"] for v in r["latency"][b].values()), default=None)
             r["latency"][b]["roofline_ms"] = roof_ms
-            r["latency"][b]["best_over_roofline"] = best / roof_ms
+            r["latency"][b]["best_over_roofline"] = best / roof_ms if best is not None else None
             print(f"{name} batch {b}: " + ", ".join(f"{k} {v['p50_ms']:.3f} ms" for k, v in r["latency"][b].items()
                                                      if isinstance(v, dict)) + f", roofline {roof_ms:.3f} ms",
                   file=sys.stderr, flush=True)
@@ -177,6 +222,10 @@ def main(argv=None) -> int:
             r["fused_shapes"] = sweep_fused(gpu_net, xs, max(int(v) for v in args.batches.split(",")), args)
         report["models"][name] = r
         print(json.dumps({"model": name, **r}), file=sys.stderr, flush=True)   # kept if a later model times out
+        if args.out is not None:
+            from edgehebb.io import atomic_write_json
+
+            atomic_write_json(args.out, report)
     print(json.dumps(report, indent=2))
     return 0
 

@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from edgehebb.errors import EdgehebbError
 from edgehebb.io import atomic_write
+from edgehebb.model import model_kind
 from edgehebb import nnl
 from edgehebb.nnl import _Net
 
@@ -60,8 +61,7 @@ def features_key(net: _Net, images: np.ndarray) -> str:
     h = hashlib.sha256()
     h.update(Path(nnl.__file__).read_bytes())
     h.update(json.dumps(net.spec.to_dict(), sort_keys=True).encode())
-    kind = [type(net).__name__, getattr(net, "power", None), getattr(net, "patch_norm", None)]
-    h.update(json.dumps(kind).encode())
+    h.update(json.dumps(model_kind(net)).encode())
     h.update(json.dumps([list(images.shape), str(images.dtype)]).encode())
     h.update(np.ascontiguousarray(images).data)
     for name, t in sorted(net.blocks.state_dict().items()):

@@ -39,9 +39,10 @@ def build_net(kind: str, spec: NetSpec, conv: dict | None = None, where: str = "
         return NNLNet(spec, [torch.zeros(b.filters, c, b.kernel, b.kernel) for b in spec.blocks])
     if kind == "conv":
         conv = {} if conv is None else conv
-        power, patch_norm = (conv.get("power", 1.0), conv.get("patch_norm", False)) if isinstance(conv, dict) else (0, 0)
-        if not isinstance(conv, dict) or isinstance(power, bool) or not isinstance(power, (int, float)) \
-                or not power > 0 or not isinstance(patch_norm, bool):
+        power = conv.get("power", 1.0) if isinstance(conv, dict) else None
+        patch_norm = conv.get("patch_norm", False) if isinstance(conv, dict) else None
+        number = isinstance(power, (int, float)) and not isinstance(power, bool)
+        if not (number and power > 0 and isinstance(patch_norm, bool)):
             raise EdgehebbError(f"{where}: 'conv' must be an object with a positive number 'power' and a true/false "
                                 f"'patch_norm', got {conv!r}")
         return ConvNet(spec, power=float(power), patch_norm=patch_norm)

@@ -308,16 +308,19 @@ def _pin_fp32(trt, network, nodes: Sequence[tuple[str, str]]) -> tuple[list[str]
     The parser adds layers in graph order, so producers come before consumers.
     """
     layers = [network.get_layer(i) for i in range(network.num_layers)]
-    chosen = [layer for layer in layers if is_custom_layer(layer.name, getattr(layer, "metadata", "") or "", nodes)]
+    op = [layer for layer in layers if is_custom_layer(layer.name, getattr(layer, "metadata", "") or "", nodes)]
+    if not op:   # FP32 spreads from the op's own layers: without them the op could run in FP16
+        raise EdgehebbError(f"found no TensorRT layers of the ai.edgehebb nodes {[n for n, _ in nodes]}; refusing "
+                            f"an FP16 build that could run the op in FP16 ({FP16_UNDERFLOW})")
+    chosen = list(op)
     # what feeds the op, back to the network input (and the constants the op reads)
-    needed = {t.name for layer in chosen for t in _inputs(layer)}
+    needed = {t.name for layer in op for t in _inputs(layer)}
     for layer in reversed(layers):
         if layer not in chosen and any(t.name in needed for t in _outputs(layer)):
             chosen.append(layer)
             needed.update(t.name for t in _inputs(layer))
     # what follows it
-    fp32_tensors = {t.name for layer in chosen if is_custom_layer(layer.name, getattr(layer, "metadata", "") or "", nodes)
-                    for t in _outputs(layer)}
+    fp32_tensors = {t.name for layer in op for t in _outputs(layer)}
     for layer in layers:
         if layer not in chosen and any(t.name in fp32_tensors for t in _inputs(layer)):
             chosen.append(layer)
@@ -396,10 +399,6 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, *, fp16: bool =
         config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
     if plan["fp32_custom_layers"] and nodes:
         pinned, free = _pin_fp32(trt, network, nodes)
-        if not any(is_custom_layer(layer.name, getattr(layer, "metadata", "") or "", nodes)
-                   for layer in (network.get_layer(i) for i in range(network.num_layers))):
-            raise EdgehebbError(f"found no TensorRT layers of the ai.edgehebb nodes {[n for n, _ in nodes]}; refusing "
-                                f"an FP16 build that could run the op in FP16 ({FP16_UNDERFLOW})")
         if not free:
             raise EdgehebbError(
                 f"--fp16 would change nothing for {onnx_path.name}: every float layer feeds the ai.edgehebb op or "

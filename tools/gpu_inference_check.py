@@ -161,22 +161,21 @@ def main(argv=None) -> int:
             sess = attempt(r, key, lambda: ort_cuda_session(onnx_path, options))
             if sess is not None:
                 sessions[key] = sess
-        fused = attempt(r, "pycuda-fused", lambda: FusedNet(gpu_net)) if with_fused else None
-        compiled = torch.compile(gpu_net)
+        # the torch-side GPU paths that may fail; one that does is dropped from the timing below
+        paths = {"torch-cuda": gpu_net, "torch-compile": torch.compile(gpu_net),
+                 "pycuda-fused": attempt(r, "pycuda-fused", lambda: FusedNet(gpu_net)) if with_fused else None}
 
         def logits_of(model):
             with torch.no_grad():
                 return torch.cat([model(xs[i:i + 250].cuda()).cpu() for i in range(0, len(xs), 250)])
 
-        for key, model in (("pycuda-fused", fused), ("torch-compile", compiled)):
-            if model is not None:
-                out = attempt(r, key, lambda: logits_of(model))
-                if out is None and key == "pycuda-fused":
-                    fused = None
-                elif out is None:
-                    compiled = None
-                else:
-                    outs[key] = out
+        for key in ("torch-compile", "pycuda-fused"):
+            out = attempt(r, key, lambda: logits_of(paths[key])) if paths[key] is not None else None
+            if out is None:
+                paths[key] = None
+            else:
+                outs[key] = out
+        fused = paths["pycuda-fused"]
         for key, sess in sessions.items():
             r[f"{key}_providers"] = sess.get_providers()
             outs[key] = torch.from_numpy(np.concatenate([sess.run(["logits"], {"images": xs[i:i + 250].numpy()})[0]
@@ -191,9 +190,8 @@ def main(argv=None) -> int:
         for b in (int(s) for s in args.batches.split(",")):
             x = xs[:b].cuda() if b <= len(xs) else xs[:1].repeat(b, 1, 1, 1).cuda()
             row = {}
-            paths = {"torch-cuda": (gpu_net, args.warmup), "torch-compile": (compiled, args.warmup + 5),
-                     "pycuda-fused": (fused, args.warmup)}
-            for key, (model, warmup) in paths.items():
+            for key, model in paths.items():
+                warmup = args.warmup + 5 if key == "torch-compile" else args.warmup   # compiles on first calls
                 if model is not None:
                     with torch.no_grad():
                         ms = attempt(r, f"{key}@{b}", lambda: time_fn(lambda: model(x), warmup, args.iters))

@@ -20,7 +20,28 @@ DEVICES = click.Choice(["auto", "cpu", "cuda"])
 SEEDS = click.IntRange(0, 2 ** 32 - 1)  # what numpy and torch generators take
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+class _Group(click.Group):
+    """Lists each command with its whole first sentence, wrapped between words (click cuts it to fit
+    one line, and its wrapping splits "rank-update" at the hyphen)."""
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        import textwrap
+
+        rows = [(name, cmd.get_short_help_str(limit=10_000)) for name in self.list_commands(ctx)
+                if (cmd := self.get_command(ctx, name)) is not None and not cmd.hidden]
+        if not rows:
+            return
+        with formatter.section("Commands"):
+            indent = " " * formatter.current_indent
+            first = max(len(name) for name, _ in rows) + 2
+            width = max(formatter.width - formatter.current_indent - first, 20)
+            for name, text in rows:
+                lines = textwrap.wrap(text, width, break_on_hyphens=False) or [""]
+                formatter.write(f"{indent}{name:<{first}}{lines[0]}\n")
+                formatter.write("".join(f"{indent}{'':<{first}}{line}\n" for line in lines[1:]))
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.version_option(__version__, prog_name="edgehebb")
 @click.option("--debug", is_flag=True, help="Show full tracebacks for errors.")
 @click.pass_context
@@ -33,6 +54,17 @@ def data_option(f):
     return click.option("--data", "data", type=click.Path(path_type=Path), default=None,
                         help="Image-folder tree, cifar-10-batches-py folder or .npz "
                              "[default: $EDGEHEBB_DATA, else ~/.cache/edgehebb/cifar10]")(f)
+
+
+def threads_option(f):
+    return click.option("--threads", type=click.IntRange(min=1), default=None,
+                        help="CPU threads for learning and features [default: measured as it runs, so that "
+                             "cores shared with other jobs do not stall it]")(f)
+
+
+def _skipped_record(data) -> dict:
+    """config.json's list of the image files --skip-bad left out (the log line names only a few)."""
+    return {"skipped_images": list(data.skipped)} if data.skipped else {}
 
 
 @cli.command()
@@ -55,41 +87,58 @@ def data_option(f):
               help="torch (CPU or CUDA), pycuda (our CUDA kernel), auto (pycuda when usable, unless --device cpu).")
 @click.option("--device", type=DEVICES, default="auto", help="Device of the torch backend.")
 @click.option("--seed", type=SEEDS, default=0, help="Seeds the initial weights and every epoch's shuffle.")
-@click.option("--resume", is_flag=True, help="Continue the run in --out from its last completed epoch.")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint (written every "
+              "epoch, every few minutes and on Ctrl-C).")
+@threads_option
 @click.option("--json", "as_json", is_flag=True, help="Print the run's summary as JSON on stdout.")
 def learn(data, out, filters, kernel, stride, epochs, batch, lr, power, delta, rank, preprocess, limit, skip_bad,
-          backend, device, seed, resume, as_json):
+          backend, device, seed, resume, threads, as_json):
     """Learn a filter bank from image patches with the Krotov-Hopfield rank-update rule."""
     from edgehebb.data import load_split, resolve_data_root
     from edgehebb.learn import LearnConfig
-    from edgehebb.learn_dir import learn_to_dir
+    from edgehebb.learn_dir import check_out, learn_to_dir
 
+    config = LearnConfig(filters=filters, kernel=kernel, stride=stride, epochs=epochs, batch=batch, lr=lr,
+                         power=power, delta=delta, rank=rank, preprocess=preprocess, seed=seed)
+    check_out(out, resume)   # before the data is decoded, not after the epoch
     root = resolve_data_root(data)
     train = load_split(root, "train", limit=limit, skip_bad=skip_bad)
     click.echo(f"{len(train)} images {train.x.shape[1:]} from {train.source}", err=True)
-    config = LearnConfig(filters=filters, kernel=kernel, stride=stride, epochs=epochs, batch=batch, lr=lr,
-                         power=power, delta=delta, rank=rank, preprocess=preprocess, seed=seed)
     data_key = {"source": train.source, "split": "train", "limit": limit, "images": len(train)}
-    summary = learn_to_dir(train.x, config, out, data_key=data_key, backend=backend, device=device, resume=resume)
+    summary = learn_to_dir(train.x, config, out, data_key=data_key, backend=backend, device=device, resume=resume,
+                           threads=threads, extra=_skipped_record(train))
     _report_filters(out, summary["colour_orientation"], summary, as_json)
 
 
 @cli.command()
-@click.argument("model_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("model_dir")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="PNG to write [default: MODEL_DIR/filters.png].")
+              help="PNG to write [default: MODEL_DIR/filters.png; a model of several blocks gets one PNG per "
+                   "block, filters-block1.png, ...].")
 @click.option("--json", "as_json", is_flag=True, help="Print the colour/orientation statistic as JSON.")
 def show(model_dir, out, as_json):
-    """Redraw the filter picture of a learned model directory."""
-    from edgehebb.io import load_filters
-    from edgehebb.viz import colour_orientation_summary, save_filter_png
+    """Draw the filters of a filter bank or a trained model, and print the colour/orientation statistic.
 
-    filters, _ = load_filters(model_dir)
-    stats = colour_orientation_summary(filters)
-    png = out or model_dir / "filters.png"
-    save_filter_png(filters, png, title=f"{filters.shape[0]} filters, W={filters.shape[2]}, "
-                    f"{stats['colour_units']} colour / {stats['bw_units']} black-and-white")
-    _report_filters(png, stats, stats, as_json)
+    MODEL_DIR is a directory written by `edgehebb learn` or `edgehebb train`, or a shipped model's name.
+    """
+    from edgehebb.io import check_writable
+    from edgehebb.viz import colour_orientation_summary, model_filters, save_filter_png
+
+    banks, where = model_filters(model_dir)
+    base = out or where / "filters.png"
+    pngs = [base] if len(banks) == 1 else [base.with_name(f"{base.stem}-block{i}{base.suffix}")
+                                            for i in range(len(banks))]
+    for png in pngs:
+        check_writable(png)
+    all_stats = []
+    for (label, filters), png in zip(banks, pngs):
+        stats = colour_orientation_summary(filters)
+        save_filter_png(filters, png, title=f"{label}{filters.shape[0]} filters, W={filters.shape[2]}, "
+                        f"{stats['colour_units']} colour / {stats['bw_units']} black-and-white")
+        _report_filters(png, stats, None, False)
+        all_stats.append(stats)
+    if as_json:
+        click.echo(json.dumps(all_stats[0] if len(all_stats) == 1 else all_stats, indent=2))
 
 
 @cli.command()
@@ -117,18 +166,22 @@ def show(model_dir, out, as_json):
 @click.option("--seed", type=SEEDS, default=0, help="Seeds the validation split, initialisation, shuffles and learning.")
 @click.option("--skip-bad", is_flag=True, help="Skip unreadable images (counted) instead of stopping.")
 @click.option("--no-cache", is_flag=True, help="Do not read or write the frozen-feature cache.")
+@threads_option
 @click.option("--json", "as_json", is_flag=True, help="Print the training record as JSON on stdout.")
 def train(spec, data, out, limit, filters_from, baseline, baseline_power, patch_norm, epochs, batch, lr, weight_decay,
-          val_fraction, learn_epochs, learn_batch, backend, device, seed, skip_bad, no_cache, as_json):
+          val_fraction, learn_epochs, learn_batch, backend, device, seed, skip_bad, no_cache, threads, as_json):
     """Train a classifier: the head on frozen learned filters, or (--baseline) the CONV twin end to end."""
+    from edgehebb import threads as thread_policy
     from edgehebb.data import load_split, resolve_data_root
-    from edgehebb.io import CONFIG_FILE
+    from edgehebb.io import CONFIG_FILE, check_writable_dir
+    from edgehebb.model import update_record
     from edgehebb.nnl import load_spec
-    from edgehebb.train import FitConfig, train_to_dir
+    from edgehebb.train import FitConfig, find_bank, train_to_dir
 
     net_spec = load_spec(spec)
     if (out / CONFIG_FILE).exists():
         raise EdgehebbError(f"{out} already holds a model; choose another --out")
+    check_writable_dir(out)   # before the data is decoded and the banks learned, not after
     if (baseline_power != 1.0 or patch_norm) and not baseline:
         raise EdgehebbError("--baseline-power and --patch-norm only apply with --baseline")
     learning = {"--filters-from": bool(filters_from), "--learn-epochs": learn_epochs != 1,
@@ -136,13 +189,23 @@ def train(spec, data, out, limit, filters_from, baseline, baseline_power, patch_
     if baseline and any(learning.values()):
         raise EdgehebbError(f"{', '.join(k for k, v in learning.items() if v)} do not apply with --baseline "
                             f"(it learns no filter bank and caches no features)")
+    for i, block in enumerate(net_spec.blocks if filters_from else []):   # reads (and checks) the banks before the data
+        if find_bank(list(filters_from), block, net_spec.input[0]) is None:
+            raise EdgehebbError(f"no filter bank in {', '.join(map(str, filters_from))} fits block {i} of "
+                                f"{net_spec.name} (K={block.filters}, W={block.kernel}, C={net_spec.input[0]}, "
+                                f"preprocess {block.preprocess})")
     train_set = load_split(resolve_data_root(data), "train", limit=limit, skip_bad=skip_bad)
     click.echo(f"{len(train_set)} training images from {train_set.source}", err=True)
     fit = FitConfig(epochs=epochs, batch=batch, lr=lr, weight_decay=weight_decay, val_fraction=val_fraction, seed=seed)
-    record = train_to_dir(net_spec, train_set, out, fit=fit, filters_from=list(filters_from), baseline=baseline,
-                          conv_power=baseline_power, patch_norm=patch_norm,
-                          learn={"epochs": learn_epochs, "batch": learn_batch, "seed": seed},
-                          backend=backend, device=device, cache="" if no_cache else None)
+    with thread_policy.configured(threads):
+        record = train_to_dir(net_spec, train_set, out, fit=fit, filters_from=list(filters_from), baseline=baseline,
+                              conv_power=baseline_power, patch_norm=patch_norm,
+                              learn={"epochs": learn_epochs, "batch": learn_batch, "seed": seed},
+                              backend=backend, device=device, cache="" if no_cache else None)
+    extra = {"threads": {"requested": "auto" if threads is None else threads, "cores": thread_policy.cores()},
+             **_skipped_record(train_set)}
+    update_record(out, extra)
+    record = {**record, **extra}
     if as_json:
         click.echo(json.dumps(record, indent=2))
 
@@ -166,7 +229,7 @@ def eval_(models, data, limit, intensity, coverage, shadow_seed, sweep, png, dev
     MODELS are model directories or names of shipped models (e.g. fig2_left-cifar10).
     """
     from edgehebb.data import load_split, resolve_data_root
-    from edgehebb.evaluate import evaluate, save_sweep_png
+    from edgehebb.evaluate import evaluate, per_class_table, save_sweep_png
     from edgehebb.io import check_writable
     from edgehebb.learn_dir import resolve_device
     from edgehebb.model import load_model
@@ -180,15 +243,17 @@ def eval_(models, data, limit, intensity, coverage, shadow_seed, sweep, png, dev
     where = png or (one / "eval.png" if len(models) == 1 and one.is_dir() else Path("eval.png"))
     if sweep:
         check_writable(where)  # before the evaluation, not after it
+    loaded = {name: load_model(name, device) for name in models}   # a bad model fails before the data is decoded
     test = load_split(resolve_data_root(data), "test", limit=limit, skip_bad=skip_bad)
     results = {}
-    for name in models:
-        net, config = load_model(name, device)
+    for name, (net, config) in loaded.items():
         r = evaluate(net, test, config["classes"], intensity=intensity, coverage=coverage, seed=shadow_seed,
                      sweep=SWEEP_INTENSITIES if sweep else None, device=device)
         results[name] = r
+        # the figures go to stdout unless --json owns it
         click.echo(f"{name}: clean accuracy {r['clean']['accuracy']:.2%}, shadowed ({coverage:.0%} x {intensity}) "
-                   f"{r['shadowed']['accuracy']:.2%} on {len(test)} images", err=True)
+                   f"{r['shadowed']['accuracy']:.2%} on {len(test)} images", err=as_json)
+        click.echo(per_class_table(r), err=as_json)
     if sweep:
         save_sweep_png(results, where)
         click.echo(f"wrote {where}", err=True)
@@ -196,7 +261,7 @@ def eval_(models, data, limit, intensity, coverage, shadow_seed, sweep, png, dev
         click.echo(json.dumps(results[models[0]] if len(models) == 1 else results, indent=2))
 
 
-def _report_filters(where: Path, stats: dict, payload: dict, as_json: bool) -> None:
+def _report_filters(where: Path, stats: dict, payload: dict | None, as_json: bool) -> None:
     click.echo(f"wrote {where}", err=True)
     def num(x, fmt=".2f"):
         return "n/a" if x is None else format(x, fmt)
@@ -222,9 +287,13 @@ def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     try:
         cli.main(args=args, prog_name="edgehebb", standalone_mode=False)
-    except click.exceptions.Abort:
-        click.echo("Aborted.", err=True)
-        sys.exit(130)
+    except click.exceptions.Abort as e:
+        # a learning run stopped by SIGINT/SIGTERM has said where its checkpoint is; exit as the signal would
+        signum = getattr(e.__cause__, "signum", None)
+        if signum is None:   # Ctrl-C anywhere else
+            click.echo("Aborted.", err=True)
+            signum = 2
+        sys.exit(128 + signum)
     except click.ClickException as e:
         e.show()
         sys.exit(e.exit_code)

@@ -9,10 +9,12 @@ cached matrix is memory-mapped instead of recomputed.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +26,7 @@ from edgehebb.io import atomic_write
 from edgehebb.model import model_kind
 from edgehebb import nnl
 from edgehebb.nnl import _Net
+from edgehebb.threads import ThreadTuner
 
 BATCH = 250   # images per forward pass: the fig. 2-middle blocks' maps take ~0.9 GB at this size
 
@@ -38,12 +41,22 @@ def images_to_tensor(images: np.ndarray, device: str | torch.device = "cpu") -> 
 
 @torch.no_grad()
 def compute_features(net: _Net, images: np.ndarray, *, device: str | torch.device = "cpu", batch: int = BATCH,
-                     progress: bool = True, desc: str = "features") -> np.ndarray:
-    """(N, feature_dim) float32 numpy: ``net.features`` of uint8 NHWC ``images``."""
+                     progress: bool = True, desc: str = "features", threads: int | None = None) -> np.ndarray:
+    """(N, feature_dim) float32 numpy: ``net.features`` of uint8 NHWC ``images``.
+
+    On the CPU the thread count is measured batch by batch (:mod:`edgehebb.threads`; ``threads`` or
+    ``--threads`` fixes it): the features are bitwise the same whatever it is.
+    """
     net = net.to(device).eval()
     chunks = []
-    for lo in tqdm(range(0, len(images), batch), desc=desc, unit="batch", disable=not progress, leave=False):
-        chunks.append(net.features(images_to_tensor(images[lo:lo + batch], device)).cpu())
+    with ThreadTuner(threads) if torch.device(device).type == "cpu" else contextlib.nullcontext() as tuner:
+        for lo in tqdm(range(0, len(images), batch), desc=desc, unit="batch", disable=not progress, leave=False):
+            if tuner is not None:
+                tuner.choose()
+            t0 = time.perf_counter()
+            chunks.append(net.features(images_to_tensor(images[lo:lo + batch], device)).cpu())
+            if tuner is not None:
+                tuner.record(time.perf_counter() - t0, len(chunks[-1]))
     if not chunks:
         raise EdgehebbError("no images to compute features of")
     return torch.cat(chunks).numpy()

@@ -3,11 +3,17 @@
 A learned filter bank is a directory with ``config.json`` (hyperparameters, data source, seed,
 package version, per-epoch history) and ``filters.safetensors`` (tensor ``filters``, float32,
 shape (K, C, W, W): a ``conv2d`` weight). Nothing here unpickles anything.
+
+Every safetensors file written here carries a SHA-256 of its tensors (names, dtypes, shapes and
+bytes) in its metadata, checked on load: a file damaged on disk or in transit is refused with one
+line naming it, instead of loading silently and scoring at chance. Files written before the checksum
+existed have none and load as before.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
 import tempfile
@@ -25,6 +31,7 @@ FILTERS_FILE = "filters.safetensors"
 CONFIG_FILE = "config.json"
 CHECKPOINT_FILE = "checkpoint.safetensors"
 FORMAT = "edgehebb.filters/1"
+CHECKSUM_KEY = "edgehebb.sha256"   # in the safetensors metadata, beside our JSON
 
 
 @functools.cache
@@ -86,6 +93,28 @@ def check_writable(path: str | os.PathLike) -> Path:
     return path
 
 
+def check_writable_dir(path: str | os.PathLike) -> Path:
+    """Fail now, with one line, if files could not be created in the folder ``path`` later.
+
+    It creates and removes a probe file in ``path``, or in its nearest existing parent when ``path``
+    does not exist yet (which is not created: a run that fails later leaves nothing behind). Permission
+    bits say nothing about a read-only mount, and nothing at all to root.
+    """
+    path = Path(path)
+    base = path
+    while not base.exists() and base != base.parent:
+        base = base.parent
+    if not base.is_dir():
+        raise EdgehebbError(f"cannot write into {path}: {base} is a file, not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(dir=base, prefix=".edgehebb-probe.")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise EdgehebbError(f"cannot write into {path}: {e.strerror or e}") from None
+    return path
+
+
 def atomic_write_json(path: str | os.PathLike, obj) -> None:
     atomic_write(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
 
@@ -115,13 +144,27 @@ def save_figure(fig, path: str | os.PathLike, **savefig_kw) -> None:
     atomic_write(path, buf.getvalue())
 
 
+def tensors_checksum(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over every tensor's name, dtype, shape and bytes, in name order."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(json.dumps([name, str(t.dtype), list(t.shape)]).encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
 def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict | None = None) -> None:
-    """safetensors file; ``meta`` travels JSON-encoded in the header's metadata."""
-    header = {"json": json.dumps(meta)} if meta is not None else None
-    atomic_write(path, st_save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=header))
+    """safetensors file with the tensors' checksum; ``meta`` travels JSON-encoded in the header's metadata."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    header = {CHECKSUM_KEY: tensors_checksum(tensors)}
+    if meta is not None:
+        header["json"] = json.dumps(meta)
+    atomic_write(path, st_save(tensors, metadata=header))
 
 
 def load_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """(tensors, the JSON ``meta`` saved with them) of a safetensors file; its checksum, if it has one, must hold."""
     path = Path(path)
     if not path.is_file():
         raise EdgehebbError(f"{path} does not exist")
@@ -132,6 +175,10 @@ def load_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
         meta = json.loads(data[8:8 + header_len]).get("__metadata__") or {}
     except (SafetensorError, ValueError, AttributeError) as e:
         raise EdgehebbError(f"{path} is not a safetensors file: {e}") from None
+    stored = meta.get(CHECKSUM_KEY)
+    if stored is not None and stored != tensors_checksum(tensors):
+        raise EdgehebbError(f"{path} is corrupt: its tensors do not match the checksum written with them; "
+                            f"restore the file or create it again")
     try:
         return tensors, (json.loads(meta["json"]) if "json" in meta else None)
     except json.JSONDecodeError as e:

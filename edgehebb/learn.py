@@ -20,9 +20,11 @@ from edgehebb.errors import EdgehebbError
 from edgehebb.hebbian import check_rule, init_weights
 from edgehebb.patches import PREPROCESS, patch_grid
 
-# Steps per backend call: the progress bar moves this often; large enough that a GPU backend
-# keeps its launches back to back.
-STEPS_PER_CALL = 256
+# Seconds per backend call. Between calls the progress bar moves, mid-epoch checkpoints are written
+# and Ctrl-C is honoured, so calls are short; long enough that a GPU backend keeps its launches back
+# to back. The first call runs FIRST_STEPS steps; later ones are sized from the measured rate.
+CALL_SECONDS = 0.5
+FIRST_STEPS = 4
 
 
 @dataclass
@@ -68,6 +70,13 @@ class LearnState:
     weights: torch.Tensor  # (K, C*W*W) CPU float32
     epochs_done: int = 0
     history: list[EpochStats] = field(default_factory=list)
+    # Where a mid-epoch snapshot stands in epoch ``epochs_done``: minibatch steps done (the order
+    # itself is epoch_order(seed, epoch), so the position is enough to continue it), win counts and
+    # seconds so far. 0 / None / 0.0 at an epoch boundary.
+    position: int = 0
+    wins: torch.Tensor | None = None
+    seconds: float = 0.0
+    threads: dict | None = None  # the CPU backend's thread record (edgehebb.threads), None on a GPU
 
 
 def epoch_order(n_patches: int, seed: int, epoch: int) -> torch.Tensor:
@@ -97,13 +106,15 @@ def resolve_backend(name: str, device: str = "auto") -> str:
     return name
 
 
-def make_backend(name: str, images: np.ndarray, config: LearnConfig, weights: torch.Tensor, device: str):
-    """The learning backend ``name`` (torch | pycuda | auto), holding ``images`` and ``weights``."""
+def make_backend(name: str, images: np.ndarray, config: LearnConfig, weights: torch.Tensor, device: str,
+                 threads: int | None = None):
+    """The learning backend ``name`` (torch | pycuda | auto), holding ``images`` and ``weights``;
+    ``threads`` fixes the CPU backend's thread count (None: measured, edgehebb.threads)."""
     name = resolve_backend(name, device)
     if name == "torch":
         from edgehebb.learn_torch import TorchBackend
 
-        return TorchBackend(images, config, weights, device)
+        return TorchBackend(images, config, weights, device, threads=threads)
     if name == "pycuda":
         from edgehebb.learn_pycuda import PyCudaBackend
 
@@ -120,11 +131,14 @@ def _pycuda_usable() -> bool:
 
 def learn(images: np.ndarray, config: LearnConfig, *, backend: str = "torch", device: str = "cpu",
           state: LearnState | None = None, on_epoch: Callable[[LearnState], None] | None = None,
+          on_call: Callable[[Callable[[], LearnState]], None] | None = None, threads: int | None = None,
           progress: bool = True) -> LearnState:
     """Learn (or continue learning) a filter bank from uint8 NHWC ``images``.
 
-    ``state`` continues an earlier run from its last completed epoch; ``on_epoch`` is called after
-    every epoch (the CLI writes its checkpoint there).
+    ``state`` continues an earlier run from its last completed epoch, or from the middle of an epoch
+    (``state.position``); ``on_epoch`` is called after every epoch (the CLI writes its checkpoint
+    there). ``on_call`` is called after every backend call with a function that returns a mid-epoch
+    snapshot (fetching the weights costs a copy, so only when wanted); it may raise to stop the run.
     """
     if images.ndim != 4 or images.dtype != np.uint8:
         raise EdgehebbError(f"images must be uint8 (N, H, W, C), got {images.dtype} {images.shape}")
@@ -141,29 +155,51 @@ def learn(images: np.ndarray, config: LearnConfig, *, backend: str = "torch", de
     if tuple(state.weights.shape) != want:
         raise EdgehebbError(f"the weights to continue from are {tuple(state.weights.shape)}; {config.filters} filters of "
                             f"{config.kernel}x{config.kernel}x{c} need {want}")
-    runner = make_backend(backend, images, config, state.weights, device)
+    if not 0 <= state.position <= steps:
+        raise EdgehebbError(f"the run to continue stopped after step {state.position} of an epoch, but an epoch of "
+                            f"this data has {steps} steps")
+    runner = make_backend(backend, images, config, state.weights, device, threads)
+    B = config.batch
 
     from tqdm import tqdm
 
     for epoch in range(state.epochs_done, config.epochs):
         eps = config.lr * (1.0 - epoch / config.epochs)
-        order = epoch_order(n_patches, config.seed, epoch)[: steps * config.batch]
-        wins = torch.zeros(config.filters, dtype=torch.int64)
+        order = epoch_order(n_patches, config.seed, epoch)[: steps * B]
+        pos, wins, before = state.position, state.wins, state.seconds   # where a snapshot left this epoch
+        wins = torch.zeros(config.filters, dtype=torch.int64) if wins is None else wins.clone()
+        state.position, state.wins, state.seconds = 0, None, 0.0
         t0 = time.perf_counter()
-        bar = tqdm(total=steps * config.batch, unit="patch", unit_scale=True, disable=not progress,
-                   desc=f"epoch {epoch + 1}/{config.epochs}", leave=False)
-        chunk = STEPS_PER_CALL * config.batch
-        for start in range(0, len(order), chunk):
-            wins += runner.run(order[start:start + chunk], eps)
-            bar.update(min(chunk, len(order) - start))
+        bar = tqdm(total=steps * B, initial=pos * B, unit="patch", unit_scale=True, disable=not progress,
+                   desc=f"epoch {epoch + 1}/{config.epochs}", leave=False, smoothing=0.1,
+                   bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} patches "
+                              "[{elapsed}<{remaining}, {rate_fmt}]")
+        call = FIRST_STEPS
+        while pos < steps:
+            call = min(call, steps - pos)
+            t_call = time.perf_counter()
+            wins += runner.run(order[pos * B:(pos + call) * B], eps)
+            per_step = (time.perf_counter() - t_call) / call
+            pos += call
+            bar.update(call * B)
+            if on_call is not None:
+                def snapshot(pos=pos) -> LearnState:
+                    return LearnState(runner.weights(), epoch, list(state.history), pos, wins.clone(),
+                                      before + time.perf_counter() - t0)
+
+                on_call(snapshot)
+            # the next call lasts about CALL_SECONDS, and grows at most 4x (one fast call is no proof)
+            call = max(1, min(4 * call, round(CALL_SECONDS / max(per_step, 1e-9))))
         bar.close()
-        seconds = time.perf_counter() - t0
+        seconds = before + time.perf_counter() - t0
         state.weights = runner.weights()
         state.epochs_done = epoch + 1
         state.history.append(EpochStats(
             epoch=epoch + 1, eps=eps, norm_error=row_norm_error(state.weights, config.power),
             dead_fraction=float((wins == 0).float().mean()), seconds=seconds,
-            patches_per_s=steps * config.batch / max(seconds, 1e-9)))
+            patches_per_s=steps * B / max(seconds, 1e-9)))
+        state.threads = getattr(runner, "threads_report", lambda: None)()
         if on_epoch is not None:
             on_epoch(state)
+    state.threads = getattr(runner, "threads_report", lambda: None)()
     return state

@@ -53,3 +53,34 @@ def test_check_writable(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(EdgehebbError, match="cannot write"):
         check_writable(tmp_path / "file" / "c.png")
+
+
+def test_tensors_carry_a_checksum_that_is_checked_on_load(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from edgehebb.io import load_tensors, save_tensors
+
+    path = tmp_path / "t.safetensors"
+    save_tensors(path, {"w": torch.arange(64, dtype=torch.float32), "b": torch.ones(3)}, {"note": 1})
+    tensors, meta = load_tensors(path)
+    assert meta == {"note": 1} and torch.equal(tensors["w"], torch.arange(64, dtype=torch.float32))
+    data = bytearray(path.read_bytes())
+    data[-40:-36] = b"\x12\x34\x56\x78"   # a few bytes of tensor data, as a bad disk or copy would change them
+    path.write_bytes(bytes(data))
+    with pytest.raises(EdgehebbError) as err:
+        load_tensors(path)
+    assert str(err.value).startswith(f"{path} is corrupt") and "\n" not in str(err.value)
+    # files written before the checksum existed have none and still load
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "old.safetensors"))
+    assert load_tensors(tmp_path / "old.safetensors")[1] is None
+
+
+def test_check_writable_dir_probes_without_creating(tmp_path):
+    from edgehebb.io import check_writable_dir
+
+    assert check_writable_dir(tmp_path / "a" / "b") == tmp_path / "a" / "b"
+    assert not (tmp_path / "a").exists() and list(tmp_path.iterdir()) == []   # no probe left behind either
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(EdgehebbError, match="cannot write into .*file is a file"):
+        check_writable_dir(tmp_path / "file" / "run")

@@ -4,12 +4,14 @@ import json
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
 
+from edgehebb import threads
 from edgehebb.cli import cli, main
 from edgehebb.errors import EdgehebbError
 from edgehebb.io import load_filters
@@ -201,3 +203,257 @@ def test_import_and_help_load_no_heavy_modules():
             "print([m for m in ('torch', 'pycuda', 'tensorrt', 'onnxruntime') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip().splitlines()[-1] == "[]"
+
+
+# ---------------------------------------------------------------- the CPU backend is the reference rule
+
+def reference_weights(images, cfg: LearnConfig) -> torch.Tensor:
+    """hebbian.rank_update over the epoch orders, written out: what every backend must reproduce."""
+    from edgehebb.hebbian import init_weights, rank_update
+    from edgehebb.learn import epoch_order
+    from edgehebb.patches import PatchSampler, preprocess
+
+    sampler = PatchSampler(torch.tensor(images).permute(0, 3, 1, 2).contiguous(), cfg.kernel, cfg.stride)
+    M = init_weights(cfg.filters, images.shape[3] * cfg.kernel ** 2, cfg.seed)
+    B, steps = cfg.batch, sampler.n_patches // cfg.batch
+    with threads.configured(1):   # the same bits with any count (test_threads.py), and no spinning on a busy CI
+        for e in range(cfg.epochs):
+            order = epoch_order(sampler.n_patches, cfg.seed, e)
+            for s in range(steps):
+                v = preprocess(sampler.gather(order[s * B:(s + 1) * B]), cfg.preprocess)
+                rank_update(M, v, cfg.lr * (1 - e / cfg.epochs), cfg.power, cfg.delta, cfg.rank)
+    return M
+
+
+@pytest.mark.parametrize("extra", [{}, {"rank": 3, "power": 3.0}, {"rank": 10, "delta": 0.2}])
+def test_cpu_backend_learns_bitwise_the_reference_filters(images, extra):
+    cfg = LearnConfig(epochs=2, **{**SMALL, **extra})   # rank 10: the topk path; 2 and 3: argmax in numpy
+    assert torch.equal(learn(images, cfg, progress=False).weights, reference_weights(images, cfg))
+
+
+def test_top_units_match_topk_and_leave_the_currents_alone():
+    from edgehebb.learn_torch import top_units
+
+    h = torch.randn(300, 50, generator=torch.Generator().manual_seed(0))
+    before = h.clone()
+    for rank in (2, 3, 8, 9):
+        top = torch.topk(h, rank, dim=1).indices
+        first, ranked = top_units(h, rank)
+        assert torch.equal(first, top[:, 0]) and torch.equal(ranked, top[:, rank - 1]), rank
+        assert torch.equal(h, before)
+
+
+# ---------------------------------------------------------------- progress
+
+class SlowRunner:
+    """A backend whose steps take ``seconds`` each; records how many steps each call ran."""
+
+    def __init__(self, config, seconds):
+        self.config, self.seconds, self.calls = config, seconds, []
+        self.M = torch.zeros(config.filters, 48)
+
+    def run(self, order, eps):
+        import time
+
+        steps = len(order) // self.config.batch
+        self.calls.append(steps)
+        time.sleep(steps * self.seconds)
+        return torch.ones(self.config.filters, dtype=torch.int64)
+
+    def weights(self):
+        return self.M.clone()
+
+
+def test_calls_are_sized_by_time_so_progress_moves_often(images, monkeypatch, capsys):
+    import edgehebb.learn as L
+
+    cfg = LearnConfig(filters=8, kernel=4, batch=10, epochs=1)   # 40 x 13 x 13 patches: 676 steps
+    runner = SlowRunner(cfg, 0.0005)
+    monkeypatch.setattr(L, "make_backend", lambda *a, **k: runner)
+    monkeypatch.setattr(L, "CALL_SECONDS", 0.02)
+    state = L.learn(images, cfg, progress=True)
+    assert sum(runner.calls) == 676 and runner.calls[0] == L.FIRST_STEPS
+    assert len(runner.calls) >= 8 and max(runner.calls) <= 4 * 0.02 / 0.0005, runner.calls
+    bar = capsys.readouterr().err
+    assert "patch/s" in bar and "<" in bar and "patches" in bar   # rate and time left
+    assert state.history[0].patches_per_s > 0
+
+
+def test_epoch_line_gives_the_rate_in_three_figures():
+    from edgehebb.learn_dir import format_rate
+
+    assert format_rate(12_200) == "12.2 k patches/s"
+    assert format_rate(231_400) == "231 k patches/s"
+    assert format_rate(1_534_000) == "1.53 M patches/s"
+
+
+# ---------------------------------------------------------------- interruption, checkpoints and --out
+
+def _checkpoint_meta(out):
+    from edgehebb.io import CHECKPOINT_FILE, load_tensors
+
+    return load_tensors(out / CHECKPOINT_FILE)[1]
+
+
+def test_signal_mid_epoch_checkpoints_and_resume_is_bitwise(images, tmp_path, monkeypatch):
+    import signal
+
+    import edgehebb.learn as L
+    from edgehebb.learn_dir import Interrupted
+
+    cfg = LearnConfig(epochs=2, **SMALL)   # 40 x 13 x 13 / 20 = 338 steps per epoch
+    key = {"source": "synthetic"}
+    learn_to_dir(images, cfg, tmp_path / "full", data_key=key, progress=False, log=lambda s: None)
+    monkeypatch.setattr(L, "CALL_SECONDS", 1e-9)   # one step per call: the signal lands mid-epoch
+    monkeypatch.setattr(L, "FIRST_STEPS", 1)
+    original, calls = L.make_backend, []
+
+    def signalling(*a, **k):
+        runner = original(*a, **k)
+        run = runner.run
+
+        def run_then_signal(order, eps):
+            calls.append(len(order))
+            if len(calls) == 400:
+                signal.raise_signal(signal.SIGINT)   # as Ctrl-C would, between two steps
+            return run(order, eps)
+
+        runner.run = run_then_signal
+        return runner
+
+    monkeypatch.setattr(L, "make_backend", signalling)
+    lines = []
+    with pytest.raises(Interrupted) as stop:
+        learn_to_dir(images, cfg, tmp_path / "cut", data_key=key, progress=False, log=lines.append)
+    assert stop.value.signum == signal.SIGINT and "continue with --resume" in lines[-1]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler   # handlers restored
+    meta = _checkpoint_meta(tmp_path / "cut")
+    assert meta["epochs_done"] == 1 and meta["position"] == 400 - 338
+    assert not (tmp_path / "cut" / "filters.safetensors").exists()
+    monkeypatch.setattr(L, "make_backend", original)
+    learn_to_dir(images, cfg, tmp_path / "cut", data_key=key, resume=True, progress=False, log=lambda s: None)
+    full, full_cfg = load_filters(tmp_path / "full")
+    resumed, resumed_cfg = load_filters(tmp_path / "cut")
+    assert torch.equal(full, resumed)
+    assert [h["dead_fraction"] for h in resumed_cfg["history"]] == [h["dead_fraction"] for h in full_cfg["history"]]
+
+
+def test_periodic_checkpoints_survive_a_crash(images, tmp_path, monkeypatch):
+    import edgehebb.learn as L
+
+    cfg = LearnConfig(epochs=1, **SMALL)
+    key = {"source": "synthetic"}
+    monkeypatch.setattr(L, "CALL_SECONDS", 1e-9)
+    monkeypatch.setattr(L, "FIRST_STEPS", 1)
+    original, calls = L.make_backend, []
+
+    def crashing(*a, **k):
+        runner = original(*a, **k)
+        run = runner.run
+
+        def run_or_crash(order, eps):
+            calls.append(1)
+            if len(calls) == 30:
+                raise MemoryError("as if killed")
+            return run(order, eps)
+
+        runner.run = run_or_crash
+        return runner
+
+    monkeypatch.setattr(L, "make_backend", crashing)
+    with pytest.raises(MemoryError):
+        learn_to_dir(images, cfg, tmp_path / "cut", data_key=key, progress=False, checkpoint_seconds=0.0,
+                     log=lambda s: None)
+    assert _checkpoint_meta(tmp_path / "cut")["position"] == 29   # written after every call here
+    monkeypatch.setattr(L, "make_backend", original)
+    learn_to_dir(images, cfg, tmp_path / "cut", data_key=key, resume=True, progress=False, log=lambda s: None)
+    assert torch.equal(load_filters(tmp_path / "cut")[0], reference_weights(images, cfg).reshape(16, 3, 4, 4))
+
+
+def test_sigint_to_the_cli_then_resume_gives_the_same_filters(tmp_path):
+    import os
+    import signal
+    import threading
+
+    rng = np.random.default_rng(3)
+    x = rng.integers(0, 256, (100, 16, 16, 3), dtype=np.uint8)   # 16,900 patches: 338 steps an epoch
+    np.savez(tmp_path / "set.npz", x=x, y=np.arange(100) % 3)
+    args = ["--data", str(tmp_path / "set.npz"), "-K", "32", "-B", "50", "--epochs", "12", "--device", "cpu",
+            "--threads", "1"]
+    cmd = [sys.executable, "-m", "edgehebb.cli", "learn", *args, "--out", str(tmp_path / "cut")]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env)
+    err, seen = [], threading.Event()
+
+    def read():
+        for line in proc.stderr:
+            err.append(line)
+            if "epoch 1/12  eps" in line:   # the first epoch's checkpoint line
+                seen.set()
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    assert seen.wait(120), "".join(err)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(60) == 130
+    reader.join()
+    assert "checkpoint written" in "".join(err) and "Traceback" not in "".join(err), "".join(err)
+    meta = _checkpoint_meta(tmp_path / "cut")
+    assert 1 <= meta["epochs_done"] < 12
+    done = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    from edgehebb.data import load_split
+
+    data = load_split(tmp_path / "set.npz", progress=False)
+    cfg = LearnConfig(filters=32, batch=50, epochs=12)
+    learn_to_dir(data.x, cfg, tmp_path / "full", data_key={}, progress=False, log=lambda s: None)
+    assert torch.equal(load_filters(tmp_path / "cut")[0], load_filters(tmp_path / "full")[0])
+
+
+def test_cli_refuses_an_unwritable_out_before_any_work(image_tree, tmp_path, monkeypatch):
+    import edgehebb.data
+
+    (tmp_path / "file").write_text("x")
+    monkeypatch.setattr(edgehebb.data, "load_split", lambda *a, **k: pytest.fail("data loaded before --out was checked"))
+    for command in (["learn"], ["train", "--spec", "fig2_left"]):
+        r = CliRunner().invoke(cli, [*command, "--data", str(image_tree), "--out", str(tmp_path / "file" / "run")])
+        assert isinstance(r.exception, EdgehebbError) and "cannot write into" in str(r.exception), r.output
+    learn_to_dir(np.zeros((4, 8, 8, 3), np.uint8), LearnConfig(filters=4, batch=10), tmp_path / "done",
+                 data_key={}, progress=False, log=lambda s: None)
+    r = CliRunner().invoke(cli, ["learn", "--data", str(image_tree), "--out", str(tmp_path / "done")])
+    assert "already holds a run" in str(r.exception)
+
+
+def test_cli_learn_records_threads_and_takes_threads(image_tree, tmp_path):
+    out = tmp_path / "m"
+    r = run_cli(["learn", "--data", str(image_tree), "--out", str(out), "-K", "8", "-W", "3", "-B", "50",
+                 "--device", "cpu", "--threads", "1"], env={"EDGEHEBB_CACHE": str(tmp_path / "cache")})
+    assert r.exit_code == 0, r.output
+    recorded = json.loads((out / "config.json").read_text())["threads"]
+    assert recorded["requested"] == 1 and recorded["used"] == 1 and recorded["cores"] >= 1
+    r = run_cli(["learn", "--data", str(image_tree), "--out", str(tmp_path / "a"), "-K", "8", "-W", "3",
+                 "-B", "50", "--device", "cpu"], env={"EDGEHEBB_CACHE": str(tmp_path / "cache")})
+    assert json.loads((tmp_path / "a" / "config.json").read_text())["threads"]["requested"] == "auto"
+
+
+def test_corrupt_checkpoint_is_refused(images, tmp_path):
+    from edgehebb.io import CHECKPOINT_FILE
+
+    cfg = LearnConfig(epochs=2, **SMALL)
+    learn_to_dir(images, cfg, tmp_path / "run", data_key={}, progress=False, log=lambda s: None)
+    path = tmp_path / "run" / CHECKPOINT_FILE
+    data = bytearray(path.read_bytes())
+    data[-20:-10] = bytes(10)   # inside the weights
+    path.write_bytes(bytes(data))
+    with pytest.raises(EdgehebbError, match="checkpoint.safetensors is corrupt"):
+        learn_to_dir(images, cfg, tmp_path / "run", data_key={}, resume=True, progress=False)
+
+
+def test_top_level_help_shows_whole_command_descriptions():
+    r = CliRunner().invoke(cli, ["--help"], terminal_width=80)
+    commands = r.output.split("Commands:")[1]
+    assert "..." not in commands, commands
+    described = " ".join(commands.split())
+    for name, command in cli.commands.items():
+        first_sentence = " ".join(command.help.split("\n\n")[0].split())
+        assert first_sentence in described, name

@@ -17,8 +17,9 @@ import sys
 import warnings
 import zipfile
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from PIL import Image, ImageFile
@@ -35,6 +36,7 @@ NO_DATA = ("no CIFAR-10 data found: pass --data PATH or set EDGEHEBB_DATA to an 
            "(split/<class>/*.jpg), a cifar-10-batches-py folder or an .npz file")
 _POOL_MIN_FILES = 2000   # below this, starting worker processes costs more than it saves
 _CHUNK = 500             # files per worker task: big enough to amortise pickling, small for progress
+_NAMED_SKIPPED = 3       # files the --skip-bad line names; the run's config.json lists them all
 
 
 @dataclass
@@ -43,6 +45,7 @@ class ImageSet:
     y: np.ndarray        # int64 (N,)
     classes: list[str]   # class names, index = label
     source: str          # where it came from, for logs and result files
+    skipped: list[str] = field(default_factory=list)   # unreadable files left out (--skip-bad), relative paths
 
     def __len__(self) -> int:
         return len(self.y)
@@ -76,13 +79,18 @@ def resolve_data_root(data: str | os.PathLike | None = None, download: bool = Tr
     return home / CIFAR_DIR
 
 
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr)
+
+
 def load_split(root: str | os.PathLike, split: str = "train", *, limit: int | None = None,
                skip_bad: bool = False, cache_dir: str | os.PathLike | None = None,
-               progress: bool = True) -> ImageSet:
+               progress: bool = True, log: Callable[[str], None] = _stderr) -> ImageSet:
     """Load one split (``train``, ``test``, ...) of the data set at ``root``; see the module doc.
 
     ``limit`` keeps the first ``limit // n_classes`` images of each class. ``skip_bad`` skips
-    unreadable images (with one warning) instead of raising.
+    unreadable images instead of raising: ``log`` gets one line with their count and the first few
+    names, and ``ImageSet.skipped`` lists them all.
     """
     root = Path(root).expanduser()
     if not root.exists():
@@ -98,27 +106,40 @@ def load_split(root: str | os.PathLike, split: str = "train", *, limit: int | No
     elif (root / f"{split}.npz").is_file():
         data = _load_npz(root / f"{split}.npz")
     else:
-        data = _load_image_tree(_find_split_dir(root, split), root, skip_bad, cache_dir, progress)
+        data = _load_image_tree(_find_split_dir(root, split), root, skip_bad, cache_dir, progress, log)
     return data if limit is None else _balanced_subset(data, limit)
 
 
 # ---------------------------------------------------------------- arrays: .npz and CIFAR pickles
 
+_PICKLED = ("edgehebb reads only plain numeric and string arrays and never unpickles a data file (it could run "
+            "code); save the arrays with np.savez, class names as np.array(names, dtype=str)")
+
+
 def _load_npz(path: Path) -> ImageSet:
     try:
         z = np.load(path, allow_pickle=False)  # never unpickle a user file: object arrays are refused
-    except (OSError, ValueError, zipfile.BadZipFile) as e:
+    except ValueError as e:  # a pickle under an .npz name; numpy's message would suggest allow_pickle
+        if "pickle" in str(e):
+            raise EdgehebbError(f"{path} is a Python pickle, not an .npz of arrays: {_PICKLED}") from None
+        raise EdgehebbError(f"cannot read {path}: {e}") from None
+    except (OSError, zipfile.BadZipFile) as e:
         raise EdgehebbError(f"cannot read {path}: {e}") from None
     with z:
         keys = sorted(z.files)
         expect = f"expected keys x (uint8 N,H,W,3), y (int N,), optional classes (str); found {keys}"
         if "x" not in keys or "y" not in keys:
             raise EdgehebbError(f"{path}: {expect}")
-        try:
-            x, y = z["x"], z["y"]
-            classes = [str(c) for c in z["classes"]] if "classes" in keys else None
-        except ValueError as e:  # an object array (e.g. a list of Python strings) would need pickle
-            raise EdgehebbError(f"{path}: {e}; {expect}") from None
+        arrays = {}
+        for key in ("x", "y", "classes"):
+            if key in keys:
+                try:
+                    arrays[key] = z[key]
+                except ValueError:  # an object array (e.g. a list of Python strings) would need pickle
+                    raise EdgehebbError(f"{path}: '{key}' holds Python objects, not an array of numbers or "
+                                        f"strings; {_PICKLED}") from None
+        x, y = arrays["x"], arrays["y"]
+        classes = [str(c) for c in arrays["classes"]] if "classes" in arrays else None
     if x.dtype != np.uint8 or x.ndim != 4 or x.shape[-1] not in (1, 3):
         raise EdgehebbError(f"{path}: x is {x.dtype} {x.shape}; {expect} (NCHW? use x.transpose(0, 2, 3, 1))")
     if y.ndim != 1 or y.dtype.kind not in "iu" or len(y) != len(x) or len(y) == 0:
@@ -295,7 +316,8 @@ def _cache_folder(cache_dir, root: Path, split_dir: Path) -> Path:
     return cache
 
 
-def _load_image_tree(split_dir: Path, root: Path, skip_bad: bool, cache_dir, progress: bool) -> ImageSet:
+def _load_image_tree(split_dir: Path, root: Path, skip_bad: bool, cache_dir, progress: bool,
+                     log: Callable[[str], None]) -> ImageSet:
     split_dir = split_dir.resolve()
     cache = _cache_folder(cache_dir, root, split_dir)
     classes, rels, labels, digest = _list_tree(split_dir)
@@ -315,11 +337,11 @@ def _load_image_tree(split_dir: Path, root: Path, skip_bad: bool, cache_dir, pro
         with contextlib.suppress(OSError, ValueError):
             x = np.load(npy, mmap_mode="r")
             if list(x.shape) == meta["shape"]:
-                _warn_skipped(len(meta["skipped"]), split_dir)
-                return ImageSet(x, np.asarray(meta["y"], np.int64), classes, source)
+                _report_skipped(meta["skipped"], split_dir, log)
+                return ImageSet(x, np.asarray(meta["y"], np.int64), classes, source, list(meta["skipped"]))
 
     x, y, skipped = _decode_tree(split_dir, rels, labels, skip_bad, progress)
-    _warn_skipped(len(skipped), split_dir)
+    _report_skipped(skipped, split_dir, log)
     meta = {**key, "shape": list(x.shape), "skipped": skipped, "classes": classes, "y": y.tolist()}
     try:
         cache.mkdir(parents=True, exist_ok=True)
@@ -329,8 +351,8 @@ def _load_image_tree(split_dir: Path, root: Path, skip_bad: bool, cache_dir, pro
     except (OSError, EdgehebbError) as e:  # a read-only cache costs a decode next time, not this run
         warnings.warn(f"could not write the decode cache in {cache} ({e}); set EDGEHEBB_CACHE to a writable "
                       f"folder", stacklevel=3)
-        return ImageSet(x, y, classes, source)
-    return ImageSet(np.load(npy, mmap_mode="r"), y, classes, source)
+        return ImageSet(x, y, classes, source, skipped)
+    return ImageSet(np.load(npy, mmap_mode="r"), y, classes, source, skipped)
 
 
 def _read_cache_key(key_file: Path, key: dict) -> dict | None:
@@ -342,9 +364,11 @@ def _read_cache_key(key_file: Path, key: dict) -> dict | None:
     return meta if all(meta.get(k) == v for k, v in key.items()) else None
 
 
-def _warn_skipped(count: int, split_dir: Path) -> None:
-    if count:
-        warnings.warn(f"skipped {count} unreadable image(s) in {split_dir}", stacklevel=4)
+def _report_skipped(skipped: list[str], split_dir: Path, log: Callable[[str], None]) -> None:
+    if skipped:
+        named = ", ".join(skipped[:_NAMED_SKIPPED])
+        more = f" and {len(skipped) - _NAMED_SKIPPED} more" if len(skipped) > _NAMED_SKIPPED else ""
+        log(f"skipped {len(skipped)} unreadable image(s) in {split_dir} (--skip-bad): {named}{more}")
 
 
 # ---------------------------------------------------------------- subsets
@@ -366,4 +390,4 @@ def _balanced_subset(data: ImageSet, limit: int) -> ImageSet:
         picks.append(idx[:per_class])
     idx = np.sort(np.concatenate(picks))
     return ImageSet(np.asarray(data.x[idx]), data.y[idx], data.classes,
-                    f"{data.source}, {per_class} per class (limit {limit})")
+                    f"{data.source}, {per_class} per class (limit {limit})", data.skipped)

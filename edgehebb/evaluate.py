@@ -34,6 +34,15 @@ def accuracy_report(pred: np.ndarray, labels: np.ndarray, classes: Sequence[str]
     return {"accuracy": acc, "error": 1.0 - acc, "images": int(len(labels)), "per_class": per_class}
 
 
+def per_class_table(result: dict) -> str:
+    """The per-class figures of :func:`evaluate` as text: one row per class, clean and shadowed accuracy."""
+    clean, shadowed = result["clean"]["per_class"], result["shadowed"]["per_class"]
+    width = max(len("class"), *(len(name) for name in clean))
+    rows = [f"  {'class':<{width}}  {'clean':>7}  {'shadowed':>8}"]
+    rows += [f"  {name:<{width}}  {acc:>7.1%}  {shadowed.get(name, float('nan')):>8.1%}" for name, acc in clean.items()]
+    return "\n".join(rows)
+
+
 def check_classes(model_classes: Sequence[str], test: ImageSet) -> None:
     if list(model_classes) != list(test.classes):
         raise EdgehebbError(f"the model's classes {list(model_classes)} differ from those of {test.source} "

@@ -75,6 +75,12 @@ def save_model(out: str | os.PathLike, net: _Net, classes: list[str], record: di
     return out
 
 
+def update_record(model_dir: str | os.PathLike, extra: dict) -> None:
+    """Add ``extra`` to the config.json of a model directory (what the CLI knows and training does not)."""
+    path = Path(model_dir) / CONFIG_FILE
+    atomic_write_json(path, {**read_json(path), **extra})
+
+
 def resolve_model(name_or_path: str | os.PathLike) -> Path:
     """A model directory by path, or by bare name of a shipped model (``models/<name>/``)."""
     path = Path(name_or_path).expanduser()

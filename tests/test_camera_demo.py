@@ -88,6 +88,17 @@ def test_missing_opencv_is_one_line(monkeypatch, tmp_path, capsys):
     rc = load_tool().main(["--source", "0", "--out", str(tmp_path / "o.avi"), "--model", "x"])
     err = capsys.readouterr().err
     assert rc == 2 and "opencv-python-headless" in err and len(err.strip().splitlines()) == 1
+    assert "pip install -e '.[demo]'" in err
+
+
+def test_readme_says_how_to_install_the_demo():
+    import tomllib
+
+    root = TOOL.parent.parent
+    extras = tomllib.loads((root / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert any(dep.startswith("opencv") for dep in extras["demo"])
+    readme = (root / "README.md").read_text()
+    assert "pip install -e '.[demo]'" in readme and "camera_demo.py" in readme
 
 
 def test_help_runs():

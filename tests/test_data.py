@@ -217,15 +217,28 @@ def test_truncated_jpeg_rejected_even_if_pil_is_lenient(bad_tree, cache, monkeyp
 
 
 def test_skip_bad_skips_counts_and_remembers(bad_tree, cache, monkeypatch):
-    with pytest.warns(UserWarning, match="skipped 1 unreadable"):
-        s = load(bad_tree, cache_dir=cache, skip_bad=True)
-    assert len(s) == 8 and s.y.tolist() == [0, 0, 0, 1, 1, 2, 2, 2]
+    lines = []
+    s = load(bad_tree, cache_dir=cache, skip_bad=True, log=lines.append)
+    assert len(s) == 8 and s.y.tolist() == [0, 0, 0, 1, 1, 2, 2, 2] and s.skipped == ["dog/0001.jpg"]
+    assert len(lines) == 1 and lines[0].startswith("skipped 1 unreadable") and lines[0].endswith(": dog/0001.jpg")
     # the cache left the file out: a strict load must still fail on it, a lenient one reuses the cache
     with pytest.raises(EdgehebbError, match=r"dog/0001\.jpg"):
         load(bad_tree, cache_dir=cache)
     forbid_decoding(monkeypatch)
-    with pytest.warns(UserWarning, match="skipped 1"):
-        assert len(load(bad_tree, cache_dir=cache, skip_bad=True)) == 8
+    again = load(bad_tree, cache_dir=cache, skip_bad=True, log=lines.append)
+    assert len(again) == 8 and again.skipped == ["dog/0001.jpg"] and lines[1] == lines[0]
+
+
+def test_skip_bad_is_one_line_naming_the_first_files_not_a_warning(tmp_path, cache, recwarn):
+    split = make_tree(tmp_path / "d" / "train", per_class=3, ext="jpg")
+    bad = sorted(split.rglob("*.jpg"))[:5]
+    for p in bad:
+        p.write_bytes(p.read_bytes()[:100])
+    lines = []
+    s = load(tmp_path / "d", cache_dir=cache, skip_bad=True, log=lines.append)
+    names = [f"{p.parent.name}/{p.name}" for p in bad]
+    assert s.skipped == names and len(recwarn) == 0
+    assert lines == [f"skipped 5 unreadable image(s) in {split} (--skip-bad): {', '.join(names[:3])} and 2 more"]
 
 
 # ---------------------------------------------------------------- CIFAR-10 pickles
@@ -317,6 +330,21 @@ def test_npz_wrong_content_names_file_and_keys(tmp_path, arrays, message):
     with pytest.raises(EdgehebbError, match="bad.npz") as err:
         load(tmp_path / "bad.npz")
     assert err.match(message)
+
+
+def test_npz_needing_pickle_is_refused_in_our_words(tmp_path):
+    x = np.zeros((2, 4, 4, 3), np.uint8)
+    np.savez(tmp_path / "objects.npz", x=x, y=np.zeros(2, int), classes=np.array(["a", None], dtype=object))
+    np.savez(tmp_path / "xobj.npz", x=np.array([x[0], x[1]], dtype=object), y=np.zeros(2, int))
+    with open(tmp_path / "pickled.npz", "wb") as f:
+        pickle.dump({"x": x}, f)
+    for name, key in (("objects.npz", "'classes' holds Python objects"), ("xobj.npz", "'x' holds Python objects"),
+                      ("pickled.npz", "is a Python pickle")):
+        with pytest.raises(EdgehebbError) as err:
+            load(tmp_path / name)
+        message = str(err.value)
+        assert name in message and key in message and "never unpickles" in message, message
+        assert "allow_pickle" not in message and "\n" not in message
 
 
 def test_npz_not_a_zip(tmp_path):

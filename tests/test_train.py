@@ -255,3 +255,112 @@ def test_banks_left_by_an_earlier_run_must_match_its_settings(tmp_path):
         train_to_dir(spec, train, tmp_path / "m", fit=FAST, learn={**learn, "epochs": 2}, **quiet)
     with pytest.raises(EdgehebbError, match="other settings or data .*data"):
         train_to_dir(spec, _gratings(30, 0), tmp_path / "m", fit=FAST, learn=learn, **quiet)
+
+
+# ---------------------------------------------------------------- corrupt files fail first, in one line
+
+def _corrupt(path):
+    data = bytearray(path.read_bytes())
+    data[-64:-32] = np.random.default_rng(0).integers(0, 256, 32, dtype=np.uint8).tobytes()
+    path.write_bytes(bytes(data))
+
+
+def _model(tmp_path, name="m"):
+    save_model(tmp_path / name, NNLNet(spec_from_dict(SPEC), [torch.randn(12, 3, 4, 4)]), ["h", "v", "d"])
+    return tmp_path / name
+
+
+def test_corrupt_model_file_is_refused(tmp_path):
+    model = _model(tmp_path)
+    load_model(model)
+    _corrupt(model / "model.safetensors")
+    with pytest.raises(EdgehebbError, match=r"model.safetensors is corrupt"):
+        load_model(model)
+
+
+def test_bad_models_and_banks_fail_before_the_data_is_read(bank_dir, tmp_path, monkeypatch):
+    import edgehebb.data
+
+    model = _model(tmp_path)
+    _corrupt(model / "model.safetensors")
+    monkeypatch.setattr(edgehebb.data, "load_split", lambda *a, **k: pytest.fail("data read before the model"))
+    res = CliRunner().invoke(cli, ["eval", str(model), "--data", str(tmp_path), "--no-sweep"])
+    assert isinstance(res.exception, EdgehebbError) and "is corrupt" in str(res.exception)
+    spec_file = tmp_path / "tiny.json"
+    spec_file.write_text(json.dumps(SPEC))
+    _corrupt(bank_dir / "filters.safetensors")
+    res = CliRunner().invoke(cli, ["train", "--spec", str(spec_file), "--data", str(tmp_path), "--out",
+                                   str(tmp_path / "t"), "--filters-from", str(bank_dir)])
+    assert isinstance(res.exception, EdgehebbError) and "filters.safetensors is corrupt" in str(res.exception)
+    res = CliRunner().invoke(cli, ["train", "--spec", "fig2_left", "--data", str(tmp_path), "--out",
+                                   str(tmp_path / "t"), "--filters-from", str(tmp_path / "t2")])
+    assert res.exit_code != 0
+    (tmp_path / "empty").mkdir()
+    res = CliRunner().invoke(cli, ["train", "--spec", str(spec_file), "--data", str(tmp_path), "--out",
+                                   str(tmp_path / "t"), "--filters-from", str(tmp_path / "empty")])
+    assert isinstance(res.exception, EdgehebbError) and "no filter bank" in str(res.exception)
+
+
+# ---------------------------------------------------------------- what the commands print and record
+
+def test_eval_text_output_has_the_per_class_figures(bank_dir, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    _npz(data / "train.npz", _gratings(60, 0))
+    _npz(data / "test.npz", _gratings(30, 1))
+    spec_file = tmp_path / "tiny.json"
+    spec_file.write_text(json.dumps(SPEC))
+    res = CliRunner().invoke(cli, ["train", "--spec", str(spec_file), "--data", str(data), "--out", str(tmp_path / "m"),
+                                   "--filters-from", str(bank_dir), "--epochs", "2", "--device", "cpu", "--no-cache",
+                                   "--val-fraction", "0.2", "--threads", "1"])
+    assert res.exit_code == 0, res.output
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert config["threads"]["requested"] == 1 and config["kind"] == "nnl"
+    res = CliRunner().invoke(cli, ["eval", str(tmp_path / "m"), "--data", str(data), "--device", "cpu", "--no-sweep"])
+    assert res.exit_code == 0, res.output
+    rows = {line.split()[0]: line.split()[1:] for line in res.stdout.splitlines() if line.startswith("  ")}
+    assert set(rows) == {"class", "h", "v", "d"} and rows["class"] == ["clean", "shadowed"]
+    assert all(len(v) == 2 and v[0].endswith("%") for k, v in rows.items() if k != "class")
+
+
+def test_show_draws_the_filters_of_a_model(tmp_path):
+    model = _model(tmp_path)
+    res = CliRunner().invoke(cli, ["show", str(model), "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["colour_units"] + json.loads(res.stdout)["bw_units"] == 12
+    assert (model / "filters.png").read_bytes()[:4] == b"\x89PNG"
+    two = {**SPEC, "blocks": SPEC["blocks"] * 2}
+    save_model(tmp_path / "two", NNLNet(spec_from_dict(two), [torch.randn(12, 3, 4, 4)] * 2), ["h", "v", "d"])
+    res = CliRunner().invoke(cli, ["show", str(tmp_path / "two"), "--out", str(tmp_path / "f.png")])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "f-block0.png").is_file() and (tmp_path / "f-block1.png").is_file()
+    res = CliRunner().invoke(cli, ["show", "fig2_left-cifar10", "--out", str(tmp_path / "shipped.png")])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "shipped.png").is_file()
+
+
+def test_skipped_files_are_listed_in_config_json(tmp_path, monkeypatch):
+    from PIL import Image
+
+    for split in ("train",):
+        for c, name in enumerate(["h", "v", "d"]):
+            d = tmp_path / "data" / split / name
+            d.mkdir(parents=True)
+            for i, img in enumerate(_gratings(24, c).x[c::3]):
+                Image.fromarray(img).save(d / f"{i:03d}.jpg")
+    bad = tmp_path / "data" / "train" / "v" / "003.jpg"
+    bad.write_bytes(bad.read_bytes()[:60])
+    monkeypatch.setenv("EDGEHEBB_CACHE", str(tmp_path / "cache"))
+    res = CliRunner().invoke(cli, ["learn", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "bank"),
+                                   "-K", "12", "-B", "50", "--device", "cpu", "--skip-bad"])
+    assert res.exit_code == 0, res.output
+    assert "skipped 1 unreadable image(s)" in res.stderr and "v/003.jpg" in res.stderr
+    assert "Warning" not in res.stderr
+    assert json.loads((tmp_path / "bank" / "config.json").read_text())["skipped_images"] == ["v/003.jpg"]
+    spec_file = tmp_path / "tiny.json"
+    spec_file.write_text(json.dumps(SPEC))
+    res = CliRunner().invoke(cli, ["train", "--spec", str(spec_file), "--data", str(tmp_path / "data"), "--out",
+                                   str(tmp_path / "m"), "--filters-from", str(tmp_path / "bank"), "--epochs", "1",
+                                   "--device", "cpu", "--no-cache", "--val-fraction", "0.2", "--skip-bad"])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["skipped_images"] == ["v/003.jpg"]

@@ -5,7 +5,8 @@ Each frame goes through edgehebb.Runtime (the interface a camera pipeline uses) 
 BGR uint8 (channel_order="bgr"); the frame is written back with the predicted class, its probability
 and two frame rates: the model's (Runtime.predict alone, smoothed) and the whole loop's (decode,
 predict, draw, encode). A summary JSON line goes to stdout when the video ends, at --max-frames or on
-Ctrl-C. Needs OpenCV: pip install opencv-python-headless.
+Ctrl-C. Needs OpenCV, which the package's ``demo`` extra brings: pip install -e '.[demo]' in a clone
+(pip install 'edgehebb[demo]' from a wheel).
 
 Examples:
   python tools/camera_demo.py --source clip.mp4 --out annotated.mp4
@@ -141,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     cv2 = import_cv2()
     if cv2 is None:
-        print("Error: camera_demo needs OpenCV: pip install opencv-python-headless", file=sys.stderr)
+        print("Error: camera_demo needs OpenCV (opencv-python-headless), which the demo extra installs: "
+              "pip install -e '.[demo]' in the clone", file=sys.stderr)
         return 2
     try:
         summary = run(cv2, args)

@@ -14,6 +14,10 @@ import click
 
 from edgehebb.errors import EdgehebbError
 
+# edgehebb.tensorrt_engine.build_engine's default profile, repeated here so that --help shows it
+# without importing that module (a test keeps the two equal)
+TRT_BATCH = (1, 32, 256)
+
 
 def parse_batch(text: str) -> tuple[int, int, int]:
     """``"MIN,OPT,MAX"`` -> (min, opt, max) with 1 <= min <= opt <= max."""
@@ -50,22 +54,26 @@ def parse_frame_size(text: str | None) -> tuple[int, int] | None:
               help="How frames reach the model's size: resize the whole frame, or crop the centred region "
                    "with the model's aspect ratio first.")
 @click.option("--opset", type=int, default=17, help="ONNX opset of the standard ops (17 or newer).")
+@click.option("--standard-ops", is_flag=True,
+              help="Write standard ONNX ops only (the custom op inlined, constants folded), for OpenCV DNN and "
+                   "other clients that ignore local functions. With uint8-nhwc it needs --frame-size.")
 @click.option("--trt", is_flag=True, help="Also build a TensorRT engine (OUT with suffix .engine).")
 @click.option("--fp16", is_flag=True, help="With --trt: allow FP16 (the patch-norm/power op stays FP32).")
 @click.option("--batch", default=None, metavar="MIN,OPT,MAX",
               help="With --trt: batch sizes of the optimisation profile, e.g. 1,1,8 "
-                   "[default: edgehebb.tensorrt_engine.build_engine's].")
+                   f"[default: {','.join(map(str, TRT_BATCH))}].")
 @click.option("--workspace-mib", type=click.IntRange(min=1), default=None,
               help="With --trt: builder workspace limit in MiB [default: 1024].")
 @click.option("--timing-cache", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="With --trt: timing cache file, read if present and updated (faster rebuilds).")
 @click.option("--json", "as_json", is_flag=True, help="Print what was written as JSON on stdout.")
-def export(model, out, preprocess, channel_order, frame_size, fit, opset, trt, fp16, batch, workspace_mib,
-           timing_cache, as_json):
+def export(model, out, preprocess, channel_order, frame_size, fit, opset, standard_ops, trt, fp16, batch,
+           workspace_mib, timing_cache, as_json):
     """Export MODEL (a model directory or shipped model name) to ONNX, optionally to a TensorRT engine.
 
     Each NNL-CONV block becomes one ai.edgehebb::PatchNormPowReLU node whose standard-op definition
-    ships inside the file (export/OP_SPEC.md), so ONNX Runtime and TensorRT run it as is.
+    ships inside the file (export/OP_SPEC.md), so ONNX Runtime and TensorRT run it as is. With
+    --standard-ops the definition is inlined instead, for OpenCV DNN and other ONNX clients.
     """
     if out.suffix.lower() != ".onnx":  # --trt writes OUT with .engine beside it; Runtime picks a backend by suffix
         raise EdgehebbError(f"--out must name a .onnx file, got {out}")
@@ -78,6 +86,9 @@ def export(model, out, preprocess, channel_order, frame_size, fit, opset, trt, f
     if not trt and any(trt_only.values()):
         raise EdgehebbError(f"{', '.join(k for k, v in trt_only.items() if v)} only apply with --trt")
     profile = parse_batch(batch) if batch is not None else None  # validated before the (slower) export
+    if fp16 and standard_ops:   # tensorrt_engine finds the op's layers by the ai.edgehebb nodes, gone here
+        raise EdgehebbError("--fp16 needs the default (custom-op) export: in a --standard-ops file TensorRT cannot "
+                            "tell the patch-norm/power op's layers apart to keep them FP32 (cos^40 underflows FP16)")
     if trt:   # what TensorRT would refuse, refused before the ONNX file is written
         if preprocess == "uint8-nhwc" and size is None:
             raise EdgehebbError("--trt with --preprocess uint8-nhwc needs --frame-size HxW: a TensorRT engine with "
@@ -89,8 +100,9 @@ def export(model, out, preprocess, channel_order, frame_size, fit, opset, trt, f
     from edgehebb.onnx_export import export_onnx
 
     path = export_onnx(model, out, preprocess=preprocess, channel_order=channel_order, frame_size=size,
-                       fit=fit, opset=opset)
-    result = {"onnx": str(path), "bytes": path.stat().st_size, "preprocess": preprocess, "opset": opset}
+                       fit=fit, opset=opset, standard_ops=standard_ops)
+    result = {"onnx": str(path), "bytes": path.stat().st_size, "preprocess": preprocess, "opset": opset,
+              "ops": "standard" if standard_ops else "custom"}
     if trt:
         from edgehebb.io import read_json
         from edgehebb.tensorrt_engine import build_engine, sidecar_path

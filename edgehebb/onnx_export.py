@@ -3,7 +3,11 @@
 Every patch-normalised block becomes one node ``ai.edgehebb::PatchNormPowReLU`` (``export/OP_SPEC.md``)
 and the model carries a model-local ``FunctionProto`` of that name whose body uses only standard ONNX
 ops. ONNX Runtime inlines the body; TensorRT imports it as a local function or, from 10.7, runs a
-plugin registered under the same name and namespace instead. The graph is built by hand with
+plugin registered under the same name and namespace instead. With ``standard_ops=True`` the file
+is instead the same graph with the functions inlined and constants folded
+(:mod:`edgehebb.onnx_standard`): standard ops only, for OpenCV DNN and other clients that ignore
+local functions. Both forms carry every activation's shape (static but for the batch when the
+input size is fixed). The graph is built by hand with
 ``onnx.helper`` rather than traced from torch: node boundaries, names and attributes are the
 contract with the plugin and the runtime, and building them directly keeps them exactly so.
 
@@ -29,6 +33,7 @@ from edgehebb.frames import CHANNEL_ORDERS, FITS, check_choice, crop_box
 from edgehebb.io import atomic_write
 from edgehebb.model import load_model, model_kind
 from edgehebb.nnl import ConvBlock, NNLConv, _Net
+from edgehebb.onnx_standard import activation_shapes, standard_ops as to_standard_ops
 
 OP_DOMAIN = "ai.edgehebb"
 OP_VERSION = 1
@@ -162,6 +167,7 @@ class _Graph:
     def __init__(self):
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
+        self.shapes: list[onnx.ValueInfoProto] = []   # declared where shape inference cannot tell
         self._count = 0
 
     def init(self, name: str, value) -> str:
@@ -258,6 +264,9 @@ def _preprocess_frames(g: _Graph, frames: str, size: tuple[int, int], channel_or
     # Resize to (H, W); with dynamic frames it always runs (an exact copy when the size already fits).
     nc = g.add("Shape", [x], "resize.nc", start=0, end=2)
     sizes = g.add("Concat", [nc, g.init("resize.hw", np.array([th, tw], np.int64))], "resize.sizes", axis=0)
+    # ONNX shape inference cannot follow the batch through Shape -> Concat -> Resize (it names it
+    # anew, unk__0), so the output's shape is declared; everything after it is then inferred
+    g.shapes.append(helper.make_tensor_value_info("frames.resized", FLOAT, ["batch", 3, th, tw]))
     return g.add("Resize", [x, "", "", sizes], "frames.resized", mode="linear",
                  coordinate_transformation_mode="half_pixel")
 
@@ -284,7 +293,7 @@ def _check_frame_size(frame_size) -> tuple[int, int] | None:
 
 def build_model_proto(net: _Net, classes: list[str], *, preprocess: str | None = None,
                       channel_order: str = "rgb", frame_size: tuple[int, int] | None = None,
-                      fit: str = "resize", opset: int = MIN_OPSET) -> onnx.ModelProto:
+                      fit: str = "resize", opset: int = MIN_OPSET, standard_ops: bool = False) -> onnx.ModelProto:
     """The ONNX model of ``net`` (an NNLNet or ConvNet) with the input/output contract of export_onnx."""
     preprocess = check_choice("none" if preprocess is None else preprocess, PREPROCESS, "preprocess")
     check_choice(channel_order, CHANNEL_ORDERS, "channel order")
@@ -300,6 +309,9 @@ def build_model_proto(net: _Net, classes: list[str], *, preprocess: str | None =
                             "(float images enter as RGB NCHW at the model's size)")
     if preprocess == "uint8-nhwc" and c != 3:
         raise EdgehebbError(f"preprocess 'uint8-nhwc' needs a 3-channel model, {spec.name} takes {c} channels")
+    if standard_ops and preprocess == "uint8-nhwc" and frame_size is None:
+        raise EdgehebbError("standard ops with preprocess 'uint8-nhwc' need a frame size (--frame-size HxW): "
+                            "that file promises a static shape for every activation but the batch")
 
     g = _Graph()
     if preprocess == "none":
@@ -333,7 +345,8 @@ def build_model_proto(net: _Net, classes: list[str], *, preprocess: str | None =
     outputs = [helper.make_tensor_value_info("logits", FLOAT, ["batch", k]),
                helper.make_tensor_value_info("probabilities", FLOAT, ["batch", k]),
                helper.make_tensor_value_info("features", FLOAT, ["batch", d])]
-    graph = helper.make_graph(g.nodes, spec.name, [graph_input], outputs, initializer=g.initializers)
+    graph = helper.make_graph(g.nodes, spec.name, [graph_input], outputs, initializer=g.initializers,
+                              value_info=g.shapes)
     uses_op = any(n.domain == OP_DOMAIN for n in g.nodes)
     model = helper.make_model(
         graph, producer_name="edgehebb", producer_version=__version__,
@@ -352,6 +365,8 @@ def build_model_proto(net: _Net, classes: list[str], *, preprocess: str | None =
         "edgehebb.op_domain": OP_DOMAIN,
         "edgehebb.op_version": str(OP_VERSION),
         "edgehebb.op_name": OP_NAME,
+        # custom: PatchNormPowReLU nodes with their function; standard: inlined and folded (onnx_standard)
+        "edgehebb.ops": "standard" if standard_ops else "custom",
         "edgehebb.spec": json.dumps(spec.to_dict()),
         "edgehebb.kind": kind,
         "edgehebb.input": json.dumps(input_meta),
@@ -361,12 +376,23 @@ def build_model_proto(net: _Net, classes: list[str], *, preprocess: str | None =
                                            "frame_size": list(frame_size) if frame_size else None}),
         "edgehebb.version": __version__,
     })
+    if standard_ops:
+        model = to_standard_ops(model)   # keeps the metadata, doc string and producer
+        model.doc_string += " Standard ONNX ops only (the custom op inlined and constants folded)."
+        return model
+    # shape inference cannot see through the custom node (its pads come from an attribute): the
+    # shapes come from the standard-ops form of this same graph, whose activations keep their names
+    model.graph.value_info.extend(activation_shapes(model))
     return model
 
 
 def export_onnx(model, out: str | os.PathLike, *, preprocess: str | None = None, channel_order: str = "rgb",
-                frame_size: tuple[int, int] | None = None, fit: str = "resize", opset: int = MIN_OPSET) -> Path:
+                frame_size: tuple[int, int] | None = None, fit: str = "resize", opset: int = MIN_OPSET,
+                standard_ops: bool = False) -> Path:
     """Write ``model`` (model directory, shipped name, or a loaded ``(net, config)`` pair) as ONNX to ``out``.
+
+    ``standard_ops``: no custom node and no function (for OpenCV DNN and other clients; see
+    :mod:`edgehebb.onnx_standard`) instead of the default custom-op file.
 
     The file is checked with ``onnx.checker.check_model(full_check=True)`` before it is written,
     atomically. Returns ``out`` as a Path.
@@ -381,7 +407,7 @@ def export_onnx(model, out: str | os.PathLike, *, preprocess: str | None = None,
         raise EdgehebbError(f"model must be a model directory, a shipped model name or a (net, config) pair, "
                             f"got {type(model).__name__}")
     proto = build_model_proto(net, config["classes"], preprocess=preprocess, channel_order=channel_order,
-                              frame_size=frame_size, fit=fit, opset=opset)
+                              frame_size=frame_size, fit=fit, opset=opset, standard_ops=standard_ops)
     onnx.checker.check_model(proto, full_check=True)  # a failure here is an exporter bug: keep the traceback
     out = Path(out)
     atomic_write(out, proto.SerializeToString())

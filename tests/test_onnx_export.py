@@ -332,6 +332,38 @@ def test_cli_export(cli, net, tmp_path, monkeypatch):
                            "profile": {"min": [1, 3, 16, 16]}, "device": "GPU"}
 
 
+def test_cli_export_standard_ops(cli, net, tmp_path):
+    save_model(tmp_path / "m", net, CLASSES)
+    out = tmp_path / "std.onnx"
+    res = CliRunner().invoke(cli, ["export", str(tmp_path / "m"), "--out", str(out), "--standard-ops",
+                                   "--preprocess", "uint8-nhwc", "--frame-size", "24x32", "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output)["ops"] == "standard"
+    model = onnx.load(out)
+    assert not model.functions and all(n.domain in ("", "ai.onnx") for n in model.graph.node)
+    assert {p.key: p.value for p in model.metadata_props}["edgehebb.ops"] == "standard"
+    # the default stays the custom-op file
+    res = CliRunner().invoke(cli, ["export", str(tmp_path / "m"), "--out", str(tmp_path / "c.onnx"), "--json"])
+    assert json.loads(res.output)["ops"] == "custom"
+    assert any(n.domain == OP_DOMAIN for n in onnx.load(tmp_path / "c.onnx").graph.node)
+
+    res = CliRunner().invoke(cli, ["export", str(tmp_path / "m"), "--out", str(tmp_path / "dyn.onnx"),
+                                   "--standard-ops", "--preprocess", "uint8-nhwc"])
+    assert isinstance(res.exception, EdgehebbError) and "--frame-size" in str(res.exception)
+    assert "\n" not in str(res.exception) and not (tmp_path / "dyn.onnx").exists()
+
+
+def test_cli_export_help_shows_the_real_trt_batch_default(cli):
+    import inspect
+
+    from edgehebb.tensorrt_engine import build_engine
+
+    default = inspect.signature(build_engine).parameters["batch"].default
+    help_text = " ".join(CliRunner().invoke(cli, ["export", "--help"]).output.split())
+    assert f"[default: {','.join(map(str, default))}]" in help_text
+    assert "build_engine" not in help_text
+
+
 def test_cli_export_trt_refusals_come_before_the_onnx_file(cli, net, tmp_path, monkeypatch):
     save_model(tmp_path / "m", net, CLASSES)
     out = tmp_path / "m.onnx"
@@ -353,6 +385,7 @@ def test_cli_export_trt_refusals_come_before_the_onnx_file(cli, net, tmp_path, m
     (["--trt", "--batch", "8,4,1"], "'8,4,1'"),
     (["--fp16"], "--fp16 only apply with --trt"),
     (["--preprocess", "uint8-nhwc", "--frame-size", "640"], "'640'"),
+    (["--trt", "--fp16", "--standard-ops"], "--fp16 needs the default (custom-op) export"),
 ])
 def test_cli_export_bad_options(cli, net, tmp_path, args, message):
     save_model(tmp_path / "m", net, CLASSES)

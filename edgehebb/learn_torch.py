@@ -79,6 +79,11 @@ class TorchBackend:
         self.sampler = PatchSampler(nchw.to(self.device), config.kernel, config.stride)
         self.M = weights.to(self.device, torch.float32).clone()
         self.tuner = ThreadTuner(threads) if self.device.type == "cpu" else None
+        # CPU gather: one index_select of flat offsets (PatchSampler's advanced indexing costs 3x more)
+        n, c, h, w = nchw.shape
+        ch, i, j = torch.meshgrid(torch.arange(c), torch.arange(config.kernel), torch.arange(config.kernel),
+                                  indexing="ij")
+        self._offsets = (ch * h * w + i * w + j).reshape(1, -1)
 
     def run(self, order: torch.Tensor, eps: float) -> torch.Tensor:
         if self.tuner is None:
@@ -89,11 +94,17 @@ class TorchBackend:
             for start in range(0, len(order) - cfg.batch + 1, cfg.batch):
                 self.tuner.choose()
                 t0 = time.perf_counter()
-                v = preprocess(self.sampler.gather(order[start:start + cfg.batch]), cfg.preprocess)
+                v = preprocess(self._gather(order[start:start + cfg.batch]), cfg.preprocess)
                 winners = cpu_rank_update(self.M, v, eps, cfg.power, cfg.delta, cfg.rank)
                 wins += torch.bincount(winners, minlength=cfg.filters)
                 self.tuner.record(time.perf_counter() - t0, cfg.batch)
         return wins
+
+    def _gather(self, index: torch.Tensor) -> torch.Tensor:
+        """PatchSampler.gather on the CPU, the same values."""
+        at = self.sampler.corners(index)[:, None] + self._offsets
+        flat = self.sampler.images.view(-1)
+        return flat.index_select(0, at.view(-1)).view(len(index), -1).float().div_(255.0)
 
     def _run_cuda(self, order: torch.Tensor, eps: float) -> torch.Tensor:
         cfg = self.config

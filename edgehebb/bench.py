@@ -1,6 +1,6 @@
 """Accuracy and latency of one model on every backend, through the same Runtime users call.
 
-Per backend (``torch``, ``torch-cuda``, ``onnxruntime``, ``onnxruntime-cuda``, ``tensorrt``):
+Per backend (``torch``, ``torch-cuda``, ``onnxruntime``, ``onnxruntime-cuda``, ``opencv``, ``tensorrt``):
 
 - accuracy and error on the clean and the shadowed test images (:func:`edgehebb.shadow.apply_shadow`:
   80% of each image times 0.3, seed 0 by default), per class, with :func:`accuracy_report`;
@@ -8,17 +8,25 @@ Per backend (``torch``, ``torch-cuda``, ``onnxruntime``, ``onnxruntime-cuda``, `
   batch and images/s at the median, two ways (trtexec reports the same split):
 
   * ``host``: :meth:`Runtime.predict` wall-clock time, uint8 frames in host memory to class ids and
-    probabilities in host memory: frame checks, resize, host-to-device copy, model, device-to-host copy;
+    probabilities in host memory: frame checks, resize, host-to-device copy, model, device-to-host copy
+    (a batch above the Runtime's ``max_chunk``, recorded per backend, runs as several calls, as it does
+    for a user);
   * ``device``: the model alone on input already preprocessed and resident where the model runs
-    (:meth:`Runtime.prepare` outside the loop, :meth:`Runtime.forward` timed, outputs left there).
+    (:meth:`Runtime.prepare` outside the loop, :meth:`Runtime.forward` timed, outputs left there; the
+    whole batch in one call, not split by ``max_chunk``).
     torch on CUDA is timed with CUDA events around the launches; ONNX Runtime and TensorRT, which run
     on streams of their own and return synchronised, and the CPU backends by wall clock around a run
     (ONNX Runtime on CUDA with IOBinding, so no host copies; TensorRT's includes its runner's
     device-to-device copy of the input into the engine's binding). A model directory on ONNX Runtime
-    is exported with the preprocessing in the graph, so there "device" includes it (a cast, a
+    or OpenCV is exported with the preprocessing in the graph, so there "device" includes it (a cast, a
     division, a transpose and a Resize, which is an exact copy for frames of the model's size).
 
 A batch outside a TensorRT engine's profile is reported as skipped for that backend.
+
+Frames. Every backend gets the test images as they are, except a model that takes frames of one
+fixed size only (an export with ``--preprocess uint8-nhwc --frame-size HxW``, or an engine built
+from one): it gets the test images resized to that size (:func:`camera_frames`), which is what a
+camera would send it, and its entry and log line say so.
 
 A backend that cannot run here (not installed, no GPU, wrong kind of model file, a GPU stack that
 will not start) is reported as ``{"status": "skipped", "reason": ...}``, not as an error.
@@ -38,21 +46,25 @@ import torch
 from edgehebb.data import ImageSet
 from edgehebb.errors import EdgehebbError
 from edgehebb.evaluate import accuracy_report, check_classes
+from edgehebb.frames import frames_to_tensor
 from edgehebb.runtime import Runtime, resolve_target
 from edgehebb.shadow import COVERAGE, INTENSITY, apply_shadow
 
 # name -> (Runtime backend, device)
 BACKENDS = {"torch": ("torch", "cpu"), "torch-cuda": ("torch", "cuda"), "onnxruntime": ("onnxruntime", "cpu"),
-            "onnxruntime-cuda": ("onnxruntime", "cuda"), "tensorrt": ("tensorrt", "cuda")}
+            "onnxruntime-cuda": ("onnxruntime", "cuda"), "opencv": ("opencv", "cpu"), "tensorrt": ("tensorrt", "cuda")}
 BATCHES = (1, 32, 256)
 ACCURACY_BATCH = 256   # frames per predict() for the accuracy pass, whatever batches are timed
+_RESIZE_BATCH = 32     # images resized at a time for a fixed-frame model: 32 float frames of 480x640 are 118 MB
 TIMING = {
     "host": "Runtime.predict wall clock: uint8 host frames -> host probabilities (checks, resize, "
-            "host-to-device copy, model, device-to-host copy)",
-    "device": "model only, on preprocessed input already on the backend's device; outputs stay there. "
-              "torch-cuda: CUDA events; the others: wall clock around a synchronised run (onnxruntime-cuda "
-              "with IOBinding, no host copies; tensorrt including its device-to-device input copy). onnxruntime on a "
-              "model directory: the exported graph takes uint8 frames, so its device time includes the preprocessing",
+            "host-to-device copy, model, device-to-host copy); batches above the backend's max_chunk run as "
+            "several calls",
+    "device": "model only, on preprocessed input already on the backend's device; outputs stay there; the whole "
+              "batch in one call, whatever max_chunk. torch-cuda: CUDA events; the others: wall clock around a "
+              "synchronised run (onnxruntime-cuda with IOBinding, no host copies; tensorrt including its "
+              "device-to-device input copy). onnxruntime and opencv on a model directory: the exported graph takes "
+              "uint8 frames, so their device time includes the preprocessing",
 }
 
 
@@ -63,8 +75,10 @@ def why_skipped(name: str, kind: str) -> str | None:
         return f"the torch backend needs a model directory, not a .{'onnx' if kind == 'onnx' else 'engine'} file"
     if backend == "tensorrt" and kind != "engine":
         return "the tensorrt backend needs a .engine file (build one with `edgehebb export --trt`)"
-    if backend == "onnxruntime" and kind == "engine":
-        return "onnxruntime cannot run a TensorRT engine"
+    if backend in ("onnxruntime", "opencv") and kind == "engine":
+        return f"{backend} cannot run a TensorRT engine"
+    if backend == "opencv" and importlib.util.find_spec("cv2") is None:
+        return "opencv-python-headless is not installed (pip install opencv-python-headless)"
     if device == "cuda" and backend != "onnxruntime" and not torch.cuda.is_available():
         return f"no CUDA GPU visible to torch {torch.__version__}"
     if backend == "onnxruntime":
@@ -129,14 +143,31 @@ def time_device(rt: Runtime, frames: np.ndarray, warmup: int, iters: int) -> lis
     return times
 
 
+def camera_frames(images: np.ndarray, size: tuple[int, int] | None) -> np.ndarray:
+    """uint8 ``images`` (N, h, w, 3) as a camera of ``size`` (H, W) would send them: resized the way
+    :func:`edgehebb.frames.frames_to_tensor` resizes (bilinear, half-pixel), rounded to uint8.
+    Returned as they are when ``size`` is None or already theirs."""
+    if size is None or tuple(images.shape[1:3]) == tuple(size):
+        return images
+    out = np.empty((len(images), *size, 3), np.uint8)
+    for lo in range(0, len(images), _RESIZE_BATCH):
+        x = frames_to_tensor(np.array(images[lo:lo + _RESIZE_BATCH]), size)   # a copy: images may be a read-only memmap
+        out[lo:lo + len(x)] = (x * 255).round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return out
+
+
 def predict_all(rt: Runtime, images: np.ndarray, batch: int = ACCURACY_BATCH) -> np.ndarray:
-    return np.concatenate([rt.predict(images[lo:lo + batch]).class_ids for lo in range(0, len(images), batch)])
+    return np.concatenate([rt.predict(camera_frames(images[lo:lo + batch], rt.frame_size)).class_ids
+                           for lo in range(0, len(images), batch)])
 
 
 def bench_backend(rt: Runtime, test: ImageSet, shadowed: np.ndarray, batches: Sequence[int], warmup: int,
                   iters: int) -> dict:
     check_classes(rt.classes, test)
+    size = rt.frame_size or test.x.shape[1:3]
     result = {"status": "ok", "backend": rt.backend, "device": rt.device, "providers": rt.providers,
+              "max_chunk": rt.max_chunk,
+              "frames": {"size": [int(v) for v in size], "resized": tuple(size) != tuple(test.x.shape[1:3])},
               "clean": accuracy_report(predict_all(rt, test.x), test.y, rt.classes),
               "shadowed": accuracy_report(predict_all(rt, shadowed), test.y, rt.classes), "latency": []}
     for b in batches:
@@ -148,7 +179,8 @@ def bench_backend(rt: Runtime, test: ImageSet, shadowed: np.ndarray, batches: Se
             result["latency"].append({"batch": b, "status": "skipped",
                                       "reason": f"below the engine's profile (min batch {rt.min_batch})"})
             continue
-        frames = np.ascontiguousarray(test.x[np.arange(b) % len(test)])   # the test images, repeated to fill b
+        # the test images, repeated to fill b (resized for a fixed-frame model)
+        frames = np.ascontiguousarray(camera_frames(test.x[np.arange(b) % len(test)], rt.frame_size))
         result["latency"].append({"batch": b, "host": summarise(time_host(rt, frames, warmup, iters), b),
                                   "device": summarise(time_device(rt, frames, warmup, iters), b)})
     return result
@@ -213,8 +245,11 @@ def describe(name: str, entry: dict) -> str:
         return f"{name}: skipped ({entry['reason']})"
     lat = ", ".join(f"b{r['batch']} {r['device']['p50_ms']:.3g} ms ({r['host']['p50_ms']:.3g} host)"
                     if "device" in r else f"b{r['batch']} skipped" for r in entry["latency"])
+    frames = entry.get("frames", {})
+    fed = (f"; fed {frames['size'][0]}x{frames['size'][1]} frames (the test images resized: the model takes "
+           f"that size only)" if frames.get("resized") else "")
     return (f"{name}: clean {entry['clean']['accuracy']:.2%}, shadowed {entry['shadowed']['accuracy']:.2%}; "
-            f"p50 per batch {lat}")
+            f"p50 per batch {lat}{fed}")
 
 
 def save_bench_png(result: dict, path: str | os.PathLike) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-BACKEND_NAMES = ("torch", "torch-cuda", "onnxruntime", "onnxruntime-cuda", "tensorrt")   # = edgehebb.bench.BACKENDS
+BACKEND_NAMES = ("torch", "torch-cuda", "onnxruntime", "onnxruntime-cuda", "opencv", "tensorrt")   # = edgehebb.bench.BACKENDS
 
 
 def _backends(ctx, param, value: str) -> list[str]:
@@ -51,8 +51,9 @@ def _batches(ctx, param, value: str) -> list[int]:
 def bench(model, data, backends, batches, limit, warmup, iters, skip_bad, png, as_json):
     """Accuracy (clean and shadowed) and latency of MODEL on each backend.
 
-    MODEL is a model directory, a shipped model name, a .onnx file or a TensorRT .engine file.
-    Every backend runs through edgehebb.Runtime, the interface camera pipelines use.
+    MODEL is a model directory, a shipped model name, a .onnx file (custom-op or --standard-ops) or a
+    TensorRT .engine file. Every backend runs through edgehebb.Runtime, the interface camera pipelines
+    use. A model exported for one --frame-size gets the test images resized to that size.
     """
     from edgehebb.bench import run_bench, save_bench_png
     from edgehebb.data import load_split, resolve_data_root

@@ -1,4 +1,4 @@
-"""One inference interface for camera pipelines over torch, ONNX Runtime and TensorRT.
+"""One inference interface for camera pipelines over torch, ONNX Runtime, OpenCV DNN and TensorRT.
 
     from edgehebb import Runtime
 
@@ -9,7 +9,17 @@
 What ``path`` is picks the backend with ``backend="auto"``: a model directory (or the bare name of a
 shipped model) runs on torch (CUDA when torch sees a GPU), a ``.onnx`` file on ONNX Runtime, a
 ``.engine`` / ``.plan`` file on TensorRT. ``backend="onnxruntime"`` also takes a model directory and
-exports it to a temporary ONNX file first.
+exports it to a temporary ONNX file first. ``backend="opencv"`` runs a ``.onnx`` file (or a model
+directory, exported likewise) with OpenCV DNN on the CPU: a custom-op file is converted to standard
+ops in memory first (:mod:`edgehebb.onnx_standard`), a ``--standard-ops`` export is read as it is.
+
+Large batches are split: :meth:`Runtime.predict` hands the backend at most ``max_chunk`` frames at a
+time (64 on the CPU, 256 on a GPU by default), so memory stays bounded whatever the batch (fig2_left
+needs ~3 MB of activations per 32 x 32 frame: 2,048 frames in one call peaked 5.4 GB above the
+loaded model with torch, 0.23 GB in chunks of 64). The chunks are as equal as possible, so with
+``max_chunk`` >= 3 none is a lone frame: for one row torch's CPU head and ONNX Runtime's convolution
+take other kernels, whose last bits differ. With 2 or more frames per chunk each frame's result is
+bit for bit the one an unsplit call gives, on torch, ONNX Runtime and OpenCV on the CPU (tested).
 
 Frames of any size are resized (``fit="resize"``) or centre-cropped to the model's aspect and then
 resized (``fit="center-crop"``) to the model's input by :func:`edgehebb.frames.frames_to_tensor`, the same
@@ -21,7 +31,7 @@ Float frames are accepted too, if they are in [0, 1]: they are rounded to uint8 
 the quantisation a camera gives) so that every backend, baked-in preprocessing included, sees the
 same input. NaN, infinities and values outside [0, 1] (a frame still in 0..255) raise.
 
-pycuda, tensorrt and onnxruntime are imported only when a backend needs them.
+pycuda, tensorrt, onnxruntime and cv2 are imported only when a backend needs them.
 """
 
 from __future__ import annotations
@@ -45,7 +55,11 @@ from edgehebb.errors import EdgehebbError, missing_dependency
 from edgehebb.frames import CHANNEL_ORDERS, FITS, check_choice, crop_box, frames_to_tensor
 from edgehebb.io import CONFIG_FILE
 
-BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt")
+BACKENDS = ("auto", "torch", "onnxruntime", "opencv", "tensorrt")
+# Frames per backend call when Runtime(max_chunk=None). CPU: ~3 MB of activations per frame for
+# fig2_left makes 64 frames ~0.2 GB, and per-frame throughput on the CPU is flat from ~16 frames up.
+# GPU: larger batches keep it busy, and 256 is the top of the default TensorRT profile.
+DEFAULT_MAX_CHUNK = {"cpu": 64, "cuda": 256}
 OP_VERSION = "1"                  # the edgehebb.op_version of ONNX files this runtime runs
 ENGINE_SUFFIXES = (".engine", ".plan")
 _CACHED_SHAPES = 4                # input buffers kept per Runtime: a stream has one shape, a bench a few
@@ -169,6 +183,7 @@ class _Staging:
 class _TorchBackend:
     name = "torch"
     min_batch, max_batch = 1, None
+    frame_size = None   # takes frames of any size
 
     def __init__(self, model_dir: Path, device: str, channel_order: str, fit: str):
         from edgehebb.model import load_model
@@ -212,15 +227,20 @@ def _import_onnxruntime():
     return onnxruntime
 
 
-def read_onnx_metadata(path: Path) -> dict[str, str]:
-    """The edgehebb metadata of an ONNX file; errors for a file that is not an edgehebb export or has another op version."""
+def _load_onnx(path: Path):
     import onnx
     from google.protobuf.message import DecodeError
 
     try:
-        model = onnx.load(str(path), load_external_data=False)
+        return onnx.load(str(path), load_external_data=False)
     except (DecodeError, ValueError, OSError) as e:
         raise EdgehebbError(f"{path} is not an ONNX model: {e}") from None
+
+
+def read_onnx_metadata(path: Path, model=None) -> dict[str, str]:
+    """The edgehebb metadata of an ONNX file (``model``: the file already loaded); errors for a file that is
+    not an edgehebb export or has another op version."""
+    model = _load_onnx(path) if model is None else model
     meta = {p.key: p.value for p in model.metadata_props}
     if not model.graph.node or "edgehebb.classes" not in meta:
         raise EdgehebbError(f"{path} is not an edgehebb ONNX export (no graph or no edgehebb.classes metadata); "
@@ -239,6 +259,40 @@ def _json_meta(meta: dict, key: str, path: Path):
         raise EdgehebbError(f"{path}: metadata {key!r} is missing or not JSON ({e})") from None
 
 
+class _OnnxFile:
+    """What the ONNX Runtime and OpenCV backends share: an edgehebb .onnx file's metadata, and its
+    input made on the host (uint8 frames for baked-in preprocessing, else float images)."""
+
+    def _describe(self, path: Path, meta: dict, input_name: str, dims: list, channel_order: str, fit: str) -> None:
+        self.classes = [str(c) for c in _json_meta(meta, "edgehebb.classes", path)]
+        _, h, w = _json_meta(meta, "edgehebb.spec", path)["input"]
+        self.input_size = (int(h), int(w))
+        self.input_name = input_name
+        # Baked-in preprocessing: the graph takes uint8 frames (N, h, w, 3) and resizes them itself.
+        self.baked = input_name == "frames"
+        self.channel_order, self.fit = channel_order, fit
+        self.flip = _check_baked(meta, channel_order, fit, path) if self.baked else False
+        self.frame_size = None          # (H, W) when the file takes frames of one size only
+        if self.baked:
+            self._frame_dims = tuple(d if isinstance(d, int) and d > 0 else None for d in dims[1:3])
+            if None not in self._frame_dims:
+                self.frame_size = self._frame_dims
+        self._staging = _Staging(torch.device("cpu"))   # preprocessing runs on the host
+
+    def host_input(self, frames) -> np.ndarray:
+        if self.baked:
+            x = frames.cpu().numpy() if isinstance(frames, torch.Tensor) else frames
+            want = self._frame_dims
+            if any(d is not None and d != s for d, s in zip(want, x.shape[1:3])):
+                raise EdgehebbError(f"this ONNX file takes frames of {want[0]}x{want[1]} (H x W), got "
+                                    f"{x.shape[1]}x{x.shape[2]}")
+            if self.fit == "center-crop":
+                crop_box(x.shape[1], x.shape[2], self.input_size)  # the graph's crop must not be empty
+            return np.ascontiguousarray(x[..., ::-1] if self.flip else x, dtype=np.uint8)
+        x = frames_to_tensor(self._staging.put(frames), self.input_size, self.channel_order, self.fit).numpy()
+        return np.ascontiguousarray(x, dtype=np.float32)
+
+
 class _OrtHandle:
     """One input shape's IOBinding, its input OrtValue (refilled in place each call) and outputs."""
 
@@ -255,7 +309,7 @@ class _NoCudaProvider(EdgehebbError):
     """ONNX Runtime lists its CUDA provider but cannot start it here (no GPU, CUDA or cuDNN libraries)."""
 
 
-class _OrtBackend:
+class _OrtBackend(_OnnxFile):
     name = "onnxruntime"
     min_batch, max_batch = 1, None
 
@@ -263,9 +317,6 @@ class _OrtBackend:
         ort = _import_onnxruntime()
         self._ort = ort
         meta = read_onnx_metadata(onnx_path)
-        self.classes = [str(c) for c in _json_meta(meta, "edgehebb.classes", onnx_path)]
-        _, h, w = _json_meta(meta, "edgehebb.spec", onnx_path)["input"]
-        self.input_size = (int(h), int(w))
         self.device = device
         # No TF32 on CUDA: it rounds the head's inputs to 10-bit mantissas (~1e-3 relative), enough to
         # flip near-tied predictions against the torch and CPU results.
@@ -284,33 +335,13 @@ class _OrtBackend:
             raise _NoCudaProvider(f"onnxruntime could not start its CUDAExecutionProvider for {onnx_path} (are the "
                                 f"CUDA and cuDNN libraries onnxruntime-gpu needs installed?); use device='cpu'")
         inp = self.session.get_inputs()[0]
-        self.input_name = inp.name
-        # Baked-in preprocessing: the graph takes uint8 frames (N, h, w, 3) and resizes them itself.
-        self.baked = inp.name == "frames"
-        self.channel_order, self.fit = channel_order, fit
-        self.flip = _check_baked(meta, channel_order, fit, onnx_path) if self.baked else False
-        if self.baked:
-            self.frame_size = tuple(d if isinstance(d, int) else None for d in inp.shape[1:3])
+        self._describe(onnx_path, meta, inp.name, inp.shape, channel_order, fit)
         self._handles = _LruCache()
-        self._staging = _Staging(torch.device("cpu"))   # preprocessing runs on the host
 
     def prepare(self, frames) -> _OrtHandle:
-        if self.baked:
-            x = frames.cpu().numpy() if isinstance(frames, torch.Tensor) else frames
-            want = self.frame_size
-            if any(d is not None and d != s for d, s in zip(want, x.shape[1:3])):
-                raise EdgehebbError(f"this ONNX file takes frames of {want[0]}x{want[1]} (H x W), got "
-                                    f"{x.shape[1]}x{x.shape[2]}")
-            if self.fit == "center-crop":
-                crop_box(x.shape[1], x.shape[2], self.input_size)  # the graph's crop must not be empty
-            x = x[..., ::-1] if self.flip else x
-            dtype = np.uint8
-        else:
-            x = frames_to_tensor(self._staging.put(frames), self.input_size, self.channel_order, self.fit).numpy()
-            dtype = np.float32
-        x = np.ascontiguousarray(x, dtype=dtype)
+        x = self.host_input(frames)
         handle = self._handles.get_or_make(x.shape, lambda: _OrtHandle(
-            self._ort, self.session, self.input_name, x.shape, dtype, self.device))
+            self._ort, self.session, self.input_name, x.shape, x.dtype, self.device))
         handle.input.update_inplace(x)   # host -> the bound input buffer (on the GPU with CUDA)
         return handle
 
@@ -333,6 +364,74 @@ class _OrtBackend:
         self._handles.clear()
         self._staging.clear()
         self.session = None
+
+
+def _import_cv2():
+    try:
+        import cv2
+    except ModuleNotFoundError:
+        raise missing_dependency("opencv-python-headless", why="the opencv backend runs .onnx files with "
+                                 "OpenCV DNN") from None
+    except ImportError as e:   # e.g. opencv-python without the GUI libraries it links
+        raise EdgehebbError(f"cv2 is installed but cannot be imported ({e}); install it with: pip install "
+                            f"opencv-python-headless") from None
+    return cv2
+
+
+class _OpenCVBackend(_OnnxFile):
+    """OpenCV DNN (``cv2.dnn``) on the CPU. OpenCV ignores model-local functions, so a custom-op file is
+    converted to standard ops in memory first; a ``--standard-ops`` export is read as it is."""
+
+    name = "opencv"
+    min_batch, max_batch = 1, None
+
+    def __init__(self, onnx_path: Path, device: str, channel_order: str, fit: str):
+        cv2 = _import_cv2()
+        from edgehebb.onnx_standard import standard_ops, uses_custom_ops
+
+        model = _load_onnx(onnx_path)
+        meta = read_onnx_metadata(onnx_path, model)
+        if uses_custom_ops(model):
+            model = standard_ops(model)
+        self.device = device
+        inp = model.graph.input[0]
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in inp.type.tensor_type.shape.dim]
+        self._describe(onnx_path, meta, inp.name, dims, channel_order, fit)
+        self.output_names = [o.name for o in model.graph.output]   # OpenCV's new engine returns all or none
+        read = getattr(cv2.dnn, "readNetFromONNXBuffer", cv2.dnn.readNetFromONNX)   # OpenCV 4 / OpenCV 5
+        try:
+            self.net = read(np.frombuffer(model.SerializeToString(), np.uint8))
+        except cv2.error as e:
+            raise EdgehebbError(f"OpenCV {cv2.__version__} cannot load {onnx_path}: {_one_line(e)}") from None
+        self._cv2 = cv2
+
+    def prepare(self, frames) -> np.ndarray:
+        return self.host_input(frames)
+
+    def forward(self, x: np.ndarray) -> dict:
+        self.net.setInput(x, self.input_name)
+        try:
+            outs = self.net.forward(self.output_names)
+        except self._cv2.error as e:
+            raise EdgehebbError(f"OpenCV DNN failed on input {x.dtype} {tuple(x.shape)}: {_one_line(e)}") from None
+        return dict(zip(self.output_names, outs))
+
+    def fetch(self, out: dict, features: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        probs = np.array(out["probabilities"], dtype=np.float32, copy=True)
+        return probs, (np.array(out["features"], dtype=np.float32, copy=True) if features else None)
+
+    def synchronize(self) -> None:
+        pass   # forward() returns finished host arrays
+
+    def close(self) -> None:
+        self._staging.clear()
+        self.net = None
+
+
+def _one_line(e: Exception, most: int = 400) -> str:
+    """A native library's multi-line message (OpenCV's: source location, then the reason) as one line."""
+    text = " ".join(line.strip(" >") for line in str(e).splitlines() if line.strip(" >")) or type(e).__name__
+    return text if len(text) <= most else text[:most - 3] + "..."
 
 
 def _check_baked(meta: dict, channel_order: str, fit: str, path: Path) -> bool:
@@ -377,6 +476,8 @@ class _TrtBackend:
         else:
             _, h, w = self.runner.sample_shape
         self.input_size = (int(h), int(w))
+        # a frames engine has one frame size (TensorRT profiles fix all but the batch): (H, W, 3)
+        self.frame_size = tuple(int(d) for d in self.runner.sample_shape[:2]) if self.baked else None
         self._staging = _Staging(self.device)
 
     def prepare(self, frames) -> torch.Tensor:
@@ -447,6 +548,11 @@ def _resolve_device(backend: str, device: str | None) -> str:
         if device not in (None, "auto") and not str(device).startswith("cuda"):
             raise EdgehebbError(f"the tensorrt backend runs on CUDA only, not on {device!r}")
         return "cuda" if device in (None, "auto") else str(device)
+    if backend == "opencv":
+        if device not in (None, "auto", "cpu"):
+            raise EdgehebbError(f"the opencv backend runs on the CPU only (OpenCV's DNN engine for ONNX has no "
+                                f"GPU back-end), not on {device!r}")
+        return "cpu"
     if backend == "onnxruntime":
         has_cuda = "CUDAExecutionProvider" in _import_onnxruntime().get_available_providers()
         if device in (None, "auto"):
@@ -464,14 +570,25 @@ def _resolve_device(backend: str, device: str | None) -> str:
     return str(device)
 
 
+def chunks(n: int, most: int) -> list[tuple[int, int]]:
+    """(start, stop) of the fewest slices of ``n`` frames with at most ``most`` each, as equal as possible
+    (sizes differ by at most one frame, so no lone frame trails full chunks)."""
+    k = -(-n // most)
+    bounds = [i * n // k for i in range(k + 1)]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
 class Runtime:
-    """Run an edgehebb model on camera frames with torch, ONNX Runtime or TensorRT; see the module doc.
+    """Run an edgehebb model on camera frames with torch, ONNX Runtime, OpenCV DNN or TensorRT; see the module doc.
 
     ``path``: a model directory or shipped model name, a ``.onnx`` file, or a ``.engine`` / ``.plan``
-    file. ``backend``: ``auto`` (chosen from ``path``), ``torch``, ``onnxruntime`` or ``tensorrt``.
+    file. ``backend``: ``auto`` (chosen from ``path``), ``torch``, ``onnxruntime``, ``opencv`` or ``tensorrt``.
     ``device``: ``None`` (CUDA when the backend can use it), ``"cpu"``, ``"cuda"`` (``"cuda:N"`` for torch).
     ``channel_order``: ``"rgb"`` or ``"bgr"`` (OpenCV). ``fit``: how frames meet the model's aspect
     ratio, ``"resize"`` (stretch) or ``"center-crop"`` (see :func:`edgehebb.frames.frames_to_tensor`).
+    ``max_chunk``: the most frames one backend call gets; :meth:`predict` splits larger batches
+    (``None``: 64 on the CPU, 256 on CUDA, ``DEFAULT_MAX_CHUNK``). Peak memory grows with it, by
+    ~3 MB per 32 x 32 frame for fig2_left.
 
     Steady-state inference allocates no new input buffers: each backend keeps one input buffer per
     frame shape (torch: a pinned host copy and a device copy on CUDA; ONNX Runtime: an IOBinding
@@ -485,17 +602,19 @@ class Runtime:
     """
 
     def __init__(self, path, backend: str = "auto", device: str | None = None, *,
-                 channel_order: str = "rgb", fit: str = "resize"):
+                 channel_order: str = "rgb", fit: str = "resize", max_chunk: int | None = None):
         if backend not in BACKENDS:
             raise EdgehebbError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
         check_choice(channel_order, CHANNEL_ORDERS, "channel order")
         check_choice(fit, FITS, "fit")
+        if max_chunk is not None and (isinstance(max_chunk, bool) or not isinstance(max_chunk, int) or max_chunk < 1):
+            raise EdgehebbError(f"max_chunk must be an integer >= 1 (frames per backend call), got {max_chunk!r}")
         kind, target = resolve_target(path)
         if backend == "auto":
             backend = {"model": "torch", "onnx": "onnxruntime", "engine": "tensorrt"}[kind]
         if backend == "torch" and kind != "model":
             raise EdgehebbError(f"the torch backend needs a model directory, not {target} (use backend='auto')")
-        if backend == "onnxruntime" and kind == "engine":
+        if backend in ("onnxruntime", "opencv") and kind == "engine":
             raise EdgehebbError(f"{target} is a TensorRT engine: use backend='tensorrt'")
         if backend == "tensorrt" and kind != "engine":
             raise EdgehebbError(f"the tensorrt backend needs a .engine file, not {target}: build one with "
@@ -504,9 +623,10 @@ class Runtime:
         self.device = _resolve_device(backend, device)
         self._lock = threading.Lock()
         self._tmp: Path | None = None
-        make = {"torch": _TorchBackend, "onnxruntime": _OrtBackend, "tensorrt": _TrtBackend}[backend]
+        make = {"torch": _TorchBackend, "onnxruntime": _OrtBackend, "opencv": _OpenCVBackend,
+                "tensorrt": _TrtBackend}[backend]
         try:
-            if backend == "onnxruntime" and kind == "model":
+            if backend in ("onnxruntime", "opencv") and kind == "model":
                 target = self._export(target, channel_order, fit)
             try:
                 self._backend = make(target, self.device, channel_order, fit)
@@ -523,12 +643,16 @@ class Runtime:
         self.input_size: tuple[int, int] = self._backend.input_size   # (H, W) frames are resized to
         self.max_batch: int | None = self._backend.max_batch          # a TensorRT profile's limit; None: any
         self.min_batch: int = self._backend.min_batch                  # a TensorRT profile's smallest batch
+        # (H, W) of the only frames the model takes (a file with preprocessing baked in at a fixed
+        # --frame-size); None: frames of any size, resized or cropped to input_size
+        self.frame_size: tuple[int, int] | None = self._backend.frame_size
+        self.max_chunk: int = max_chunk or DEFAULT_MAX_CHUNK["cuda" if self.device.startswith("cuda") else "cpu"]
 
     def _export(self, model_dir: Path, channel_order: str, fit: str) -> Path:
         """The model exported to a temporary .onnx, removed by close() (or when the Runtime is collected).
 
-        The preprocessing goes into the graph (uint8 frames in): no torch work beside ONNX Runtime's in
-        the hot path. On the CPU, torch's OpenMP threads keep spinning after a torch op and starve
+        The preprocessing goes into the graph (uint8 frames in): no torch work beside ONNX Runtime's (or
+        OpenCV's) in the hot path. On the CPU, torch's OpenMP threads keep spinning after a torch op and starve
         ONNX Runtime's pool (measured: 8 ms instead of 1.4 ms per batch of 32 on 16 cores), and on
         CUDA a quarter of the bytes cross to the GPU.
         """
@@ -545,12 +669,16 @@ class Runtime:
         return list(getattr(self._backend, "providers", []))
 
     def predict(self, frames, *, features: bool = False) -> Prediction:
-        """Class ids, probabilities and names (and, with ``features``, pooled features) of 1 or N frames."""
+        """Class ids, probabilities and names (and, with ``features``, pooled features) of 1 or N frames.
+
+        More than ``max_chunk`` frames (or than a TensorRT profile's largest batch) run as several
+        backend calls of equal size: see the module doc.
+        """
         frames = check_frames(frames)
-        step = self.max_batch or len(frames)   # batches beyond an engine's profile go in slices
+        most = min(self.max_chunk, self.max_batch or self.max_chunk)
         with self._lock:
             backend = self._open()
-            parts = [self._run(backend, frames[lo:lo + step], features) for lo in range(0, len(frames), step)]
+            parts = [self._run(backend, frames[lo:hi], features) for lo, hi in chunks(len(frames), most)]
         probs = np.concatenate([p for p, _ in parts])
         feats = np.concatenate([f for _, f in parts]) if features else None
         ids = probs.argmax(1).astype(np.int64)

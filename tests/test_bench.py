@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from edgehebb.bench import BACKENDS, run_bench, summarise, why_skipped
+from edgehebb.bench import BACKENDS, camera_frames, run_bench, summarise, why_skipped
 from edgehebb.cli_bench import BACKEND_NAMES, bench
 from edgehebb.data import load_split
 from edgehebb.errors import EdgehebbError
@@ -149,3 +150,61 @@ def test_cli_checks_the_png_path_before_loading_data(model_dir, tmp_path):
     png = tmp_path / "file" / "bench.png"
     result = CliRunner().invoke(bench, [str(model_dir), "--data", str(tmp_path / "no-data"), "--png", str(png)])
     assert isinstance(result.exception, EdgehebbError) and f"cannot write {png}" in str(result.exception)
+
+
+# ----------------------------------------------------------------------------- OpenCV and camera-sized frames
+
+def test_standard_ops_file_runs_on_onnxruntime_and_opencv(model_dir, image_tree, tmp_path):
+    pytest.importorskip("cv2")
+    from edgehebb.onnx_export import export_onnx
+
+    onnx_file = export_onnx(str(model_dir), tmp_path / "std.onnx", standard_ops=True)
+    test = load_split(image_tree, "test", progress=False)
+    result = run_bench(onnx_file, test, backends=["onnxruntime", "opencv"], batches=[2], warmup=0, iters=2)
+    ref = run_bench(model_dir, test, backends=["torch"], batches=[2], warmup=0, iters=2)["backends"]["torch"]
+    for name in ("onnxruntime", "opencv"):
+        entry = result["backends"][name]
+        assert entry["status"] == "ok" and entry["device"] == "cpu" and entry["max_chunk"] == 64, name
+        assert entry["frames"] == {"size": [16, 16], "resized": False}
+        for split in ("clean", "shadowed"):
+            assert entry[split]["accuracy"] == pytest.approx(ref[split]["accuracy"]), (name, split)
+
+
+def test_a_fixed_frame_size_export_gets_the_test_images_resized(model_dir, image_tree, tmp_path):
+    from edgehebb.onnx_export import export_onnx
+    from edgehebb.runtime import Runtime
+
+    backends = ["onnxruntime"] + (["opencv"] if importlib.util.find_spec("cv2") else [])
+    onnx_file = export_onnx(str(model_dir), tmp_path / "cam.onnx", preprocess="uint8-nhwc", frame_size=(48, 64))
+    test = load_split(image_tree, "test", progress=False)
+    lines = []
+    result = run_bench(onnx_file, test, backends=backends, batches=[1, 3], warmup=0, iters=2, log=lines.append)
+    frames = camera_frames(test.x, (48, 64))
+    with Runtime(onnx_file, device="cpu") as rt:   # what a camera sending 48x64 frames would get
+        want = rt.predict(frames).class_ids
+    for name, line in zip(backends, lines):
+        entry = result["backends"][name]
+        assert entry["status"] == "ok" and entry["frames"] == {"size": [48, 64], "resized": True}, name
+        assert [r["batch"] for r in entry["latency"]] == [1, 3]
+        assert entry["clean"]["accuracy"] == pytest.approx(float(np.mean(want == test.y))), name
+        assert "fed 48x64 frames (the test images resized" in line, line
+
+
+def test_camera_frames_resize_like_the_models_own_preprocessing(image_tree):
+    import torch
+
+    from edgehebb.frames import frames_to_tensor
+
+    images = np.tile(load_split(image_tree, "test", progress=False).x, (2, 1, 1, 1))   # 48: two resize batches
+    assert camera_frames(images, None) is images and camera_frames(images, (16, 16)) is images
+    frames = camera_frames(images, (48, 64))
+    assert frames.shape == (48, 48, 64, 3) and frames.dtype == np.uint8
+    want = frames_to_tensor(images, (48, 64))
+    assert torch.equal(torch.from_numpy(frames).permute(0, 3, 1, 2), (want * 255).round().to(torch.uint8))
+
+
+def test_opencv_is_skipped_with_a_reason(monkeypatch):
+    assert "TensorRT engine" in why_skipped("opencv", "engine")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "cv2" else real(name, *a))
+    assert "pip install opencv-python-headless" in why_skipped("opencv", "onnx")

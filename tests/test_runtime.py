@@ -1,9 +1,10 @@
-"""edgehebb.Runtime: one predict() over torch, ONNX Runtime and TensorRT, fed with camera frames."""
+"""edgehebb.Runtime: one predict() over torch, ONNX Runtime, OpenCV DNN and TensorRT, fed with camera frames."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +17,7 @@ from edgehebb.errors import EdgehebbError
 from edgehebb.frames import frames_to_tensor
 from edgehebb.model import load_model, save_model
 from edgehebb.nnl import NNLNet, spec_from_dict
-from edgehebb.runtime import OP_VERSION, Prediction, Runtime, read_onnx_metadata
+from edgehebb.runtime import DEFAULT_MAX_CHUNK, OP_VERSION, Prediction, Runtime, chunks, read_onnx_metadata
 from tests.conftest import assert_close
 
 CLASSES = ["cat", "dog", "frog"]
@@ -335,6 +336,145 @@ def test_onnxruntime_cuda_matches_torch(onnx_file, rt, frames):
             assert_close(got.features, want.features, rtol=1e-4, atol=1e-6, what="ORT CUDA vs torch features")
 
 
+# ----------------------------------------------------------------------------- OpenCV DNN
+
+@pytest.fixture
+def cv2():
+    cv2 = pytest.importorskip("cv2")
+    saved = cv2.getNumThreads()
+    cv2.setNumThreads(1)   # tests share the machine; the numbers do not depend on it
+    yield cv2
+    cv2.setNumThreads(saved)
+
+
+def test_opencv_runs_custom_op_and_standard_ops_files_like_torch(cv2, onnx_file, model_dir, rt, frames, tmp_path):
+    # a custom-op file is converted to standard ops in memory; a --standard-ops file is read as it is
+    standard = _export(model_dir, tmp_path / "std.onnx", standard_ops=True)
+    want = rt.predict(frames, features=True)
+    for path in (onnx_file, standard):
+        with Runtime(path, backend="opencv") as cv_rt:
+            assert (cv_rt.backend, cv_rt.device, cv_rt.classes, cv_rt.input_size) == ("opencv", "cpu", CLASSES, (32, 32))
+            got = cv_rt.predict(frames, features=True)
+            assert_close(got.probabilities, want.probabilities, rtol=1e-4, atol=1e-5, what=f"OpenCV {path.name}")
+            assert_close(got.features, want.features, rtol=1e-4, atol=1e-6, what=f"OpenCV {path.name} features")
+            assert np.array_equal(got.class_ids, want.class_ids)
+            kept = got.probabilities.copy()
+            cv_rt.predict(frames[::-1].copy())
+            assert np.array_equal(got.probabilities, kept), "Prediction must not alias OpenCV's outputs"
+
+
+def test_opencv_with_baked_frames_and_a_model_dir(cv2, model_dir, rt, frames, tmp_path):
+    fixed = _export(model_dir, tmp_path / "cam.onnx", preprocess="uint8-nhwc", frame_size=frames.shape[1:3],
+                    channel_order="bgr", standard_ops=True)
+    with Runtime(fixed, backend="opencv", channel_order="bgr") as cam:
+        assert cam.frame_size == (24, 40) and cam._backend.baked
+        assert_close(cam.predict(frames[..., ::-1].copy()).probabilities, rt.predict(frames).probabilities,
+                     rtol=1e-4, atol=1e-5, what="OpenCV, baked BGR preprocessing")
+        with pytest.raises(EdgehebbError, match="takes frames of 24x40"):
+            cam.predict(frames[:, :20])
+    with Runtime(model_dir, backend="opencv") as on_the_fly:   # exported (uint8 frames in), then converted
+        assert on_the_fly._tmp is not None and on_the_fly.frame_size is None
+        assert_close(on_the_fly.predict(frames).probabilities, rt.predict(frames).probabilities,
+                     rtol=1e-4, atol=1e-5, what="OpenCV from a model directory")
+
+
+def test_opencv_refusals_are_one_line(onnx_file, tmp_path, monkeypatch):
+    engine = tmp_path / "m.engine"
+    engine.write_bytes(b"PLAN")
+    for make, message in [(lambda: Runtime(onnx_file, backend="opencv", device="cuda"), "CPU only"),
+                          (lambda: Runtime(engine, backend="opencv"), "use backend='tensorrt'")]:
+        with pytest.raises(EdgehebbError, match=message):
+            make()
+    monkeypatch.setitem(sys.modules, "cv2", None)   # as without OpenCV installed
+    with pytest.raises(EdgehebbError, match="pip install opencv-python-headless") as info:
+        Runtime(onnx_file, backend="opencv")
+    assert "\n" not in str(info.value)
+
+
+# ----------------------------------------------------------------------------- large batches
+
+def test_chunks_are_as_equal_as_possible():
+    assert chunks(5, 64) == [(0, 5)]
+    assert chunks(128, 64) == [(0, 64), (64, 128)]
+    assert [b - a for a, b in chunks(129, 64)] == [43, 43, 43]
+    for n in range(1, 300):
+        for most in (3, 7, 64):
+            sizes = [b - a for a, b in chunks(n, most)]
+            assert sum(sizes) == n and max(sizes) <= most and len(sizes) == -(-n // most)
+            assert max(sizes) - min(sizes) <= 1 and (n == 1 or min(sizes) >= 2), (n, most, sizes)
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime", "opencv"])
+def test_large_batches_are_split_with_the_same_results(model_dir, backend):
+    if backend == "opencv":
+        pytest.importorskip("cv2")
+    if backend != "torch":
+        _need_export()
+    frames = np.random.default_rng(3).integers(0, 256, (23, 32, 32, 3), dtype=np.uint8)
+    with Runtime(model_dir, backend=backend, device="cpu", max_chunk=1000) as whole, \
+            Runtime(model_dir, backend=backend, device="cpu", max_chunk=5) as split:
+        assert whole.max_chunk == 1000 and split.max_chunk == 5
+        seen = []
+        prepare = split._backend.prepare
+        split._backend.prepare = lambda x: seen.append(len(x)) or prepare(x)
+        got, want = split.predict(frames, features=True), whole.predict(frames, features=True)
+        assert sorted(seen) == [4, 4, 5, 5, 5], "23 frames in five calls of at most 5, as equal as possible"
+        # bit for bit: these backends give a frame the same numbers in any batch of 2 or more
+        assert np.array_equal(got.probabilities, want.probabilities) and np.array_equal(got.features, want.features)
+
+
+def test_max_chunk_default_and_bad_values(model_dir):
+    with Runtime(model_dir, device="cpu") as runtime:
+        assert runtime.max_chunk == DEFAULT_MAX_CHUNK["cpu"] == 64
+    for bad in (0, -1, 2.5, True, "64"):
+        with pytest.raises(EdgehebbError, match="max_chunk must be an integer >= 1"):
+            Runtime(model_dir, device="cpu", max_chunk=bad)
+
+
+_PEAK_MEMORY = r"""
+import json, sys
+import numpy as np, torch
+torch.set_num_threads(1)
+from edgehebb import Runtime
+
+def mib(key):   # VmRSS: resident now; VmHWM: the peak since the last reset
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(key + ":")) / 1024
+
+frames = np.random.default_rng(0).integers(0, 256, (int(sys.argv[2]), 32, 32, 3), dtype=np.uint8)
+peaks = {}
+for backend in sys.argv[3:]:
+    with Runtime(sys.argv[1], backend=backend, device="cpu") as rt:
+        rt.predict(frames[:1])                   # loaded and run once: the baseline
+        base = mib("VmRSS")
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")                         # VmHWM := VmRSS (Linux >= 4.0)
+        rt.predict(frames)
+        peaks[backend] = mib("VmHWM") - base
+print(json.dumps(peaks))
+"""
+
+
+def test_peak_memory_of_a_large_batch_is_bounded(tmp_path):
+    """1,024 frames through a model with a large activation map per frame (64 x 32 x 32 cosines, 256 KiB:
+    256 MiB for the batch): unsplit, each backend peaked at 590-710 MiB above its baseline; split into
+    chunks of 64, at 46-88 MiB. Measured in a fresh process, where peak RSS is the process's own."""
+    if not Path("/proc/self/clear_refs").exists():
+        pytest.skip("needs Linux's /proc/self/clear_refs to reset the peak RSS between backends")
+    spec = spec_from_dict({"name": "wide", "input": [3, 32, 32], "classes": 3,
+                           "blocks": [{"kernel": 1, "filters": 64, "power": 2, "pool": 2}]})
+    net = NNLNet(spec, [torch.randn(64, 3, 1, 1, generator=torch.Generator().manual_seed(0))])
+    model = save_model(tmp_path / "wide", net, CLASSES)
+    backends = ["torch"] + [name for name, module in (("onnxruntime", "onnxruntime"), ("opencv", "cv2"))
+                            if importlib.util.find_spec(module) is not None]
+    done = subprocess.run([sys.executable, "-c", _PEAK_MEMORY, str(model), "1024", *backends], capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    peaks = json.loads(done.stdout.strip().splitlines()[-1])
+    assert set(peaks) == set(backends)
+    assert all(mib < 200 for mib in peaks.values()), f"peak RSS above the baseline, MiB: {peaks}"
+
+
 # ----------------------------------------------------------------------------- TensorRT
 
 def test_tensorrt_backend_without_tensorrt(tmp_path):
@@ -368,7 +508,7 @@ def test_tensorrt_backend_matches_torch(onnx_file, model_dir, rt, frames, tmp_pa
 # ----------------------------------------------------------------------------- packaging
 
 def test_import_edgehebb_stays_light():
-    code = ("import sys, edgehebb; heavy = [m for m in ('torch', 'onnxruntime', 'tensorrt', 'pycuda') "
+    code = ("import sys, edgehebb; heavy = [m for m in ('torch', 'onnxruntime', 'tensorrt', 'pycuda', 'cv2') "
             "if m in sys.modules]; assert not heavy, heavy; assert callable(edgehebb.Runtime); "
             "assert 'onnxruntime' not in sys.modules and 'tensorrt' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parent.parent)

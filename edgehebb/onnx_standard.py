@@ -13,9 +13,9 @@ function:
 2. every node whose inputs are all constant (the filter preprocessing, the one-hot patch kernels,
    the shape arithmetic and the ``Constant`` nodes that carry the op's attributes) is evaluated once
    by onnx's reference evaluator and becomes an initializer. What is left is the per-image work.
-   This also removes what OpenCV refused in the inlined graph: ``Constant`` nodes (its classic
-   engine) and integer arithmetic mixing a ``value_int`` constant with int64 shapes (both engines);
-   the only integers left are int64 initializers and ``Shape`` outputs;
+   This also removes what OpenCV 5.0 refused in the inlined graph: it reads a ``value_int``
+   ``Constant`` as int32, and then the ``Mul`` of the int64 pad pattern by the padding mixes integer
+   types (both its engines). The only integers left are int64 initializers and ``Shape`` outputs;
 3. exact no-ops are dropped: ``Pad`` by zeros, ``Mul`` by 1, ``Add``/``Sub`` of 0 (a ``padding`` of
    0 or a ``center`` of 1 leave such nodes behind); the results are bit for bit the same;
 4. ONNX shape inference (strict, with data propagation) writes every activation's shape into

@@ -361,6 +361,10 @@ def test_opencv_runs_custom_op_and_standard_ops_files_like_torch(cv2, onnx_file,
             kept = got.probabilities.copy()
             cv_rt.predict(frames[::-1].copy())
             assert np.array_equal(got.probabilities, kept), "Prediction must not alias OpenCV's outputs"
+    with Runtime(standard, device="cpu") as ort_rt:   # ONNX Runtime runs the standard-ops file too
+        assert ort_rt.backend == "onnxruntime"
+        assert_close(ort_rt.predict(frames).probabilities, want.probabilities, rtol=1e-4, atol=1e-5,
+                     what="ORT, standard-ops file")
 
 
 def test_opencv_with_baked_frames_and_a_model_dir(cv2, model_dir, rt, frames, tmp_path):

@@ -379,8 +379,10 @@ def _import_cv2():
 
 
 class _OpenCVBackend(_OnnxFile):
-    """OpenCV DNN (``cv2.dnn``) on the CPU. OpenCV ignores model-local functions, so a custom-op file is
-    converted to standard ops in memory first; a ``--standard-ops`` export is read as it is."""
+    """OpenCV DNN (``cv2.dnn``, its default engine) on the CPU. OpenCV ignores model-local functions, so a
+    custom-op file is converted to standard ops in memory first; a ``--standard-ops`` export is read as it
+    is. OpenCV runs on its own thread pool, all cores by default: ``cv2.setNumThreads(n)`` sets it for
+    the whole process (on cores shared with other jobs, fewer threads are often faster)."""
 
     name = "opencv"
     min_batch, max_batch = 1, None

@@ -11,6 +11,9 @@ reference (tests/test_learn.py).
 
 from __future__ import annotations
 
+import ctypes
+import functools
+import sys
 import time
 
 import numpy as np
@@ -22,6 +25,26 @@ from edgehebb.threads import ThreadTuner
 
 # Ranks up to this are found by masking and repeating argmax; beyond, one topk is cheaper.
 ARGMAX_RANKS = 8
+
+
+@functools.cache
+def keep_freed_memory() -> bool:
+    """Stop glibc from handing each step's freed blocks back to the kernel (once per process; glibc only).
+
+    A CPU step allocates and frees a few blocks of 0.2-1.6 MB. glibc trims the freed top of the heap
+    above 2x its mmap threshold and the next step faults the pages back in: ~800 page faults a step,
+    a third of the CPU time in the kernel, 5 ms instead of 9 ms a step on a shared core (measured
+    with getrusage). Blocks below 32 MB now come from the heap, and up to 64 MB of free heap is kept.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):   # musl and other C libraries: nothing to tune
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    return bool(mallopt(M_MMAP_THRESHOLD, 32 << 20)) and bool(mallopt(M_TRIM_THRESHOLD, 64 << 20))
 
 
 def top_units(h: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,6 +102,8 @@ class TorchBackend:
         self.sampler = PatchSampler(nchw.to(self.device), config.kernel, config.stride)
         self.M = weights.to(self.device, torch.float32).clone()
         self.tuner = ThreadTuner(threads) if self.device.type == "cpu" else None
+        if self.tuner is not None:
+            keep_freed_memory()
         # CPU gather: one index_select of flat offsets (PatchSampler's advanced indexing costs 3x more)
         n, c, h, w = nchw.shape
         ch, i, j = torch.meshgrid(torch.arange(c), torch.arange(config.kernel), torch.arange(config.kernel),

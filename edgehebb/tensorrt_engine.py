@@ -366,6 +366,9 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, *, fp16: bool =
     if inp.shape[0] is not None and tuple(batch) != (inp.shape[0],) * 3:
         log(f"the ONNX input has a fixed batch of {inp.shape[0]}; the profile uses it instead of {tuple(batch)}")
     nodes = custom_nodes(model)
+    if fp16 and not nodes:   # FP32 pins spread from the op's nodes; a --standard-ops file has none left
+        raise EdgehebbError(f"{onnx_path} has no ai.edgehebb nodes (a --standard-ops export?), so an FP16 build "
+                            f"could not keep the patch-norm/power op in FP32; build from the default export")
     classes = onnx_classes(model)
     exported = {p.key: p.value for p in model.metadata_props if p.key.startswith("edgehebb.")}
     del model

@@ -681,3 +681,19 @@ def test_exported_nnl_models_build_and_match_onnxruntime(tmp_path, preprocess):
     want = sess.run(["logits"], {sess.get_inputs()[0].name: feed})[0]
     assert (np.abs(got - want).max(1) <= 1e-4 * np.abs(want).max(1)).all()
     assert (got.argmax(1) == want.argmax(1)).all()
+
+
+def test_fp16_of_a_standard_ops_file_is_refused_before_building(tmp_path, monkeypatch):
+    # a --standard-ops file has no ai.edgehebb node left to pin FP32 from, whoever calls build_engine
+    trt = fake_tensorrt("10.8.0.43")
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    x = helper.make_tensor_value_info("images", TensorProto.FLOAT, ["batch", 3, 4, 4])
+    y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 48])
+    graph = helper.make_graph([helper.make_node("Flatten", ["images"], ["logits"])], "standard", [x], [y])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    helper.set_model_props(model, {CLASSES_KEY: json.dumps(CIFAR10)})
+    path = tmp_path / "standard.onnx"
+    onnx.save(model, path)
+    with pytest.raises(EdgehebbError, match="no ai.edgehebb nodes .*default export") as e:
+        build_engine(path, tmp_path / "m.engine", fp16=True, log=lambda m: None)
+    assert "\n" not in str(e.value) and trt.calls == [] and not (tmp_path / "m.engine").exists()

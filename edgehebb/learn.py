@@ -198,8 +198,7 @@ def learn(images: np.ndarray, config: LearnConfig, *, backend: str = "torch", de
             epoch=epoch + 1, eps=eps, norm_error=row_norm_error(state.weights, config.power),
             dead_fraction=float((wins == 0).float().mean()), seconds=seconds,
             patches_per_s=steps * B / max(seconds, 1e-9)))
-        state.threads = getattr(runner, "threads_report", lambda: None)()
         if on_epoch is not None:
             on_epoch(state)
-    state.threads = getattr(runner, "threads_report", lambda: None)()
+    state.threads = getattr(runner, "threads_report", lambda: None)()   # the GPU backends have none
     return state

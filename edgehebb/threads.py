@@ -71,28 +71,36 @@ def candidates(n_cores: int) -> list[int]:
 class ThreadTuner:
     """Chooses torch's thread count unit of work by unit of work: ``choose()`` before, ``record()`` after.
 
-    A probe runs each candidate for one warm-up unit (waking a parked pool costs more than a unit)
-    and then until ``probe_s`` seconds and at least one more unit are measured; the fastest wins.
-    Use as a context manager: the caller's thread count is restored on exit.
+    A probe round runs each candidate in turn, the current count first: the first unit after a
+    switch is not measured (waking a parked pool costs something), then units are measured until
+    ``probe_s`` seconds add up, and the fastest count wins. A candidate whose unit runs at less than
+    half the best rate of the round is dropped after that one unit: on a loaded machine one step with
+    too many threads costs as much as twenty with one. A new round starts every ``reprobe_s``
+    seconds, or when the moving average of the rate falls below half of what the round measured,
+    but not within ``min_gap_s`` of the last one. Use as a context manager: the caller's thread count
+    is restored on exit.
     """
 
     def __init__(self, threads: int | None = None, *, n_cores: int | None = None, probe_s: float = 0.05,
-                 reprobe_s: float = 30.0, clock=time.perf_counter):
+                 reprobe_s: float = 30.0, min_gap_s: float = 5.0, clock=time.perf_counter):
         threads = requested() if threads is None else threads
         if threads is not None and threads < 1:
             raise EdgehebbError(f"threads must be >= 1, got {threads}")
         self.fixed = threads
         self.candidates = [threads] if threads is not None else candidates(n_cores or cores())
-        self.probe_s, self.reprobe_s, self.clock = probe_s, reprobe_s, clock
-        self.rates: dict[int, float] = {}
+        self.probe_s, self.reprobe_s, self.min_gap_s, self.clock = probe_s, reprobe_s, min_gap_s, clock
+        self.rates: dict[int, float] = {}     # the last round's rate (work per second) of each count
         self.units: dict[int, int] = {}       # units of work run at each count (the record in config.json)
-        self._queue = list(self.candidates) if len(self.candidates) > 1 else []
         self.current = self.candidates[0]
-        self._probe = [0, 0.0, 0.0]           # units seen, seconds and work measured (after the warm-up unit)
+        self._queue: list[int] = []           # counts still to measure in this round, the one running first
+        self._round: dict[int, float] = {}
+        self._probe = [0, 0.0, 0.0]           # units seen, seconds and work measured at the count running
         self._chosen_rate = self._recent = None
         self._chosen_at = clock()
-        self._settling = False                # skip the first unit after a choice (a switch costs a unit)
+        self._settling = False                # the first unit after a round's switch is not a fair sample
         self._saved: int | None = None
+        if len(self.candidates) > 1:
+            self._start_round()
 
     def __enter__(self) -> "ThreadTuner":
         import torch
@@ -119,32 +127,44 @@ class ThreadTuner:
         """The unit just run under :meth:`choose`'s count took ``seconds`` for ``work`` (e.g. patches)."""
         n = self._queue[0] if self._queue else self.current
         self.units[n] = self.units.get(n, 0) + 1
+        rate = work / max(seconds, 1e-12)
         if self._queue:
-            self._record_probe(seconds, work)
+            self._record_probe(n, seconds, work, rate)
             return
         if self._settling:
             self._settling = False
             return
-        rate = work / max(seconds, 1e-12)
-        self._recent = rate if self._recent is None else 0.8 * self._recent + 0.2 * rate
-        if len(self.candidates) > 1 and (self.clock() - self._chosen_at > self.reprobe_s
-                                         or self._recent < 0.5 * self._chosen_rate):
-            self._queue = list(self.candidates)   # the load changed, or may have: measure again
+        self._recent = rate if self._recent is None else 0.9 * self._recent + 0.1 * rate
+        since = self.clock() - self._chosen_at
+        if len(self.candidates) > 1 and (since > self.reprobe_s
+                                         or (since > self.min_gap_s and self._recent < 0.5 * self._chosen_rate)):
+            self._start_round()   # the load changed, or may have: measure again
 
-    def _record_probe(self, seconds: float, work: float) -> None:
+    def _start_round(self) -> None:
+        self._queue = [self.current] + [c for c in self.candidates if c != self.current]
+        self._round, self._probe = {}, [0, 0.0, 0.0]
+
+    def _record_probe(self, n: int, seconds: float, work: float, rate: float) -> None:
         p = self._probe
         p[0] += 1
-        if p[0] > 1:                              # the first unit after a switch pays for waking the pool
+        if self._round and rate < 0.5 * max(self._round.values()):
+            self._finish_probe(n, rate)           # clearly slower: one unit is proof enough
+            return
+        if p[0] > 1 or n == self.current:         # a switch's first unit pays for waking the pool
             p[1] += seconds
             p[2] += work
-        if p[0] < 2 or p[1] < self.probe_s:
-            return
-        self.rates[self._queue.pop(0)] = p[2] / max(p[1], 1e-12)
+        if p[1] >= self.probe_s and p[2] > 0:
+            self._finish_probe(n, p[2] / p[1])
+
+    def _finish_probe(self, n: int, rate: float) -> None:
+        self._round[n] = self.rates[n] = rate
+        self._queue.pop(0)
         self._probe = [0, 0.0, 0.0]
         if not self._queue:
-            self.current = max(self.candidates, key=lambda c: self.rates[c])
-            self._chosen_rate, self._recent, self._chosen_at = self.rates[self.current], None, self.clock()
-            self._settling = True
+            best = max(self._round, key=self._round.get)
+            self._settling = best != n
+            self.current, self._chosen_rate, self._recent = best, self._round[best], None
+            self._chosen_at = self.clock()
 
     def report(self) -> dict:
         """What config.json records: the setting, the cores, and how many units ran at each count."""

@@ -15,8 +15,19 @@ rate of the currents (2*K*N flops per patch) and its fraction of the FP32 peak
 LearnConfig defaults unless overridden) through ``edgehebb.learn.learn`` with each GPU backend, and
 reports epoch times, GPU kernel time and how close the two filter banks are.
 
+--quiet-vs-loaded times one epoch of the CPU backend (through ``edgehebb.learn.learn``, with its thread
+policy, and with the thread count fixed at 1 and at all cores) and of the anchor, the rule written the
+obvious dense way in torch (unfold every patch, then per minibatch: gather rows, centre and scale,
+matmul, topk, a dense g, the update; the unfold is timed), first on the machine as it is, then with
+--busy background processes spinning (python/numpy loops the tool starts and stops), side by side.
+Both run with the allocator setting of the CPU backend (edgehebb.learn_torch.keep_freed_memory). The
+lines give patches/s, the 1-minute load average before each run and, for the CPU backend, the thread
+counts used; the last line has the ratios the targets are about (loaded / quiet >= 1/3, quiet
+CPU backend / quiet anchor >= 1).
+
 Examples:
   python tools/bench_learn.py --seconds 1
+  python tools/bench_learn.py --no-sweep --quiet-vs-loaded --out notes/quiet-vs-loaded.jsonl
   python tools/bench_learn.py --backends pycuda torch-cuda --batches 1000 10000 --out notes/bench.jsonl
   python tools/bench_learn.py --no-sweep --full-data $EDGEHEBB_DATA --save-weights /tmp/banks
 """
@@ -26,7 +37,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import platform
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -292,6 +305,92 @@ def full_data(args, info: dict) -> None:
             np.save(Path(args.save_weights) / "filters-pycuda-perturbed.npy", state.weights.numpy())
 
 
+# One busy loop per background process: numpy sums over an L2-sized array, the mix of interpreter and
+# memory work that other people's experiments put on a shared machine.
+BUSY = "import numpy as np\na = np.random.rand(1 << 16)\nwhile True:\n    a.sum()\n"
+
+
+def dense_anchor_epoch(images: np.ndarray, cfg: LearnConfig, order: torch.Tensor) -> float:
+    """Seconds for one epoch of the rule as a torch user would first write it, patch extraction included."""
+    import torch.nn.functional as F
+
+    t0 = time.perf_counter()
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(255.0)
+    dim = x.shape[1] * cfg.kernel ** 2
+    patches = F.unfold(x, cfg.kernel, stride=cfg.stride).transpose(1, 2).reshape(-1, dim)   # (image, row, col) order
+    M = init_weights(cfg.filters, dim, cfg.seed)
+    rows = torch.arange(cfg.batch)
+    for s in range(len(order) // cfg.batch):
+        v = patches[order[s * cfg.batch:(s + 1) * cfg.batch]]
+        v = v - v.mean(dim=1, keepdim=True)
+        v = v / (v.norm(dim=1, keepdim=True) + 1e-8)
+        h = v @ M.T
+        top = h.topk(cfg.rank, dim=1).indices
+        g = torch.zeros_like(h)
+        g[rows, top[:, 0]] = 1.0
+        g[rows, top[:, cfg.rank - 1]] = -cfg.delta
+        ds = g.T @ v - (g * h).sum(dim=0)[:, None] * M
+        M += cfg.lr * ds / ds.abs().max().clamp_min(1e-30)
+    return time.perf_counter() - t0
+
+
+def quiet_vs_loaded(args) -> None:
+    """The CPU backend and the dense anchor, one epoch each, quiet and then beside --busy spinning processes."""
+    import edgehebb.learn as L
+    from edgehebb.learn_torch import keep_freed_memory
+    from edgehebb.threads import cores
+
+    keep_freed_memory()   # the backend sets it on first use; set first, the anchor runs with it too
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(args.load_images, 32, 32, 3), dtype=np.uint8)
+    cfg = LearnConfig(filters=args.filters, kernel=4, batch=1000)
+    ny, nx = patch_grid(32, 32, cfg.kernel, cfg.stride)
+    steps = args.load_images * ny * nx // cfg.batch
+    order = L.epoch_order(args.load_images * ny * nx, cfg.seed, 0)[: steps * cfg.batch]
+    n = cores()
+    variants = [("torch-cpu", None), ("torch-cpu", 1), ("torch-cpu", n), ("dense-anchor", None), ("dense-anchor", 1)]
+    default_threads = torch.get_num_threads()
+    rates: dict[tuple, float] = {}
+
+    def one(kind: str, threads: int | None, condition: str) -> None:
+        rec = dict(kind="quiet-vs-loaded", condition=condition, busy=args.busy if condition == "loaded" else 0,
+                   backend=kind, threads="auto" if threads is None and kind == "torch-cpu" else threads or default_threads,
+                   cores=n, K=cfg.filters, W=cfg.kernel, B=cfg.batch, images=args.load_images,
+                   patches=steps * cfg.batch, loadavg_1m=os.getloadavg()[0])
+        if kind == "torch-cpu":
+            state = L.learn(images, cfg, backend="torch", device="cpu", threads=threads, progress=False)
+            seconds = state.history[0].seconds
+            rec["threads_used"] = state.threads["units_by_threads"]
+        else:
+            torch.set_num_threads(threads or default_threads)
+            try:
+                seconds = dense_anchor_epoch(images, cfg, order)
+            finally:
+                torch.set_num_threads(default_threads)
+        rec.update(seconds=round(seconds, 3), patches_per_s=steps * cfg.batch / seconds)
+        rates[(kind, threads, condition)] = rec["patches_per_s"]
+        emit(rec, args.out)
+
+    for kind, threads in variants:
+        one(kind, threads, "quiet")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    busy = [subprocess.Popen([sys.executable, "-c", BUSY], env=env) for _ in range(args.busy)]
+    try:
+        time.sleep(2.0)   # let them reach full speed
+        for kind, threads in variants:
+            one(kind, threads, "loaded")
+    finally:
+        for p in busy:
+            p.terminate()
+        for p in busy:
+            p.wait()
+    ours = rates[("torch-cpu", None, "quiet")]
+    anchor = max(rates[("dense-anchor", t, "quiet")] for t in (None, 1))
+    emit(dict(kind="quiet-vs-loaded-summary", loaded_over_quiet=rates[("torch-cpu", None, "loaded")] / ours,
+              target_loaded_over_quiet=1 / 3, quiet_cpu_over_best_quiet_anchor=ours / anchor,
+              target_quiet_cpu_over_anchor=1.0), args.out)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
@@ -314,6 +413,11 @@ def main(argv=None) -> int:
     p.add_argument("--trace-steps", type=int, default=0,
                    help="with --full-data: follow pycuda vs torch-cuda (and pycuda vs a 1e-7-perturbed start) "
                         "over this many steps, and rerun the whole pycuda run from the perturbed start")
+    p.add_argument("--quiet-vs-loaded", action="store_true",
+                   help="time one CPU epoch of the backend and of the dense anchor, quiet and beside --busy processes")
+    p.add_argument("--busy", type=int, default=2, help="background busy processes for --quiet-vs-loaded (default 2)")
+    p.add_argument("--load-images", type=int, default=1000,
+                   help="random 32x32 images of the --quiet-vs-loaded epoch (default 1000: 841,000 patches)")
     p.add_argument("--out", type=Path, help="append the JSON lines to this file too")
     args = p.parse_args(argv)
     info = device_info()
@@ -324,6 +428,8 @@ def main(argv=None) -> int:
         sweep(args, info)
     if args.full_data:
         full_data(args, info)
+    if args.quiet_vs_loaded:
+        quiet_vs_loaded(args)
     return 0
 
 

@@ -60,9 +60,14 @@ def normalised_data_key(saved) -> dict | None:
     return saved
 
 
+# Settings added to LearnConfig after runs were saved without them: those runs used these values.
+ADDED_SETTINGS = {"init": "normal", "rank_by": "current"}
+
+
 def settings_differ(saved, config: LearnConfig, ignore: tuple[str, ...] = ()) -> str:
     """The saved learn settings that differ from ``config``, as "name=saved value, ..." ("" if none)."""
     saved = saved if isinstance(saved, dict) else {}
+    saved = {**ADDED_SETTINGS, **saved}
     return ", ".join(f"{k}={saved.get(k)}" for k, v in dataclasses.asdict(config).items()
                      if k not in ignore and saved.get(k) != v)
 
@@ -142,7 +147,7 @@ def learn_to_dir(images, config: LearnConfig, out: str | Path, *, data_key: dict
     ``extra`` goes into config.json beside the summary (the CLI's list of skipped image files).
     """
     out = check_out(out, resume)
-    backend = resolve_backend(backend, device)  # before resolving device: --device cpu rules out pycuda
+    backend = resolve_backend(backend, device, config)  # before resolving device: --device cpu rules out pycuda
     device = resolve_device(device)
     state = None
     if resume:
@@ -174,8 +179,8 @@ def learn_to_dir(images, config: LearnConfig, out: str | Path, *, data_key: dict
         if caught:
             name = signal.Signals(caught[0]).name
             message = (f"{name}: stopped in epoch {s.epochs_done + 1}/{config.epochs} after "
-                       f"{s.position * config.batch / 1e6:.3g} M patches; checkpoint written to {out / CHECKPOINT_FILE}, "
-                       f"continue with --resume")
+                       f"{s.position * config.batch / 1e6:.3g} M patches; checkpoint written to {out / CHECKPOINT_FILE}; "
+                       f"to continue, run `edgehebb learn` again with --resume (`edgehebb train` resumes by itself)")
             log(message)
             raise Interrupted(caught[0], message)
 

@@ -114,6 +114,11 @@ def test_auto_backend_obeys_device_cpu(monkeypatch):
     assert learn_mod.resolve_backend("torch", "cuda") == "torch"
     with pytest.raises(EdgehebbError, match="unknown backend 'cupy'"):
         learn_mod.resolve_backend("cupy")
+    # the kernel ranks by current only: auto falls back to torch, an explicit pycuda is refused
+    cosine = LearnConfig(rank_by="cosine")
+    assert learn_mod.resolve_backend("auto", "auto", cosine) == "torch"
+    with pytest.raises(EdgehebbError, match="ranks units by current only; --rank-by cosine runs on --backend torch"):
+        learn_mod.resolve_backend("pycuda", "cuda", cosine)
 
 
 def test_learn_rejects_bad_shapes(images):
@@ -211,21 +216,26 @@ def reference_weights(images, cfg: LearnConfig) -> torch.Tensor:
     """hebbian.rank_update over the epoch orders, written out: what every backend must reproduce."""
     from edgehebb.hebbian import init_weights, rank_update
     from edgehebb.learn import epoch_order
-    from edgehebb.patches import PatchSampler, preprocess
+    from edgehebb.patches import PatchSampler, preprocess, sample_patches
 
     sampler = PatchSampler(torch.tensor(images).permute(0, 3, 1, 2).contiguous(), cfg.kernel, cfg.stride)
-    M = init_weights(cfg.filters, images.shape[3] * cfg.kernel ** 2, cfg.seed)
+    if cfg.init == "normal":
+        M = init_weights(cfg.filters, images.shape[3] * cfg.kernel ** 2, cfg.seed)
+    else:
+        M = sample_patches(sampler.images, cfg.kernel, cfg.stride, cfg.filters, cfg.preprocess, cfg.seed)
     B, steps = cfg.batch, sampler.n_patches // cfg.batch
     with threads.configured(1):   # the same bits with any count (test_threads.py), and no spinning on a busy CI
         for e in range(cfg.epochs):
             order = epoch_order(sampler.n_patches, cfg.seed, e)
             for s in range(steps):
                 v = preprocess(sampler.gather(order[s * B:(s + 1) * B]), cfg.preprocess)
-                rank_update(M, v, cfg.lr * (1 - e / cfg.epochs), cfg.power, cfg.delta, cfg.rank)
+                rank_update(M, v, cfg.lr * (1 - e / cfg.epochs), cfg.power, cfg.delta, cfg.rank, cfg.rank_by)
     return M
 
 
-@pytest.mark.parametrize("extra", [{}, {"rank": 3, "power": 3.0}, {"rank": 10, "delta": 0.2}])
+@pytest.mark.parametrize("extra", [{}, {"rank": 3, "power": 3.0}, {"rank": 10, "delta": 0.2},
+                                   {"rank_by": "cosine", "init": "patches", "preprocess": "unit"},
+                                   {"rank_by": "cosine", "power": 3.0}])
 def test_cpu_backend_learns_bitwise_the_reference_filters(images, extra):
     cfg = LearnConfig(epochs=2, **{**SMALL, **extra})   # rank 10: the topk path; 2 and 3: argmax in numpy
     assert torch.equal(learn(images, cfg, progress=False).weights, reference_weights(images, cfg))
@@ -295,8 +305,12 @@ def _checkpoint_meta(out):
     return load_tensors(out / CHECKPOINT_FILE)[1]
 
 
-def test_signal_mid_epoch_checkpoints_and_resume_is_bitwise(images, tmp_path, monkeypatch):
+@pytest.mark.parametrize("signum", ["SIGINT", "SIGTERM"])
+def test_signal_mid_epoch_checkpoints_and_resume_is_bitwise(images, tmp_path, monkeypatch, signum):
     import signal
+
+    signum = getattr(signal, signum)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
 
     import edgehebb.learn as L
     from edgehebb.learn_dir import Interrupted
@@ -315,7 +329,7 @@ def test_signal_mid_epoch_checkpoints_and_resume_is_bitwise(images, tmp_path, mo
         def run_then_signal(order, eps):
             calls.append(len(order))
             if len(calls) == 400:
-                signal.raise_signal(signal.SIGINT)   # as Ctrl-C would, between two steps
+                signal.raise_signal(signum)   # as Ctrl-C or kill would, between two steps
             return run(order, eps)
 
         runner.run = run_then_signal
@@ -325,8 +339,8 @@ def test_signal_mid_epoch_checkpoints_and_resume_is_bitwise(images, tmp_path, mo
     lines = []
     with pytest.raises(Interrupted) as stop:
         learn_to_dir(images, cfg, tmp_path / "cut", data_key=key, progress=False, log=lines.append)
-    assert stop.value.signum == signal.SIGINT and "continue with --resume" in lines[-1]
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler   # handlers restored
+    assert stop.value.signum == signum and "again with --resume" in lines[-1]
+    assert {s: signal.getsignal(s) for s in handlers} == handlers   # handlers restored
     meta = _checkpoint_meta(tmp_path / "cut")
     assert meta["epochs_done"] == 1 and meta["position"] == 400 - 338
     assert not (tmp_path / "cut" / "filters.safetensors").exists()
@@ -476,3 +490,55 @@ def test_cpu_steps_do_not_fault_their_memory_back_in():
     runner.run(order[:40_000], 0.01)
     faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 40
     assert faults < 50, f"{faults:.0f} page faults per step (glibc trimmed the heap: ~800 without the tuning)"
+
+
+def test_patch_init_starts_every_unit_on_a_distinct_unit_data_patch(images):
+    from edgehebb.learn import initial_weights
+    from edgehebb.patches import PatchSampler, preprocess
+
+    cfg = LearnConfig(init="patches", preprocess="unit", **SMALL)
+    M = initial_weights(images, cfg)
+    assert M.shape == (16, 48) and torch.allclose(M.norm(dim=1), torch.ones(16), atol=1e-6)
+    assert len({tuple(r.tolist()) for r in M}) == 16
+    assert torch.equal(M, initial_weights(images, cfg))                        # seeded
+    assert not torch.equal(M, initial_weights(images, LearnConfig(init="patches", preprocess="unit",
+                                                                   **{**SMALL, "seed": 8})))
+    # every row is one of the data's patches, preprocessed as learning sees them
+    sampler = PatchSampler(torch.tensor(images).permute(0, 3, 1, 2).contiguous(), 4, 1)
+    every = preprocess(sampler.gather(torch.arange(sampler.n_patches)), "unit")
+    every = every / every.norm(dim=1, keepdim=True)
+    assert ((M.double() @ every.double().T).max(dim=1).values > 1 - 1e-6).all()
+    # flat patches centre to zero and are never picked
+    flat = np.full((4, 8, 8, 3), 90, np.uint8)
+    with pytest.raises(EdgehebbError, match="not flat"):
+        initial_weights(flat, LearnConfig(init="patches", **{**SMALL, "filters": 4}))
+
+
+
+def test_cli_exits_as_the_signal_would(image_tree, tmp_path, monkeypatch, capsys):
+    import signal
+
+    import edgehebb.learn as L
+
+    monkeypatch.setenv("EDGEHEBB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(L, "CALL_SECONDS", 1e-9)
+    original = L.make_backend
+
+    def terminated(*a, **k):
+        runner = original(*a, **k)
+        run = runner.run
+
+        def run_then_term(order, eps):
+            signal.raise_signal(signal.SIGTERM)
+            return run(order, eps)
+
+        runner.run = run_then_term
+        return runner
+
+    monkeypatch.setattr(L, "make_backend", terminated)
+    with pytest.raises(SystemExit) as e:
+        main(["learn", "--data", str(image_tree), "--out", str(tmp_path / "m"), "-K", "8", "-B", "50", "--device", "cpu"])
+    assert e.value.code == 128 + signal.SIGTERM
+    err = capsys.readouterr().err
+    assert "SIGTERM: stopped in epoch 1/1" in err and "Traceback" not in err and "Aborted" not in err
+    assert (tmp_path / "m" / "checkpoint.safetensors").is_file()

@@ -18,13 +18,16 @@ import torch
 
 from edgehebb.errors import EdgehebbError
 from edgehebb.hebbian import check_rule, init_weights
-from edgehebb.patches import PREPROCESS, patch_grid
+from edgehebb.patches import PREPROCESS, patch_grid, sample_patches
 
 # Seconds per backend call. Between calls the progress bar moves, mid-epoch checkpoints are written
 # and Ctrl-C is honoured, so calls are short; long enough that a GPU backend keeps its launches back
 # to back. The first call runs FIRST_STEPS steps; later ones are sized from the measured rate.
 CALL_SECONDS = 0.5
 FIRST_STEPS = 4
+
+
+INITS = ("normal", "patches")
 
 
 @dataclass
@@ -40,9 +43,13 @@ class LearnConfig:
     rank: int = 2
     preprocess: str = "center-unit"
     seed: int = 0
+    init: str = "normal"        # starting rows: standard normal (the paper), or "patches" (K data patches)
+    rank_by: str = "current"    # rank units by current (the paper), or "cosine" (hebbian.py says when it matters)
 
     def check(self, image_shape: tuple[int, int, int]) -> None:
-        check_rule(self.filters, self.rank, self.power, self.delta)
+        check_rule(self.filters, self.rank, self.power, self.delta, self.rank_by)
+        if self.init not in INITS:
+            raise EdgehebbError(f"unknown initialisation {self.init!r}; choose one of {', '.join(INITS)}")
         h, w, _ = image_shape
         patch_grid(h, w, self.kernel, self.stride)
         for name in ("epochs", "batch"):
@@ -96,13 +103,17 @@ def check_seed(seed: int) -> None:
         raise EdgehebbError(f"seed must be in [0, 2^32), got {seed}")
 
 
-def resolve_backend(name: str, device: str = "auto") -> str:
-    """``torch`` or ``pycuda`` for ``name`` (torch | pycuda | auto): auto is pycuda when it can run,
-    unless ``device`` asks for the CPU (pycuda always runs on the GPU)."""
+def resolve_backend(name: str, device: str = "auto", config: LearnConfig | None = None) -> str:
+    """``torch`` or ``pycuda`` for ``name`` (torch | pycuda | auto): auto is pycuda when it can run
+    ``config``, unless ``device`` asks for the CPU (pycuda always runs on the GPU)."""
+    kernel_ok = config is None or config.rank_by == "current"   # the kernel ranks by current only
     if name == "auto":
-        return "pycuda" if device != "cpu" and _pycuda_usable() else "torch"
+        return "pycuda" if device != "cpu" and kernel_ok and _pycuda_usable() else "torch"
     if name not in ("torch", "pycuda"):
         raise EdgehebbError(f"unknown backend {name!r}; choose auto, torch or pycuda")
+    if name == "pycuda" and not kernel_ok:
+        raise EdgehebbError(f"the PyCUDA kernel ranks units by current only; --rank-by {config.rank_by} runs on "
+                            f"--backend torch (CPU or CUDA)")
     return name
 
 
@@ -110,7 +121,7 @@ def make_backend(name: str, images: np.ndarray, config: LearnConfig, weights: to
                  threads: int | None = None):
     """The learning backend ``name`` (torch | pycuda | auto), holding ``images`` and ``weights``;
     ``threads`` fixes the CPU backend's thread count (None: measured, edgehebb.threads)."""
-    name = resolve_backend(name, device)
+    name = resolve_backend(name, device, config)
     if name == "torch":
         from edgehebb.learn_torch import TorchBackend
 
@@ -127,6 +138,16 @@ def _pycuda_usable() -> bool:
     except ImportError:
         return False
     return available()
+
+
+def initial_weights(images: np.ndarray, config: LearnConfig) -> torch.Tensor:
+    """The starting M (K, C*W*W): standard normal rows (``init="normal"``), or K distinct patches of
+    uint8 NHWC ``images``, preprocessed as learning will see them and scaled to unit length."""
+    dim = images.shape[3] * config.kernel ** 2
+    if config.init == "normal":
+        return init_weights(config.filters, dim, config.seed)
+    nchw = torch.tensor(images).permute(0, 3, 1, 2).contiguous()   # a copy: images may be a read-only memmap
+    return sample_patches(nchw, config.kernel, config.stride, config.filters, config.preprocess, config.seed)
 
 
 def learn(images: np.ndarray, config: LearnConfig, *, backend: str = "torch", device: str = "cpu",
@@ -150,7 +171,7 @@ def learn(images: np.ndarray, config: LearnConfig, *, backend: str = "torch", de
     if steps == 0:
         raise EdgehebbError(f"batch {config.batch} is larger than the {n_patches} patches of the data")
     if state is None:
-        state = LearnState(init_weights(config.filters, c * config.kernel ** 2, config.seed))
+        state = LearnState(initial_weights(images, config))
     want = (config.filters, c * config.kernel ** 2)
     if tuple(state.weights.shape) != want:
         raise EdgehebbError(f"the weights to continue from are {tuple(state.weights.shape)}; {config.filters} filters of "

@@ -19,7 +19,7 @@ import time
 import numpy as np
 import torch
 
-from edgehebb.hebbian import PRECISION, currents, rank_update
+from edgehebb.hebbian import PRECISION, currents, rank_update, ranking_scores
 from edgehebb.patches import PatchSampler, preprocess
 from edgehebb.threads import ThreadTuner
 
@@ -66,13 +66,13 @@ def top_units(h: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def cpu_rank_update(M: torch.Tensor, v: torch.Tensor, eps: float, power: float = 2.0, delta: float = 0.4,
-                    rank: int = 2) -> torch.Tensor:
+                    rank: int = 2, rank_by: str = "current") -> torch.Tensor:
     """One step of :func:`edgehebb.hebbian.rank_update` on CPU tensors, updating ``M``; returns the winners.
 
     The update below must stay op for op the reference's: that is what makes the filters bitwise equal.
     """
     h = currents(M, v, power)
-    winners, ranked = top_units(h, rank)
+    winners, ranked = top_units(ranking_scores(M, h, power, rank_by) if rank_by != "current" else h, rank)
     rows = torch.arange(v.shape[0])
     g = torch.zeros_like(h)
     g[rows, winners] = 1.0
@@ -120,7 +120,7 @@ class TorchBackend:
                 self.tuner.choose()
                 t0 = time.perf_counter()
                 v = preprocess(self._gather(order[start:start + cfg.batch]), cfg.preprocess)
-                winners = cpu_rank_update(self.M, v, eps, cfg.power, cfg.delta, cfg.rank)
+                winners = cpu_rank_update(self.M, v, eps, cfg.power, cfg.delta, cfg.rank, cfg.rank_by)
                 wins += torch.bincount(winners, minlength=cfg.filters)
                 self.tuner.record(time.perf_counter() - t0, cfg.batch)
         return wins
@@ -137,7 +137,7 @@ class TorchBackend:
         order = order.to(self.device)
         for start in range(0, len(order) - cfg.batch + 1, cfg.batch):
             v = preprocess(self.sampler.gather(order[start:start + cfg.batch]), cfg.preprocess)
-            step = rank_update(self.M, v, eps, cfg.power, cfg.delta, cfg.rank)
+            step = rank_update(self.M, v, eps, cfg.power, cfg.delta, cfg.rank, cfg.rank_by)
             wins += torch.bincount(step.winners, minlength=cfg.filters)
         return wins.cpu()
 

@@ -81,3 +81,29 @@ def preprocess(v: torch.Tensor, mode: str, eps: float = 1e-8) -> torch.Tensor:
     if mode.endswith("unit"):
         v = v / (v.norm(dim=1, keepdim=True) + eps)
     return v
+
+
+def sample_patches(images: torch.Tensor, kernel: int, stride: int, count: int, mode: str, seed: int) -> torch.Tensor:
+    """``count`` distinct patches of uint8 NCHW ``images``, preprocessed by ``mode`` and scaled to unit
+    length: the ``init="patches"`` starting weights (each unit starts on a data point, as k-means
+    centroids do, instead of in a random direction that no patch may ever favour).
+
+    Drawn with a CPU generator seeded by ``seed``, so every backend starts from the same rows.
+    Patches that preprocess to (near) zero, such as flat ones under centring, are skipped.
+    """
+    sampler = PatchSampler(images, kernel, stride)
+    if count > sampler.n_patches:
+        raise EdgehebbError(f"cannot start {count} units on distinct patches: the data has {sampler.n_patches}")
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + 977)
+    order = torch.randperm(sampler.n_patches, generator=gen)
+    rows, start = [], 0
+    while sum(len(r) for r in rows) < count and start < len(order):
+        take = order[start:start + 2 * count]
+        start += len(take)
+        v = preprocess(sampler.gather(take), mode)
+        norms = v.norm(dim=1)
+        rows.append(v[norms > 1e-3] / norms[norms > 1e-3, None])
+    picked = torch.cat(rows)[:count]
+    if len(picked) < count:
+        raise EdgehebbError(f"only {len(picked)} of the data's patches are not flat after {mode!r}; {count} units need more")
+    return picked.cpu().float()

@@ -11,15 +11,17 @@ from edgehebb.patches import PatchSampler, patch_grid, preprocess
 from tests.conftest import assert_close
 
 
-def numpy_step(M, v, eps, p, delta, m):
+def numpy_step(M, v, eps, p, delta, m, rank_by="current"):
     """Krotov & Hopfield's update written out in float64 numpy, one patch at a time."""
     M = M.astype(np.float64)
     K = M.shape[0]
     ds = np.zeros_like(M)
     xx = np.zeros(K)
+    # cosine: rank by h / ||M_mu||_p^(p-1), which is h for rows of unit p-norm
+    rank_scale = (np.abs(M) ** p).sum(1) ** ((p - 1) / p) if rank_by == "cosine" else np.ones(K)
     for a in range(v.shape[0]):
         h = (np.sign(M) * np.abs(M) ** (p - 1)) @ v[a]
-        order = np.argsort(-h, kind="stable")
+        order = np.argsort(-h / rank_scale, kind="stable")
         g = np.zeros(K)
         g[order[0]] = 1.0
         g[order[m - 1]] = -delta
@@ -42,6 +44,29 @@ def test_step_matches_numpy_transcription(p, m, delta):
     h = v.astype(np.float64) @ (np.sign(M) * np.abs(M) ** (p - 1)).T
     assert step.winners.tolist() == h.argmax(1).tolist()
     assert step.ranked.tolist() == np.argsort(-h, 1)[:, m - 1].tolist()
+
+
+@pytest.mark.parametrize("p,m", [(2.0, 2), (3.0, 3)])
+def test_cosine_ranking_matches_numpy_transcription(p, m):
+    rng = np.random.default_rng(5)
+    M = (rng.normal(size=(9, 12)) * rng.uniform(0.5, 3, size=(9, 1))).astype(np.float32)   # unequal row norms
+    v = rng.uniform(-1, 1, size=(13, 12)).astype(np.float32)
+    expected = numpy_step(M, v.astype(np.float64), 0.05, p, 0.3, m, rank_by="cosine")
+    Mt = torch.from_numpy(M.copy())
+    rank_update(Mt, torch.from_numpy(v), 0.05, p, 0.3, m, rank_by="cosine")
+    assert_close(Mt, expected, rtol=1e-5, atol=1e-6, what="M after one cosine-ranked step")
+    assert not np.allclose(expected, numpy_step(M, v.astype(np.float64), 0.05, p, 0.3, m), atol=1e-3)
+
+
+def test_cosine_ranking_ignores_a_row_s_norm():
+    # the patch is closest in angle to unit 0, but unit 1 is four times longer: the current picks
+    # unit 1, the cosine picks unit 0 (what the rule converges to, with unit rows)
+    M = torch.tensor([[1.0, 0.1], [0.0, 4.0]])
+    v = torch.tensor([[1.0, 0.5]])
+    assert rank_update(M.clone(), v, 0.1, rank_by="current").winners.item() == 1
+    assert rank_update(M.clone(), v, 0.1, rank_by="cosine").winners.item() == 0
+    with pytest.raises(EdgehebbError, match="unknown ranking 'angle'"):
+        check_rule(4, 2, 2.0, 0.4, "angle")
 
 
 def test_zero_patches_do_not_divide_by_zero():

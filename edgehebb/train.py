@@ -49,6 +49,8 @@ class FitConfig:
     weight_decay: float = 0.0
     val_fraction: float = 0.1   # of each class's training images, held out for choosing the epoch
     seed: int = 0
+    standardise: bool = True    # head on z-scored features; False: on the raw pooled features (the
+                                # steep n of the paper's ablation then also scales the classifier's input)
 
     def check(self) -> None:
         if self.epochs < 1 or self.batch < 1 or not self.lr > 0 or self.weight_decay < 0:
@@ -139,7 +141,11 @@ def train_head(net: _Net, feats: np.ndarray, labels: np.ndarray, cfg: FitConfig,
     """Fit ``net``'s standardiser and softmax head on frozen ``feats`` (N, D); the blocks are untouched."""
     cfg.check()
     train_idx, val_idx = validation_split(labels, cfg.val_fraction, cfg.seed)
-    fit_standardiser(net, feats[train_idx])
+    if cfg.standardise:
+        fit_standardiser(net, feats[train_idx])
+    else:
+        net.feature_mean.zero_()
+        net.feature_scale.fill_(1.0)
     net.to(device)
     torch.manual_seed(cfg.seed)
     net.head.reset_parameters()

@@ -78,6 +78,21 @@ def test_standardiser_scales_tiny_features_and_ignores_constant_ones():
     assert_close(z[:, 1:].std(0, unbiased=False), torch.ones(d - 1), rtol=0, atol=1e-3, what="unit std")
 
 
+def test_head_without_standardiser_sees_the_raw_features():
+    from edgehebb.train import train_head
+
+    net = NNLNet(spec_from_dict(SPEC), [torch.randn(12, 3, 4, 4)])
+    d = net.feature_mean.numel()
+    rng = np.random.default_rng(0)
+    feats = rng.uniform(0, 2, (60, d)).astype(np.float32)
+    labels = np.arange(60) % 3
+    net.feature_mean.fill_(5.0)   # left over from an earlier fit: must not survive
+    train_head(net, feats, labels, FitConfig(epochs=1, standardise=False), log=lambda s: None, progress=False)
+    assert torch.equal(net.feature_mean, torch.zeros(d)) and torch.equal(net.feature_scale, torch.ones(d))
+    train_head(net, feats, labels, FitConfig(epochs=1), log=lambda s: None, progress=False)
+    assert not torch.equal(net.feature_scale, torch.ones(d))
+
+
 def test_head_on_frozen_filters_learns_and_round_trips(bank_dir, tmp_path, monkeypatch):
     spec = spec_from_dict(SPEC)
     train, test = _gratings(240, 0), _gratings(90, 1)

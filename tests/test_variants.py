@@ -1,0 +1,55 @@
+"""tools/variants.py: the accuracy-variant runner is cached, resumable and refuses bad variants in one line."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+import variants  # noqa: E402
+
+TINY = {"input": [3, 16, 16], "classes": 3,
+        "blocks": [{"kernel": 4, "filters": 6, "power": 10, "pool": 5, "pool_stride": 4}]}
+
+
+def _run(tmp_path, image_tree, items, *extra):
+    file = tmp_path / "v.json"
+    file.write_text(json.dumps(items))
+    return variants.main([str(file), "--data", str(image_tree), "--out", str(tmp_path / "out"),
+                          "--learn-limit", "0", "--train-limit", "0", "--test-limit", "0", *extra])
+
+
+def test_rows_for_every_power_share_one_bank_and_one_pooled_map_and_rerun_from_cache(tmp_path, image_tree, capsys):
+    item = {"name": "plain", "spec": TINY, "learn": {"batch": 50, "init": "patches", "rank_by": "cosine"},
+            "block": {"center": False}, "powers": [1, 10], "fit": {"epochs": 2}}
+    assert _run(tmp_path, image_tree, [item]) == 0
+    out = tmp_path / "out"
+    rows = json.loads((out / "summary.json").read_text())
+    assert [r["row"] for r in rows] == ["plain-n1", "plain-n10"]
+    for r in rows:
+        assert 0 <= r["val_accuracy"] <= 1 and 0 <= r["test_error"] <= 1 and 0 <= r["shadowed_error"] <= 1
+        assert r["banks"][0]["dead_fraction"] is not None and r["features"]["dim"] == 6 * 3 * 3
+        assert r["settings"]["variant"]["learn"]["rank_by"] == "cosine"
+    assert len(list((out / "banks").iterdir())) == 1 and len(list((out / "pooled").iterdir())) == 1
+    capsys.readouterr()
+    assert _run(tmp_path, image_tree, [item]) == 0
+    assert capsys.readouterr().err.count(": cached") == 2
+    # a changed head setting reruns the rows but reuses the bank and the pooled map
+    assert _run(tmp_path, image_tree, [{**item, "fit": {"epochs": 3}}]) == 0
+    assert "cached" not in capsys.readouterr().err
+    assert len(list((out / "banks").iterdir())) == 1 and len(list((out / "pooled").iterdir())) == 1
+
+
+@pytest.mark.parametrize("item,message", [
+    ({"name": "x", "colour": 1}, "unknown key"),
+    ({"name": "x", "block": {"centre": False}}, "unknown block field"),
+    ({"name": "x", "learn": {"deltaa": 0.1}}, "unknown learn field"),
+    ({"name": "x", "fit": {"epoch": 3}}, "unknown fit field"),
+    ({"name": "x", "powers": [0]}, "'powers' must be a list of numbers > 0"),
+    ({"spec": TINY}, "non-empty 'name'"),
+])
+def test_bad_variants_are_one_line_errors(tmp_path, image_tree, capsys, item, message):
+    assert _run(tmp_path, image_tree, [{"spec": TINY, **item}]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("Error: ") and message in err and "\n" not in err

@@ -58,9 +58,16 @@ def bench(model, data, backends, batches, limit, warmup, iters, skip_bad, png, a
     from edgehebb.bench import run_bench, save_bench_png
     from edgehebb.data import load_split, resolve_data_root
     from edgehebb.io import check_writable
-    from edgehebb.runtime import resolve_target
+    from edgehebb.runtime import read_onnx_metadata, resolve_target
 
-    resolve_target(model)   # a wrong MODEL or --png fails before the test set is decoded
+    # a wrong, corrupt or foreign MODEL, or an unwritable --png, fails before the test set is decoded
+    kind, target = resolve_target(model)
+    if kind == "model":
+        from edgehebb.model import load_model
+
+        load_model(target)   # config.json, the spec and the tensors' checksum
+    elif kind == "onnx":
+        read_onnx_metadata(target)
     check_writable(png)
     test = load_split(resolve_data_root(data), "test", limit=limit, skip_bad=skip_bad)
     click.echo(f"{len(test)} test images from {test.source}", err=True)

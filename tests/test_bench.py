@@ -145,6 +145,19 @@ def test_cli_checks_the_model_before_loading_data(tmp_path):
     assert isinstance(result.exception, EdgehebbError) and "missing-model" in str(result.exception)
 
 
+def test_cli_refuses_a_corrupt_model_or_onnx_file_before_loading_data(model_dir, tmp_path):
+    weights = model_dir / "model.safetensors"
+    raw = bytearray(weights.read_bytes())
+    raw[-8:] = bytes(8)   # flip the last tensor bytes: the stored checksum no longer matches
+    weights.write_bytes(bytes(raw))
+    result = CliRunner().invoke(bench, [str(model_dir), "--data", str(tmp_path / "no-data")])
+    assert isinstance(result.exception, EdgehebbError) and "model.safetensors" in str(result.exception)
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"not onnx")
+    result = CliRunner().invoke(bench, [str(junk), "--data", str(tmp_path / "no-data")])
+    assert isinstance(result.exception, EdgehebbError) and "junk.onnx" in str(result.exception)
+
+
 def test_cli_checks_the_png_path_before_loading_data(model_dir, tmp_path):
     (tmp_path / "file").write_text("x")
     png = tmp_path / "file" / "bench.png"

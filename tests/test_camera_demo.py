@@ -52,11 +52,12 @@ def video(cv2, tmp_path) -> Path:
     return path
 
 
-@pytest.mark.parametrize("suffix", [".avi", ".mp4"])
-def test_demo_writes_every_frame(cv2, video, tmp_path, capsys, suffix):
+@pytest.mark.parametrize("suffix,backend", [(".avi", "auto"), (".mp4", "auto"), (".avi", "opencv")])
+def test_demo_writes_every_frame(cv2, video, tmp_path, capsys, suffix, backend):
     model = tiny_model(tmp_path / "tiny")
     out = tmp_path / f"annotated{suffix}"
-    rc = load_tool().main(["--source", str(video), "--out", str(out), "--model", str(model), "--device", "cpu"])
+    rc = load_tool().main(["--source", str(video), "--out", str(out), "--model", str(model), "--device", "cpu",
+                           "--backend", backend])
     assert rc == 0, capsys.readouterr().err
     summary = json.loads(capsys.readouterr().out)
     assert summary["frames"] == 12 and summary["model_ms_p50"] > 0

@@ -42,8 +42,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--model", default=DEFAULT_MODEL if shipped else None, required=not shipped,
                    help="Model directory, shipped model name, .onnx or .engine file."
                         + (f" Default: {DEFAULT_MODEL}" if shipped else f" (required: {DEFAULT_MODEL} is not shipped here)"))
-    p.add_argument("--backend", choices=["auto", "torch", "onnxruntime", "tensorrt"], default="auto",
-                   help="Runtime backend; auto picks it from --model. Default: auto")
+    p.add_argument("--backend", choices=["auto", "torch", "onnxruntime", "opencv", "tensorrt"], default="auto",
+                   help="Runtime backend; auto picks it from --model; opencv runs the model with OpenCV DNN "
+                        "alone (CPU). Default: auto")
     p.add_argument("--device", default=None, help="cpu or cuda. Default: CUDA when the backend can use it.")
     p.add_argument("--fit", choices=["resize", "center-crop"], default="resize",
                    help="How a frame meets the model's aspect ratio. Default: resize")

@@ -81,25 +81,32 @@ def _skipped_record(data) -> dict:
 @click.option("--rank", "-m", type=click.IntRange(min=2), default=2, help="Rank m of the unit pushed away.")
 @click.option("--preprocess", type=click.Choice(["none", "center", "unit", "center-unit"]), default="center-unit",
               help="Per-patch preprocessing before learning (none: raw [0, 1] pixels, which collapse most units).")
+@click.option("--init", type=click.Choice(["normal", "patches"]), default="normal",
+              help="Starting rows: standard normal, or K distinct (preprocessed, unit) data patches.")
+@click.option("--rank-by", type=click.Choice(["current", "cosine"]), default="current",
+              help="Rank units by their current, or by their cosine with the patch (the ranking the rule "
+                   "converges to; needed for --preprocess unit, whose patches lie in a narrow cone).")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Use a class-balanced subset of N training images.")
 @click.option("--skip-bad", is_flag=True, help="Skip unreadable images (counted) instead of stopping.")
 @click.option("--backend", type=click.Choice(["auto", "torch", "pycuda"]), default="auto",
-              help="torch (CPU or CUDA), pycuda (our CUDA kernel), auto (pycuda when usable, unless --device cpu).")
+              help="torch (CPU or CUDA), pycuda (our CUDA kernel; ranks by current only), auto (pycuda when usable "
+                   "for the settings, unless --device cpu).")
 @click.option("--device", type=DEVICES, default="auto", help="Device of the torch backend.")
 @click.option("--seed", type=SEEDS, default=0, help="Seeds the initial weights and every epoch's shuffle.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint (written every "
               "epoch, every few minutes and on Ctrl-C).")
 @threads_option
 @click.option("--json", "as_json", is_flag=True, help="Print the run's summary as JSON on stdout.")
-def learn(data, out, filters, kernel, stride, epochs, batch, lr, power, delta, rank, preprocess, limit, skip_bad,
-          backend, device, seed, resume, threads, as_json):
+def learn(data, out, filters, kernel, stride, epochs, batch, lr, power, delta, rank, preprocess, init, rank_by, limit,
+          skip_bad, backend, device, seed, resume, threads, as_json):
     """Learn a filter bank from image patches with the Krotov-Hopfield rank-update rule."""
     from edgehebb.data import load_split, resolve_data_root
     from edgehebb.learn import LearnConfig
     from edgehebb.learn_dir import check_out, learn_to_dir
 
     config = LearnConfig(filters=filters, kernel=kernel, stride=stride, epochs=epochs, batch=batch, lr=lr,
-                         power=power, delta=delta, rank=rank, preprocess=preprocess, seed=seed)
+                         power=power, delta=delta, rank=rank, preprocess=preprocess, seed=seed, init=init,
+                         rank_by=rank_by)
     check_out(out, resume)   # before the data is decoded, not after the epoch
     root = resolve_data_root(data)
     train = load_split(root, "train", limit=limit, skip_bad=skip_bad)

@@ -542,3 +542,21 @@ def test_cli_exits_as_the_signal_would(image_tree, tmp_path, monkeypatch, capsys
     err = capsys.readouterr().err
     assert "SIGTERM: stopped in epoch 1/1" in err and "Traceback" not in err and "Aborted" not in err
     assert (tmp_path / "m" / "checkpoint.safetensors").is_file()
+
+
+def test_cli_learn_defaults_are_the_library_defaults():
+    import dataclasses
+
+    options = {p.name: p.default for p in cli.commands["learn"].params}
+    for f in dataclasses.fields(LearnConfig):
+        assert options[{"filters": "filters", "kernel": "kernel"}.get(f.name, f.name)] == f.default, f.name
+
+
+def test_cli_learn_takes_init_and_rank_by(image_tree, tmp_path):
+    out = tmp_path / "plain"
+    result = CliRunner().invoke(cli, ["learn", "--data", str(image_tree), "--out", str(out), "-K", "6", "-B", "50",
+                                      "--preprocess", "unit", "--init", "patches", "--rank-by", "cosine",
+                                      "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    saved = json.loads((out / "config.json").read_text())["learn"]
+    assert saved["init"] == "patches" and saved["rank_by"] == "cosine"

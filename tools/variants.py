@@ -141,8 +141,13 @@ class Screen:
                          threads=self.args.threads, log=self.log)
         filters, config_json = load_filters(where)
         last = (config_json.get("history") or [{}])[-1]
+        # a bank collapsed onto (or away from) the flat patch shows here: plain patches sit near it
+        rows = filters.flatten(1).double()
+        flat_cos = (rows / rows.norm(dim=1, keepdim=True)).sum(1) / rows.shape[1] ** 0.5
         return filters, {"dir": str(where), "learn": dataclasses.asdict(config),
-                         "dead_fraction": last.get("dead_fraction"), "norm_error": last.get("norm_error")}
+                         "dead_fraction": last.get("dead_fraction"), "norm_error": last.get("norm_error"),
+                         "flat_cos_quantiles": [round(float(q), 4) for q in flat_cos.quantile(
+                             torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64))]}
 
     # ---------------------------------------------------------------- pooled cosines
     def pooled(self, spec: NetSpec, bank: torch.Tensor, index: int) -> dict[str, np.ndarray]:

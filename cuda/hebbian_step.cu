@@ -18,6 +18,14 @@
 //                              p weights, = M for p = 2) is rewritten transposed for phase A.
 //   -- grid barrier --
 //
+// Ranking by cosine (RANK_COS = 1, hebbian.py's rank_by="cosine"): phase A ranks units by
+// h_k / s_k with s_k = ||M_k||_p^(p-1) (the cosine for p = 2). Mp^T then holds Mp[k] / s_k, so phase A
+// is unchanged and its "currents" are the scores. Phase C finds s_k by a warp reduction over the row
+// it has just written (kept in registers: sum |m| |Mp| = ||M_k||_p^p, one fmaf chain per lane over
+// n = lane + 32u, then the butterfly), floored at 1e-30 as in the oracle. The update still uses the
+// true currents: phase B takes c from Mp[k] itself (M for p = 2; for p != 2 sign(m)|m|^(p-1)
+// recomputed from M, not the scaled Mp^T), so ds is the rule's own.
+//
 // Residency: the barriers need every block of the grid running at once. If one never arrives (a GPU
 // shared through MPS with an SM limit, a green context, another process's kernel holding SMs), the
 // waiting blocks give up after GRID_TIMEOUT_NS, set the fault word barrier[1] and return; blocks that
@@ -44,12 +52,17 @@
 //   RANK, RP                  the rank m of the anti-Hebbian unit, RP = next power of two >= m
 //   PRE                       per-patch preprocessing: 0 none, 1 center, 2 unit, 3 center-unit
 //   POW2                      1 when the Lebesgue power p is 2 (Mp = M, no pow)
+//   RANK_COS                  1: rank units by h / ||M_k||_p^(p-1) (above); 0 (default): by h
 //   NTHREADS, LB, TB, TK2     block size and the tile shape above
 //   NKC, NC, NNC              number of K chunks, n per shared tile, number of n chunks
 //   GRID_TIMEOUT_NS           optional: how long a grid barrier waits before it reports a fault
 
 #ifndef DYNAMIC_SHARED  // overridable so the kernel can be exercised by a host emulation
 #define DYNAMIC_SHARED(name) extern __shared__ float4 name[]
+#endif
+
+#ifndef RANK_COS
+#define RANK_COS 0
 #endif
 
 #ifndef GRID_TIMEOUT_NS
@@ -362,7 +375,7 @@ hebbian_run(const unsigned char* __restrict__ images,  // (n_images, H, Wd, CH) 
             const int* __restrict__ order,               // nsteps * B patch indices
             int B, int nsteps, float eps, float power, float delta,
             float* M,                     // K x N weights, row-major
-            float* MpT,                   // N x KP: sign(M)|M|^(p-1) transposed, zero for k >= K
+            float* MpT,                   // N x KP: sign(M)|M|^(p-1) transposed (/ s_k if RANK_COS), zero for k >= K
             float* ds,                    // K x N scratch
             unsigned long long* acc,      // K x N fixed-point sums, zero between steps
             unsigned int* scale_bits,     // [2] max|ds| of the step (t & 1) as float bits, zeroed by the host
@@ -504,7 +517,8 @@ hebbian_run(const unsigned char* __restrict__ images,  // (n_images, H, Wd, CH) 
                 if (n < N) {
                     q[u] = (long long)__ldcg(acc + (size_t)k * N + n);
                     m[u] = __ldcg(M + (size_t)k * N + n);
-                    mp[u] = POW2 ? m[u] : __ldcg(MpT + (size_t)n * KP + k);
+                    // Mp[k]; with RANK_COS, Mp^T is scaled for the ranking, so from M itself
+                    mp[u] = POW2 ? m[u] : RANK_COS ? lebesgue(m[u], power) : __ldcg(MpT + (size_t)n * KP + k);
                 }
             }
             float a[NPL];
@@ -532,10 +546,35 @@ hebbian_run(const unsigned char* __restrict__ images,  // (n_images, H, Wd, CH) 
         if (blockIdx.x == 0 && threadIdx.x == 0) scale_bits[(t + 1) & 1] = 0u;  // used by step t+1
         if (!grid_sync(barrier)) return;
 
-        // ---- phase C: M += ds * eps / max(max|ds|, 1e-30), Mp rewritten
+        // ---- phase C: M += ds * eps / max(max|ds|, 1e-30), Mp rewritten (scaled for the ranking if RANK_COS)
         const float scale = __uint_as_float(*(volatile unsigned int*)(scale_bits + (t & 1)));
         const float f = eps / fmaxf(scale, 1e-30f);
         for (int k = gw; k < K; k += nw) {
+#if RANK_COS
+            // Mp^T = Mp / s_k, s_k = max(||M_k||_p^(p-1), 1e-30): the row's Mp stays in registers
+            // while its sum |m|^p is reduced (fixed lane mapping: the same bits for any grid)
+            float mp[NPL];
+            float ss = 0.0f;
+#pragma unroll
+            for (int u = 0; u < NPL; ++u) {
+                const int n = lane + 32 * u;
+                mp[u] = 0.0f;
+                if (n < N) {
+                    const size_t at = (size_t)k * N + n;
+                    const float m = __fadd_rn(__ldcg(M + at), __fmul_rn(__ldcg(ds + at), f));
+                    M[at] = m;
+                    mp[u] = POW2 ? m : lebesgue(m, power);
+                    ss = fmaf(fabsf(m), fabsf(mp[u]), ss);
+                }
+            }
+            ss = warp_sum(ss);
+            const float s = fmaxf(POW2 ? sqrtf(ss) : powf(ss, (power - 1.0f) / power), 1e-30f);
+#pragma unroll
+            for (int u = 0; u < NPL; ++u) {
+                const int n = lane + 32 * u;
+                if (n < N) MpT[(size_t)n * KP + k] = __fdiv_rn(mp[u], s);
+            }
+#else
             for (int n = lane; n < N; n += 32) {
                 const size_t at = (size_t)k * N + n;
                 const float m = __fadd_rn(__ldcg(M + at), __fmul_rn(__ldcg(ds + at), f));
@@ -546,6 +585,7 @@ hebbian_run(const unsigned char* __restrict__ images,  // (n_images, H, Wd, CH) 
                 MpT[(size_t)n * KP + k] = lebesgue(m, power);
 #endif
             }
+#endif
         }
         if (!grid_sync(barrier)) return;
     }

@@ -4,8 +4,8 @@ Same interface as ``learn_torch.TorchBackend``: the images (uint8, NHWC) and the
 GPU; ``run(order, eps)`` does ``len(order) // batch`` minibatch steps in a few launches of a
 persistent kernel (each launch runs many steps, with grid-wide barriers between their phases) and
 returns the win counts; ``weights()`` copies M back. The kernel computes the same rule as
-``hebbian.rank_update`` (tested against it on the GPU) and gives bitwise the same M for any grid
-size, tile shape or split of the steps into calls. Measurements: notes/pycuda-kernel.md.
+``hebbian.rank_update``, with either ranking (``rank_by``; tested against it on the GPU) and gives
+bitwise the same M for any grid size, tile shape or split of the steps into calls. Measurements: notes/pycuda-kernel.md.
 
 pycuda is imported inside the functions that need it; without pycuda, a GPU or nvcc, constructing
 the backend raises one ``EdgehebbError`` line saying what is missing.
@@ -22,7 +22,7 @@ import torch
 from edgehebb.resources import cuda_source
 from edgehebb.cuda_driver import Active, available, compiled_module, context, driver  # noqa: F401 (available: learn.py)
 from edgehebb.errors import EdgehebbError
-from edgehebb.hebbian import check_rule
+from edgehebb.hebbian import PRECISION, RANK_BY, check_rule
 from edgehebb.patches import PREPROCESS, patch_grid
 
 KERNEL_FILE = "hebbian_step.cu"
@@ -92,7 +92,7 @@ def _tile_cost(batch: int, tile: int, dim: int, filters: int, sms: int, shared_l
 
 def kernel_plan(*, filters: int, dim: int, channels: int, kernel: int, stride: int, rank: int,
                 power: float, preprocess: str, batch: int, sms: int, shared_limit: int,
-                blocks: int | None = None, tile: int | None = None,
+                blocks: int | None = None, tile: int | None = None, rank_by: str = "current",
                 barrier_timeout_s: float = BARRIER_TIMEOUT_S) -> KernelPlan:
     """Choose the kernel's constants and launch geometry for one configuration on one device.
 
@@ -102,6 +102,8 @@ def kernel_plan(*, filters: int, dim: int, channels: int, kernel: int, stride: i
     """
     if preprocess not in PREPROCESS:
         raise EdgehebbError(f"unknown preprocessing {preprocess!r}; choose one of {', '.join(PREPROCESS)}")
+    if rank_by not in RANK_BY:
+        raise EdgehebbError(f"unknown ranking {rank_by!r}; choose one of {', '.join(RANK_BY)}")
     if tile is None:
         tile = min(TILES, key=lambda tb: _tile_cost(batch, tb, dim, filters, sms, shared_limit)[0])
     if tile not in TILES:
@@ -114,7 +116,8 @@ def kernel_plan(*, filters: int, dim: int, channels: int, kernel: int, stride: i
     rp = 1 << (rank - 1).bit_length()
     defines = dict(
         K=filters, N=dim, CH=channels, KW=kernel, STRIDE=stride, RANK=rank, RP=rp,
-        PRE=PREPROCESS.index(preprocess), POW2=int(power == 2.0), NTHREADS=THREADS, LB=GROUPS,
+        PRE=PREPROCESS.index(preprocess), POW2=int(power == 2.0), RANK_COS=int(rank_by == "cosine"),
+        NTHREADS=THREADS, LB=GROUPS,
         TB=tile, TK2=pairs, NKC=k_chunks, NC=n_chunk, NNC=math.ceil(dim / n_chunk),
         GRID_TIMEOUT_NS=round(barrier_timeout_s * 1e9),
     )
@@ -140,10 +143,17 @@ def lebesgue(M: np.ndarray, power: float) -> np.ndarray:
     return (np.sign(M) * np.abs(M) ** np.float32(power - 1.0)).astype(np.float32)
 
 
-def transposed_currents_weights(M: np.ndarray, power: float, padded: int) -> np.ndarray:
-    """Mp^T as the kernel reads it: (N, padded) float32, sign(M)|M|^(p-1) transposed, zero for k >= K."""
+def transposed_currents_weights(M: np.ndarray, power: float, padded: int, rank_by: str = "current") -> np.ndarray:
+    """Mp^T as the kernel reads it: (N, padded) float32, sign(M)|M|^(p-1) transposed, zero for k >= K;
+    for ``rank_by="cosine"`` each unit's column divided by max(||M_k||_p^(p-1), 1e-30), as the
+    kernel's phase C writes it (here from a float64 norm: only the first step's ranking sees it)."""
+    mp = lebesgue(M, power)
+    if rank_by == "cosine":
+        norm = np.linalg.norm(M.astype(np.float64), ord=power, axis=1)
+        scale = np.maximum(norm if power == 2.0 else norm ** (power - 1.0), PRECISION)
+        mp = (mp / scale[:, None]).astype(np.float32)
     out = np.zeros((M.shape[1], padded), dtype=np.float32)
-    out[:, : M.shape[0]] = lebesgue(M, power).T
+    out[:, : M.shape[0]] = mp.T
     return out
 
 
@@ -203,7 +213,7 @@ class PyCudaBackend:
         self.config = cfg = config
         if images.ndim != 4 or images.dtype != np.uint8:
             raise EdgehebbError(f"images must be uint8 (N, H, W, C), got {images.dtype} {images.shape}")
-        check_rule(cfg.filters, cfg.rank, cfg.power, cfg.delta)
+        check_rule(cfg.filters, cfg.rank, cfg.power, cfg.delta, cfg.rank_by)
         n, h, w, c = images.shape
         self.ny, self.nx = patch_grid(h, w, cfg.kernel, cfg.stride)
         self.n_patches = n * self.ny * self.nx
@@ -224,7 +234,8 @@ class PyCudaBackend:
             shared_limit = dev.get_attribute(attr.MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
             self.plan = kernel_plan(filters=K, dim=self.dim, channels=c, kernel=cfg.kernel, stride=cfg.stride,
                                     rank=cfg.rank, power=cfg.power, preprocess=cfg.preprocess, batch=cfg.batch,
-                                    sms=self.sms, shared_limit=shared_limit, blocks=blocks, tile=tile)
+                                    sms=self.sms, shared_limit=shared_limit, blocks=blocks, tile=tile,
+                                    rank_by=cfg.rank_by)
             self._fn = _kernel(device, self.plan)
             self._fn.set_attribute(cuda.function_attribute.MAX_DYNAMIC_SHARED_SIZE_BYTES, self.plan.shared_bytes)
             regs = self._fn.num_regs
@@ -260,7 +271,7 @@ class PyCudaBackend:
         """Replace M (K, N) on the device."""
         cuda = driver()
         M = np.ascontiguousarray(weights.detach().cpu().numpy(), dtype=np.float32)
-        mpt = transposed_currents_weights(M, self.config.power, self.plan.padded_filters)
+        mpt = transposed_currents_weights(M, self.config.power, self.plan.padded_filters, self.config.rank_by)
         with Active(self._ctx):
             cuda.memcpy_htod(self._M, M)
             cuda.memcpy_htod(self._MpT, np.ascontiguousarray(mpt))

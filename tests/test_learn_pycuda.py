@@ -4,10 +4,11 @@ CPU tests run everywhere: the kernel source is found, the launch plan is sane, a
 a GPU the backend fails with one line. With g++, the kernel's own source also runs on the CPU
 (tests/host_cuda: every CUDA thread an OS thread, shuffles, atomics and grid barriers emulated)
 against the oracle: the same winners, M after several steps, and bitwise the same M for any grid
-size or tile, including the non-resident path that streams Mp through shared memory; a grid
-barrier whose blocks cannot all run at once times out with one line instead of hanging. GPU tests (marker ``gpu``) need pycuda, an NVIDIA GPU, nvcc and
-torch with CUDA; they are skipped with a reason otherwise, decided inside a fixture so that collecting
-this module never touches the CUDA driver.
+size or tile, including the non-resident path that streams Mp through shared memory, with units
+ranked by current or by cosine (``rank_by``, the kernel's RANK_COS); a grid barrier whose blocks
+cannot all run at once times out with one line instead of hanging. GPU tests (marker ``gpu``) need
+pycuda, an NVIDIA GPU, nvcc and torch with CUDA; they are skipped with a reason otherwise, decided
+inside a fixture so that collecting this module never touches the CUDA driver.
 
 Tolerances. The kernel and cuBLAS both sum in float32, in different orders, so a current can differ
 by ~1e-7 relative. Winners must agree for every patch whose top-1/top-2 (or rank-m/rank-m+1) gap,
@@ -24,6 +25,7 @@ import shutil
 import subprocess
 import sys
 import types
+from typing import NamedTuple
 
 import numpy as np
 import pytest
@@ -34,9 +36,9 @@ from tests import host_cuda
 from tests.conftest import assert_compiles_without_spills
 from edgehebb.resources import cuda_source
 from edgehebb.errors import EdgehebbError
-from edgehebb.hebbian import init_weights, rank_update
+from edgehebb.hebbian import currents, init_weights, rank_update, ranking_scores
 from edgehebb.learn import LearnConfig, learn, make_backend
-from edgehebb.learn_pycuda import KERNEL_FILE, PyCudaBackend, kernel_plan
+from edgehebb.learn_pycuda import KERNEL_FILE, PyCudaBackend, kernel_plan, transposed_currents_weights
 from edgehebb.patches import PREPROCESS, PatchSampler, preprocess
 
 H100_SHARED = 227 * 1024
@@ -99,6 +101,27 @@ def test_plan_rejects_bad_overrides():
         kernel_plan(**common, blocks=9)
     with pytest.raises(EdgehebbError):
         kernel_plan(**common, tile=3)
+    with pytest.raises(EdgehebbError, match="unknown ranking 'angle'"):
+        kernel_plan(**common, rank_by="angle")
+
+
+def test_plan_ranking_flag():
+    common = dict(filters=40, dim=48, channels=3, kernel=4, stride=1, rank=2, power=2.0,
+                  preprocess="none", batch=100, sms=8, shared_limit=H100_SHARED)
+    assert kernel_plan(**common).define("RANK_COS") == 0
+    assert kernel_plan(**common, rank_by="cosine").define("RANK_COS") == 1
+
+
+@pytest.mark.parametrize("power", [2.0, 3.0])
+def test_cosine_mpt_gives_the_oracle_scores(power):
+    # phase A's currents against Mp^T as the host writes it are hebbian.ranking_scores("cosine")
+    M = init_weights(40, 48, 0)
+    v = torch.rand(64, 48, generator=torch.Generator().manual_seed(1))
+    mpt = transposed_currents_weights(M.numpy(), power, 64, "cosine")
+    assert not mpt[:, 40:].any()
+    got = v.double() @ torch.from_numpy(mpt[:, :40]).double()
+    want = ranking_scores(M.double(), currents(M.double(), v.double(), power), power, "cosine")
+    assert_close(got, want, atol=1e-6 * float(want.abs().max()))
 
 
 def test_import_leaves_pycuda_unloaded():
@@ -136,10 +159,13 @@ def test_without_gpu_backend_is_one_line_error(monkeypatch):
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc to compile the kernel")
-@pytest.mark.parametrize("kernel,tile", [(4, 4), (4, 1), (8, 2)])
-def test_kernel_compiles_without_spills(tmp_path, kernel, tile):
+@pytest.mark.parametrize("kernel,tile,power,rank_by", [(4, 4, 2.0, "current"), (4, 1, 2.0, "current"),
+                                                       (8, 2, 2.0, "current"), (4, 4, 2.0, "cosine"),
+                                                       (8, 2, 3.0, "cosine")])
+def test_kernel_compiles_without_spills(tmp_path, kernel, tile, power, rank_by):
     plan = kernel_plan(filters=400, dim=3 * kernel * kernel, channels=3, kernel=kernel, stride=1, rank=2,
-                       power=2.0, preprocess="none", batch=1000, sms=132, shared_limit=H100_SHARED, tile=tile)
+                       power=power, preprocess="none", batch=1000, sms=132, shared_limit=H100_SHARED, tile=tile,
+                       rank_by=rank_by)
     assert_compiles_without_spills(KERNEL_FILE, plan.options, tmp_path)
 
 
@@ -149,9 +175,16 @@ def test_kernel_compiles_without_spills(tmp_path, kernel, tile):
 needs_gxx = pytest.mark.skipif(host_cuda.compiler() is None, reason="needs g++ (C++20) for the host build")
 
 
-def host_vs_oracle(cfg, steps: int, seed: int, images=None, **host_args):
-    """Run ``steps`` steps on the host build and on the oracle from the same M; (winner/rank-m patches
-    that differ away from near-ties, all that differ, host M, oracle M)."""
+class Parity(NamedTuple):
+    bad: int  # patches whose winner or rank-m unit differs from the oracle's away from near-ties
+    differ: int  # all patches that differ
+    got: torch.Tensor  # host M
+    want: torch.Tensor  # oracle M
+    reranked: int  # patches whose oracle winner or rank-m unit would differ if ranked by current
+
+
+def host_vs_oracle(cfg, steps: int, seed: int, images=None, **host_args) -> Parity:
+    """Run ``steps`` steps on the host build and on the oracle (``cfg.rank_by`` in both) from the same M."""
     images = random_images(n=12) if images is None else images
     sampler = oracle_setup(images, cfg, "cpu")
     dim = 3 * cfg.kernel ** 2
@@ -159,15 +192,17 @@ def host_vs_oracle(cfg, steps: int, seed: int, images=None, **host_args):
     host = host_cuda.HostHebbian(images, cfg, M, **host_args)
     order = torch.randint(0, sampler.n_patches, (steps * cfg.batch,), generator=torch.Generator().manual_seed(seed))
     wins, winners, ranked = host.run_detail(order, 0.02)
-    bad = differ = 0
+    bad = differ = reranked = 0
     for t in range(steps):
         v = preprocess(sampler.gather(order[t * cfg.batch:(t + 1) * cfg.batch]), cfg.preprocess)
-        tie = near_tie(M, v, cfg.power, cfg.rank)
-        ref = rank_update(M, v, 0.02, cfg.power, cfg.delta, cfg.rank)
+        tie = near_tie(M, v, cfg.power, cfg.rank, cfg.rank_by)
+        by_current = torch.topk(currents(M, v, cfg.power), cfg.rank, dim=1).indices
+        ref = rank_update(M, v, 0.02, cfg.power, cfg.delta, cfg.rank, cfg.rank_by)
         d = (winners[t] != ref.winners) | (ranked[t] != ref.ranked)
         bad, differ = bad + int((d & ~tie).sum()), differ + int(d.sum())
+        reranked += int(((by_current[:, 0] != ref.winners) | (by_current[:, -1] != ref.ranked)).sum())
     assert torch.equal(wins, torch.bincount(winners.flatten(), minlength=cfg.filters))
-    return bad, differ, host.weights(), M
+    return Parity(bad, differ, host.weights(), M, reranked)
 
 
 @needs_gxx
@@ -175,16 +210,30 @@ def host_vs_oracle(cfg, steps: int, seed: int, images=None, **host_args):
                                                    ("unit", 3.0, 3, 4), ("center", 2.0, 2, 5)])
 def test_host_build_same_winners_and_weights_as_oracle(pre, power, rank, kernel):
     cfg = LearnConfig(filters=40, kernel=kernel, batch=96, power=power, rank=rank, preprocess=pre)
-    bad, _, got, want = host_vs_oracle(cfg, steps=4, seed=1)
+    bad, _, got, want, _ = host_vs_oracle(cfg, steps=4, seed=1)
     assert bad == 0
     assert_close(got, want, atol=1e-5)
+
+
+@needs_gxx
+@pytest.mark.parametrize("pre,power,rank,kernel", [("unit", 2.0, 2, 4), ("center-unit", 3.0, 3, 4),
+                                                   ("center-unit", 2.0, 3, 8), ("unit", 3.0, 2, 8)])
+def test_host_build_ranks_by_cosine_as_the_oracle(pre, power, rank, kernel):
+    # standard-normal rows differ in norm by ~10 %, so ranking by cosine changes many winners: the
+    # kernel must rank as the oracle does and still update with the true currents
+    cfg = LearnConfig(filters=40, kernel=kernel, batch=96, power=power, rank=rank, preprocess=pre, rank_by="cosine")
+    r = host_vs_oracle(cfg, steps=4, seed=1)
+    bad, differ, reranked = r.bad, r.differ, r.reranked
+    assert reranked > 0.2 * 4 * cfg.batch   # the test tells the rankings apart
+    assert bad == 0, f"{bad} patches differ away from near-ties ({differ} in all)"
+    assert_close(r.got, r.want, atol=1e-5)
 
 
 @needs_gxx
 def test_host_build_non_resident_tiles_match_the_oracle():
     # 24 KB of shared memory: Mp^T (75 x 832 floats) is streamed in 2 K chunks x 7 n chunks every round
     cfg = LearnConfig(filters=500, kernel=5, batch=64, preprocess="center-unit")
-    bad, _, got, want = host_vs_oracle(cfg, steps=3, seed=2, tile=1, shared_limit=24 * 1024)
+    bad, _, got, want, _ = host_vs_oracle(cfg, steps=3, seed=2, tile=1, shared_limit=24 * 1024)
     assert bad == 0
     assert_close(got, want, atol=1e-5)
 
@@ -196,20 +245,22 @@ def test_host_build_flat_images_leave_the_weights_alone(pre):
     # a float32 mean their rounding noise used to drive updates (at level 162, say)
     images = np.full((12, 32, 32, 3), 162, np.uint8)
     cfg = LearnConfig(filters=40, kernel=4, batch=96, preprocess=pre)
-    bad, _, got, want = host_vs_oracle(cfg, steps=2, seed=1, images=images)
+    bad, _, got, want, _ = host_vs_oracle(cfg, steps=2, seed=1, images=images)
     M0 = init_weights(cfg.filters, 48, 1)
     assert bad == 0 and torch.equal(got, M0) and torch.equal(want, M0)
 
 
 @needs_gxx
-def test_host_build_bitwise_independent_of_grid_and_tile():
+@pytest.mark.parametrize("power,rank_by", [(2.0, "current"), (3.0, "cosine")])   # p = 3: every RANK_COS path
+def test_host_build_bitwise_independent_of_grid_and_tile(power, rank_by):
     images = random_images(n=12)
-    cfg = LearnConfig(filters=40, kernel=4, batch=80, preprocess="center")
+    cfg = LearnConfig(filters=40, kernel=4, batch=80, preprocess="center", power=power, rank_by=rank_by)
     M0 = init_weights(cfg.filters, 48, 5)
     order = torch.randint(0, 12 * 29 * 29, (6 * cfg.batch,), generator=torch.Generator().manual_seed(6))
     runs = []
     for blocks, tile, limit in [(2, None, H100_SHARED), (1, 4, H100_SHARED), (3, 1, H100_SHARED), (2, 2, 10 * 1024)]:
         host = host_cuda.HostHebbian(images, cfg, M0, blocks=blocks, tile=tile, shared_limit=limit)
+        assert host.plan.define("RANK_COS") == (rank_by == "cosine")
         wins, _, _ = host.run_detail(order, 0.02)
         runs.append((wins, host.weights(), host.plan.defines))
     for wins, M, plan in runs[1:]:
@@ -254,10 +305,12 @@ def gpu():
     torch.backends.cuda.matmul.allow_tf32 = old
 
 
-def near_tie(M: torch.Tensor, v: torch.Tensor, power: float, rank: int, tol=1e-5) -> torch.Tensor:
-    """Patches whose top-1/top-2 or rank-m/rank-(m+1) currents are within ``tol`` (float64)."""
-    Mp = M.double() if power == 2.0 else M.double().sign() * M.double().abs().pow(power - 1.0)
-    h = v.double() @ Mp.T
+def near_tie(M: torch.Tensor, v: torch.Tensor, power: float, rank: int, rank_by: str = "current",
+             tol=1e-5) -> torch.Tensor:
+    """Patches whose top-1/top-2 or rank-m/rank-(m+1) ranking scores (currents, or cosines for
+    ``rank_by="cosine"``) are within ``tol`` (float64)."""
+    Md = M.double()
+    h = ranking_scores(Md, currents(Md, v.double(), power), power, rank_by)
     top = torch.topk(h, min(rank + 1, h.shape[1]), dim=1).values
     scale = top.abs().max(dim=1).values.clamp_min(1e-30)
     close = (top[:, 0] - top[:, 1]) / scale < tol
@@ -272,37 +325,41 @@ def oracle_setup(images, cfg, device):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("pre,power,rank", [("none", 2.0, 2), ("center", 2.0, 2), ("unit", 3.0, 2),
-                                            ("center-unit", 2.0, 3)])
-def test_same_winners_as_oracle_every_patch(gpu, pre, power, rank):
+@pytest.mark.parametrize("pre,power,rank,kernel,rank_by", [
+    ("none", 2.0, 2, 4, "current"), ("center", 2.0, 2, 4, "current"), ("unit", 3.0, 2, 4, "current"),
+    ("center-unit", 2.0, 3, 4, "current"),
+    ("unit", 2.0, 2, 4, "cosine"), ("center-unit", 3.0, 3, 4, "cosine"), ("center-unit", 2.0, 3, 8, "cosine"),
+    ("unit", 3.0, 2, 8, "cosine")])
+def test_same_winners_as_oracle_every_patch(gpu, pre, power, rank, kernel, rank_by):
+    # each step starts from the kernel's own M and the Mp^T its phase C wrote (scaled for cosine)
     images = random_images()
-    cfg = LearnConfig(filters=400, kernel=4, batch=1000, power=power, rank=rank, preprocess=pre)
+    cfg = LearnConfig(filters=400, kernel=kernel, batch=1000, power=power, rank=rank, preprocess=pre,
+                      rank_by=rank_by)
     sampler = oracle_setup(images, cfg, gpu)
-    M = init_weights(cfg.filters, 48, 1)
-    backend = PyCudaBackend(images, cfg, M)
+    backend = PyCudaBackend(images, cfg, init_weights(cfg.filters, 3 * kernel ** 2, 1))
     gen = torch.Generator().manual_seed(2)
     ties = 0
     for step in range(5):
         order = torch.randint(0, sampler.n_patches, (cfg.batch,), generator=gen)
-        backend.set_weights(M)
+        M_gpu = backend.weights().to(gpu)
         wins, winners, ranked = backend.run_detail(order, 0.02)
-        M_gpu = M.to(gpu)
         v = preprocess(sampler.gather(order.to(gpu)), pre)
-        tie = near_tie(M_gpu, v, power, rank).cpu()
-        ref = rank_update(M_gpu, v, 0.02, power, cfg.delta, rank)
+        tie = near_tie(M_gpu, v, power, rank, rank_by).cpu()
+        ref = rank_update(M_gpu, v, 0.02, power, cfg.delta, rank, rank_by)
         differ = (winners[0] != ref.winners.cpu()) | (ranked[0] != ref.ranked.cpu())
         assert not (differ & ~tie).any(), f"step {step}: {int((differ & ~tie).sum())} patches differ away from ties"
         ties += int(differ.sum())
         assert torch.equal(wins, torch.bincount(winners[0], minlength=cfg.filters))
-        M = M_gpu.cpu()
-        assert_close(backend.weights(), M, atol=1e-5)
-    print(f"\n{pre} p={power} m={rank}: {ties} near-tie mismatches in {5 * cfg.batch} patches")
+        assert_close(backend.weights(), M_gpu.cpu(), atol=1e-5)
+    print(f"\n{pre} p={power} m={rank} W={kernel} {rank_by}: {ties} near-tie mismatches in {5 * cfg.batch} patches")
 
 
 @pytest.mark.gpu
-def test_weights_close_to_oracle_after_100_steps(gpu):
+@pytest.mark.parametrize("rank_by", ["current", "cosine"])
+def test_weights_close_to_oracle_after_100_steps(gpu, rank_by):
+    # float32 vs float64 on CPU, 100 steps: max|dM| 2e-6 with either ranking (no near-tie flips)
     images = random_images()
-    cfg = LearnConfig(filters=400, kernel=4, batch=1000)
+    cfg = LearnConfig(filters=400, kernel=4, batch=1000, rank_by=rank_by)
     sampler = oracle_setup(images, cfg, gpu)
     M0 = init_weights(cfg.filters, 48, 3)
     backend = PyCudaBackend(images, cfg, M0)
@@ -311,17 +368,19 @@ def test_weights_close_to_oracle_after_100_steps(gpu):
     M = M0.to(gpu)
     for step in range(100):
         v = preprocess(sampler.gather(order[step * cfg.batch:(step + 1) * cfg.batch].to(gpu)), cfg.preprocess)
-        rank_update(M, v, 0.02, cfg.power, cfg.delta, cfg.rank)
+        rank_update(M, v, 0.02, cfg.power, cfg.delta, cfg.rank, cfg.rank_by)
     got, want = backend.weights(), M.cpu()
     diff = (got - want).abs()
-    print(f"\n100 steps: max|dM| {float(diff.max()):.2e}, relative Frobenius {float(diff.norm() / want.norm()):.2e}")
+    print(f"\n100 steps, {rank_by}: max|dM| {float(diff.max()):.2e}, "
+          f"relative Frobenius {float(diff.norm() / want.norm()):.2e}")
     assert_close(got, want, atol=1e-2, rel_fro=1e-3)
 
 
 @pytest.mark.gpu
-def test_results_independent_of_launch_configuration(gpu):
+@pytest.mark.parametrize("power,rank_by", [(2.0, "current"), (3.0, "cosine")])
+def test_results_independent_of_launch_configuration(gpu, power, rank_by):
     images = random_images()
-    cfg = LearnConfig(filters=400, kernel=4, batch=1000, preprocess="center")
+    cfg = LearnConfig(filters=400, kernel=4, batch=1000, preprocess="center", power=power, rank_by=rank_by)
     M0 = init_weights(cfg.filters, 48, 5)
     order = torch.randint(0, 48 * 29 * 29, (64 * cfg.batch,), generator=torch.Generator().manual_seed(6))
     results = []
@@ -340,9 +399,10 @@ def test_results_independent_of_launch_configuration(gpu):
 
 
 @pytest.mark.gpu
-def test_full_run_learns_the_same_filters_as_torch_cuda(gpu):
+@pytest.mark.parametrize("rank_by", ["current", "cosine"])
+def test_full_run_learns_the_same_filters_as_torch_cuda(gpu, rank_by):
     images = random_images(n=40)
-    cfg = LearnConfig(filters=64, kernel=4, epochs=2, batch=500, lr=0.02, seed=7)
+    cfg = LearnConfig(filters=64, kernel=4, epochs=2, batch=500, lr=0.02, seed=7, rank_by=rank_by)
     fast = learn(images, cfg, backend="pycuda", progress=False)
     ref = learn(images, cfg, backend="torch", device="cuda", progress=False)
     diff = (fast.weights - ref.weights).abs()

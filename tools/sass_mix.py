@@ -52,7 +52,8 @@ def plan_options(args) -> tuple[str, list[str]]:
         from edgehebb.learn_pycuda import kernel_plan
 
         plan = kernel_plan(filters=args.filters, dim=3 * args.kernel ** 2, channels=3, kernel=args.kernel, stride=1,
-                           rank=2, power=2.0, preprocess="center-unit", batch=args.batch, **H100)
+                           rank=2, power=2.0, preprocess="center-unit", batch=args.batch, rank_by=args.rank_by,
+                           **H100)
         return "hebbian_step.cu", plan.options
     from edgehebb.model import load_model
     from edgehebb.nnl_fused import fused_plan
@@ -105,6 +106,7 @@ def main() -> None:
     ap.add_argument("--kernel", type=int, default=4, help="learn: patch width W (K=400, C=3, rank 2, p=2)")
     ap.add_argument("--filters", type=int, default=400, help="learn: K")
     ap.add_argument("--batch", type=int, default=100000, help="learn: minibatch B (it picks the tile shape)")
+    ap.add_argument("--rank-by", choices=["current", "cosine"], default="current", help="learn: the ranking (RANK_COS)")
     ap.add_argument("--model", default="fig2_left-cifar10", help="fused: a model directory or shipped model")
     ap.add_argument("--block", type=int, default=0, help="fused: which block of the model")
     ap.add_argument("--arch", default="sm_90")

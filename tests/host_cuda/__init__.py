@@ -124,12 +124,12 @@ class HostHebbian:
         self.plan = kernel_plan(filters=cfg.filters, dim=self.dim, channels=c, kernel=cfg.kernel, stride=cfg.stride,
                                 rank=cfg.rank, power=cfg.power, preprocess=cfg.preprocess, batch=cfg.batch,
                                 sms=blocks, shared_limit=shared_limit, blocks=blocks, tile=tile,
-                                barrier_timeout_s=barrier_timeout_s)  # OS threads on a busy CI box: be patient
+                                rank_by=cfg.rank_by, barrier_timeout_s=barrier_timeout_s)  # OS threads on a busy CI box: be patient
         self.resident = -1 if resident is None else resident
         self.lib = build(KERNEL_FILE, self.plan.options, _HEBBIAN_WRAPPER)
         K = cfg.filters
         self.M = np.ascontiguousarray(weights.numpy(), np.float32).copy()
-        self.MpT = transposed_currents_weights(self.M, cfg.power, self.plan.padded_filters)
+        self.MpT = transposed_currents_weights(self.M, cfg.power, self.plan.padded_filters, cfg.rank_by)
         self.ds = np.zeros((K, self.dim), np.float32)
         self.acc = np.zeros((K, self.dim), np.uint64)
         self.barrier = np.zeros(2, np.uint32)  # [counter, fault word]

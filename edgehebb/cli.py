@@ -91,8 +91,8 @@ def _skipped_record(data) -> dict:
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Use a class-balanced subset of N training images.")
 @click.option("--skip-bad", is_flag=True, help="Skip unreadable images (counted) instead of stopping.")
 @click.option("--backend", type=click.Choice(["auto", "torch", "pycuda"]), default="auto",
-              help="torch (CPU or CUDA), pycuda (our CUDA kernel; ranks by current only), auto (pycuda when usable "
-                   "for the settings, unless --device cpu).")
+              help="torch (CPU or CUDA), pycuda (our CUDA kernel, either --rank-by), auto (pycuda when usable, "
+                   "unless --device cpu).")
 @click.option("--device", type=DEVICES, default="auto", help="Device of the torch backend.")
 @click.option("--seed", type=SEEDS, default=0, help="Seeds the initial weights and every epoch's shuffle.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint (written every "

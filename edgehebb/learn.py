@@ -104,16 +104,13 @@ def check_seed(seed: int) -> None:
 
 
 def resolve_backend(name: str, device: str = "auto", config: LearnConfig | None = None) -> str:
-    """``torch`` or ``pycuda`` for ``name`` (torch | pycuda | auto): auto is pycuda when it can run
-    ``config``, unless ``device`` asks for the CPU (pycuda always runs on the GPU)."""
-    kernel_ok = config is None or config.rank_by == "current"   # the kernel ranks by current only
+    """``torch`` or ``pycuda`` for ``name`` (torch | pycuda | auto): auto is pycuda when it is usable,
+    unless ``device`` asks for the CPU (pycuda always runs on the GPU). ``config`` is there for rule
+    settings a backend cannot run; today the kernel runs them all, both rankings included."""
     if name == "auto":
-        return "pycuda" if device != "cpu" and kernel_ok and _pycuda_usable() else "torch"
+        return "pycuda" if device != "cpu" and _pycuda_usable() else "torch"
     if name not in ("torch", "pycuda"):
         raise EdgehebbError(f"unknown backend {name!r}; choose auto, torch or pycuda")
-    if name == "pycuda" and not kernel_ok:
-        raise EdgehebbError(f"the PyCUDA kernel ranks units by current only; --rank-by {config.rank_by} runs on "
-                            f"--backend torch (CPU or CUDA)")
     return name
 
 

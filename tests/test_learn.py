@@ -114,11 +114,11 @@ def test_auto_backend_obeys_device_cpu(monkeypatch):
     assert learn_mod.resolve_backend("torch", "cuda") == "torch"
     with pytest.raises(EdgehebbError, match="unknown backend 'cupy'"):
         learn_mod.resolve_backend("cupy")
-    # the kernel ranks by current only: auto falls back to torch, an explicit pycuda is refused
+    # the kernel ranks by cosine too (RANK_COS): auto picks it, an explicit pycuda is accepted
     cosine = LearnConfig(rank_by="cosine")
-    assert learn_mod.resolve_backend("auto", "auto", cosine) == "torch"
-    with pytest.raises(EdgehebbError, match="ranks units by current only; --rank-by cosine runs on --backend torch"):
-        learn_mod.resolve_backend("pycuda", "cuda", cosine)
+    assert learn_mod.resolve_backend("auto", "auto", cosine) == "pycuda"
+    assert learn_mod.resolve_backend("auto", "cpu", cosine) == "torch"
+    assert learn_mod.resolve_backend("pycuda", "cuda", cosine) == "pycuda"
 
 
 def test_learn_rejects_bad_shapes(images):

@@ -317,7 +317,7 @@ def _jpeg(images, s, seed, start):
         raise EdgehebbError(f"jpeg needs 1 or 3 channels, got {images.shape[-1]}")
     for i, img in enumerate(images):
         buf = io.BytesIO()
-        Image.fromarray(img[..., 0] if mode == "L" else img, mode).save(buf, format="JPEG", quality=int(100 - s))
+        Image.fromarray(img[..., 0] if mode == "L" else img).save(buf, format="JPEG", quality=int(100 - s))
         out[i] = np.asarray(Image.open(buf).convert(mode)).reshape(img.shape)
     return out
 

@@ -176,6 +176,8 @@ def test_jpeg_error_grows_as_quality_falls(photos):
     errors = [np.abs(apply_condition(photos, "jpeg", s).astype(int) - photos).mean() for s in (10, 50, 80, 95)]
     assert all(a < b for a, b in zip(errors, errors[1:])), errors
     assert CONDITIONS["jpeg"].level(25) == {"quality": 75}
+    grey = apply_condition(photos[..., :1], "jpeg", 50)   # a monochrome camera's frames too
+    assert grey.shape == photos[..., :1].shape and 0 < np.abs(grey.astype(int) - photos[..., :1]).mean() < 10
 
 
 def test_shadow_is_the_papers_shadow(photos):

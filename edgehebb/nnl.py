@@ -245,7 +245,7 @@ class NNLConv(nn.Module):
     """
 
     def __init__(self, filters: torch.Tensor, power: float, stride: int = 1, padding: int = 0,
-                 pool: int = 1, pool_stride: int | None = None, center: bool = True, eps: float = EPS,
+                 pool: int = 1, pool_stride: int | None = None, center: bool = False, eps: float = EPS,
                  pool_first: bool = True, trainable: bool = False, norm: bool = True):
         super().__init__()
         if filters.dim() != 4:
@@ -291,7 +291,9 @@ class NNLConv(nn.Module):
             s2 = F.conv2d(xd * xd, ones, stride=self.stride)
             sq = (s2 - s1 * s1 / self.ones.numel()).clamp_min(0).to(x.dtype)   # |v - mean(v)|^2
         else:
-            sq = F.conv2d(x * x, self.ones, stride=self.stride)                # s_2 = |v|^2, no cancellation
+            # s_2 = |v|^2, no cancellation; in IEEE FP32 too: TF32 would round every squared pixel to
+            # ~1e-3, which the n-th power turns into ~4 % (the float64 sums above are immune)
+            sq = _conv_ieee(x * x, self.ones, self.stride)
         return dot / (sq.sqrt() + self.eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -248,11 +248,15 @@ def test_ieee_convolution_survives_torch_compile(monkeypatch):
     monkeypatch.setattr(nnl, "_ieee_fp32", as_on_cuda)
     monkeypatch.setattr(torch.nn.functional, "conv2d", lambda x, w, *a, **k: conv2d(probe(x), w, *a, **k))
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
-    layer = NNLConv(torch.randn(4, 3, 3, 3), 10.0, pool=2)
     x = torch.rand(2, 3, 8, 8)
-    eager = layer(x)
-    torch._dynamo.reset()
-    compiled = torch.compile(layer, backend="eager")(x)
-    torch._dynamo.reset()
-    assert torch.equal(compiled, eager)
-    assert seen == [False, False], seen   # eager, then compiled: the dot product never saw TF32 allowed
+    # float32 convolutions per pass: the dot product, and for the plain norm also |v|^2 (TF32 used to
+    # round that one on CUDA); centred, the box sums run in float64
+    for center, per_pass in ((False, 2), (True, 1)):
+        seen.clear()
+        layer = NNLConv(torch.randn(4, 3, 3, 3), 10.0, pool=2, center=center)
+        eager = layer(x)
+        torch._dynamo.reset()
+        compiled = torch.compile(layer, backend="eager")(x)
+        torch._dynamo.reset()
+        assert torch.equal(compiled, eager)
+        assert seen == [False] * (2 * per_pass), (center, seen)   # eager, then compiled: never TF32

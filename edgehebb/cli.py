@@ -79,13 +79,16 @@ def _skipped_record(data) -> dict:
 @click.option("--batch", "-B", type=click.IntRange(min=1), default=1000, help="Patches per minibatch.")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=0.02, help="Initial learning rate eps0.")
 @click.option("--power", "-p", type=click.FloatRange(min=1), default=2.0, help="Lebesgue power p of the currents (2: dot product).")
-@click.option("--delta", type=click.FloatRange(min=0), default=0.4, help="Anti-Hebbian strength for the rank-m unit.")
+@click.option("--delta", type=click.FloatRange(min=0), default=0.2,
+              help="Anti-Hebbian strength for the rank-m unit (on plain patches 0.3 and more pushed every unit away).")
 @click.option("--rank", "-m", type=click.IntRange(min=2), default=2, help="Rank m of the unit pushed away.")
-@click.option("--preprocess", type=click.Choice(["none", "center", "unit", "center-unit"]), default="center-unit",
-              help="Per-patch preprocessing before learning (none: raw [0, 1] pixels, which collapse most units).")
-@click.option("--init", type=click.Choice(["normal", "patches"]), default="normal",
-              help="Starting rows: standard normal, or K distinct (preprocessed, unit) data patches.")
-@click.option("--rank-by", type=click.Choice(["current", "cosine"]), default="current",
+@click.option("--preprocess", type=click.Choice(["none", "center", "unit", "center-unit"]), default="unit",
+              help="Per-patch preprocessing before learning: unit is the paper's patch norm (the models' blocks "
+                   "with center=false); center-unit also subtracts the patch mean (blocks with center=true); "
+                   "none: raw [0, 1] pixels, which collapse most units.")
+@click.option("--init", type=click.Choice(["normal", "patches"]), default="patches",
+              help="Starting rows: K distinct (preprocessed, unit) data patches, or standard normal (the paper).")
+@click.option("--rank-by", type=click.Choice(["current", "cosine"]), default="cosine",
               help="Rank units by their current, or by their cosine with the patch (the ranking the rule "
                    "converges to; needed for --preprocess unit, whose patches lie in a narrow cone).")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Use a class-balanced subset of N training images.")
@@ -162,9 +165,11 @@ def show(model_dir, out, as_json):
 @click.option("--baseline-power", type=click.FloatRange(min=1), default=1.0,
               help="--baseline: n in ReLU(x)^n (1: plain ReLU).")
 @click.option("--patch-norm", is_flag=True, help="--baseline: keep patch normalisation (cosine blocks, learnable filters).")
-@click.option("--epochs", type=click.IntRange(min=1), default=30, help="Training epochs (the best validation epoch is kept).")
+@click.option("--epochs", type=click.IntRange(min=1), default=None, show_default=False,
+              help="Training epochs; the best validation epoch is kept [default: 60 for the head, 30 with --baseline].")
 @click.option("--batch", "-B", type=click.IntRange(min=1), default=256, help="Images per Adam step.")
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, help="Adam learning rate.")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None, show_default=False,
+              help="Adam learning rate [default: 3e-4 for the head, 1e-3 with --baseline].")
 @click.option("--weight-decay", type=click.FloatRange(min=0), default=0.0, help="Adam weight decay.")
 @click.option("--val-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.1,
               help="Fraction of each class's training images held out to choose the epoch.")
@@ -185,7 +190,7 @@ def train(spec, data, out, limit, filters_from, baseline, baseline_power, patch_
     from edgehebb.io import CONFIG_FILE, check_writable_dir
     from edgehebb.model import update_record
     from edgehebb.nnl import load_spec
-    from edgehebb.train import FitConfig, find_bank, train_to_dir
+    from edgehebb.train import BASELINE_FIT, FitConfig, find_bank, train_to_dir
 
     net_spec = load_spec(spec)
     if (out / CONFIG_FILE).exists():
@@ -205,7 +210,9 @@ def train(spec, data, out, limit, filters_from, baseline, baseline_power, patch_
                                 f"preprocess {block.preprocess})")
     train_set = load_split(resolve_data_root(data), "train", limit=limit, skip_bad=skip_bad)
     click.echo(f"{len(train_set)} training images from {train_set.source}", err=True)
-    fit = FitConfig(epochs=epochs, batch=batch, lr=lr, weight_decay=weight_decay, val_fraction=val_fraction, seed=seed)
+    base = BASELINE_FIT if baseline else FitConfig()
+    fit = FitConfig(epochs=epochs or base.epochs, batch=batch, lr=lr or base.lr, weight_decay=weight_decay,
+                    val_fraction=val_fraction, seed=seed)
     with thread_policy.configured(threads):
         record = train_to_dir(net_spec, train_set, out, fit=fit, filters_from=list(filters_from), baseline=baseline,
                               conv_power=baseline_power, patch_norm=patch_norm,

@@ -26,7 +26,12 @@ import edgehebb
 from edgehebb.errors import EdgehebbError
 from edgehebb.io import CHECKPOINT_FILE, FILTERS_FILE, check_writable_dir, load_tensors, save_filters, save_tensors
 from edgehebb.learn import EpochStats, LearnConfig, LearnState, learn, resolve_backend
+from edgehebb.patches import flat_cosines
 from edgehebb.viz import colour_orientation_summary, save_filter_png
+
+# Below this median cosine between the rows and the flat patch, a bank learned from plain unit patches
+# has collapsed (measured: healthy banks 0.93; collapsed ones -0.38 and -0.999).
+COLLAPSED_FLAT_COSINE = 0.5
 
 # A crash or kill -9 loses at most this much work; a checkpoint of 400 filters is ~80 KB.
 CHECKPOINT_SECONDS = 120.0
@@ -191,6 +196,11 @@ def learn_to_dir(images, config: LearnConfig, out: str | Path, *, data_key: dict
                       on_call=on_call, threads=threads, progress=progress)
     filters = state.weights.reshape(config.filters, c, config.kernel, config.kernel)
     stats = colour_orientation_summary(filters)
+    flat = flat_cosines(state.weights)
+    if config.preprocess == "unit" and float(flat.median()) < COLLAPSED_FLAT_COSINE:
+        log(f"warning: the bank has collapsed: its rows' median cosine with the flat patch is {float(flat.median()):.2f} "
+            f"(a healthy bank of plain patches sits near 0.9); the anti-Hebbian term pushed the units away from the "
+            f"patches; learn again with a lower --delta (now {config.delta:g})")
     summary = {
         "edgehebb_version": edgehebb.__version__,
         "learn": dataclasses.asdict(config),
@@ -201,6 +211,8 @@ def learn_to_dir(images, config: LearnConfig, out: str | Path, *, data_key: dict
         "threads": state.threads,
         "history": [dataclasses.asdict(x) for x in state.history],
         "colour_orientation": stats,
+        "flat_cosine_quantiles": [round(float(q), 4) for q in flat.quantile(torch.tensor([0.1, 0.5, 0.9],
+                                                                                         dtype=torch.float64))],
         **(extra or {}),
     }
     save_filters(out, filters, summary)

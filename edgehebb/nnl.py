@@ -2,7 +2,7 @@
 
 One NNL-CONV block, for every W x W x C patch v of the image (a filter bank M with rows M_mu)::
 
-    v   <- v - mean(v)                         (center=True; center=False is the paper's plain norm)
+    v   <- v - mean(v)                         (only with center=True; the default, False, is the paper's plain norm)
     u    = v / (|v| + eps)                     patch normalisation (eps: see EPS below)
     c_mu = <M_mu / |M_mu|, u>                  a cosine in [-1, 1]
     h_mu = max over a pool window of f(c_mu),  f(x) = ReLU(x)^n  (x clipped at 1 against rounding)
@@ -55,8 +55,8 @@ class BlockSpec:
     pool_stride: int       # max-pool stride
     stride: int = 1        # convolution stride
     padding: int = 0       # zero padding around the image
-    center: bool = True    # subtract each patch's mean (filters learned with --preprocess center-unit);
-                           # False: the paper's plain patch norm (filters learned with --preprocess unit)
+    center: bool = False   # False: the paper's plain patch norm (filters learned with --preprocess unit);
+                           # True: also subtract each patch's mean (filters learned with --preprocess center-unit)
     norm: bool = True      # divide by the patch norm (a cosine); False: the ablation without patch
                            # normalisation, f(<unit filter, patch>) on the raw (centred) patch
 
@@ -134,7 +134,7 @@ def spec_from_dict(d: dict, source: str = "spec") -> NetSpec:
         power = b["power"]
         if isinstance(power, bool) or not isinstance(power, (int, float)) or not power > 0:
             raise EdgehebbError(f"{at}.power must be a number > 0, got {power!r}")
-        center, norm = b.get("center", True), b.get("norm", True)
+        center, norm = b.get("center", False), b.get("norm", True)
         for key, flag in (("center", center), ("norm", norm)):
             if not isinstance(flag, bool):
                 raise EdgehebbError(f"{at}.{key} must be true or false, got {flag!r}")

@@ -15,11 +15,11 @@ import torch.nn.functional as F
 
 
 def probe_features(images: np.ndarray, filters: torch.Tensor, power: float = 10.0, grid: int = 2,
-                   center: bool = True, batch: int = 500, eps: float = 1e-8) -> torch.Tensor:
+                   center: bool = False, batch: int = 500, eps: float = 1e-8) -> torch.Tensor:
     """(N, K * grid * grid) float64 features of uint8 NHWC ``images`` under a (K, C, W, W) bank.
 
     ``center`` subtracts each patch's mean before normalising it, matching filters learned with
-    ``--preprocess center-unit``. float64 because cos^40 of a weak response underflows float32.
+    ``--preprocess center-unit``; the default is the paper's plain norm (``--preprocess unit``). float64 because cos^40 of a weak response underflows float32.
     """
     w = filters.double()
     w = w / w.flatten(1).norm(dim=1).clamp_min(eps)[:, None, None, None]

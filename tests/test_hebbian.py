@@ -132,3 +132,12 @@ def test_flat_patches_centre_to_exactly_zero_at_every_grey_level(kernel):
     images[:, 0, 0, 0] = levels.clamp_min(1) - 1
     v = PatchSampler(images, kernel, 1).gather(torch.arange(1, 256))
     assert_close(preprocess(v, "center-unit").norm(dim=1), torch.ones(255), rtol=0, atol=1e-5, what="norms")
+
+
+def test_cosine_ranking_refuses_long_standard_normal_rows_with_an_anti_hebbian_term():
+    from edgehebb.learn import LearnConfig
+
+    with pytest.raises(EdgehebbError, match="needs --init patches"):
+        LearnConfig(init="normal", rank_by="cosine", delta=0.2).check((32, 32, 3))
+    LearnConfig(init="normal", rank_by="cosine", delta=0.0).check((32, 32, 3))     # no term that lengthens rows
+    LearnConfig(init="normal", rank_by="current", delta=0.4).check((32, 32, 3))    # the paper's rule

@@ -19,10 +19,14 @@ from edgehebb.learn import LearnConfig, learn
 from edgehebb.learn_dir import learn_to_dir
 
 SMALL = dict(filters=16, kernel=4, batch=20, lr=0.1, seed=7)
+# Krotov & Hopfield's settings (standard-normal rows ranked by current, delta 0.4) on centred patches,
+# where their rows converge to unit norm; on plain patches those settings collapse (RESULTS.md)
+CENTRED_KH = dict(init="normal", rank_by="current", delta=0.4, preprocess="center-unit")
 
 
 def test_rows_converge_toward_unit_norm(images):
-    state = learn(images, LearnConfig(epochs=3, **SMALL), progress=False)
+    # the paper's rule: standard-normal rows ranked by current
+    state = learn(images, LearnConfig(epochs=3, **CENTRED_KH, **SMALL), progress=False)
     errors = [h.norm_error for h in state.history]
     # standard-normal rows of 48 values start near norm 6.9
     assert errors[-1] < 0.05, errors
@@ -31,7 +35,7 @@ def test_rows_converge_toward_unit_norm(images):
 
 
 def test_power_3_rows_converge_toward_unit_3_norm(images):
-    state = learn(images, LearnConfig(epochs=3, power=3.0, **SMALL), progress=False)
+    state = learn(images, LearnConfig(epochs=3, power=3.0, **CENTRED_KH, **SMALL), progress=False)
     assert state.history[-1].norm_error < 0.05, [h.norm_error for h in state.history]
     assert (state.weights.norm(p=3, dim=1) - 1).abs().mean() == pytest.approx(state.history[-1].norm_error, abs=1e-6)
 
@@ -432,7 +436,7 @@ def test_cli_refuses_an_unwritable_out_before_any_work(image_tree, tmp_path, mon
     for command in (["learn"], ["train", "--spec", "fig2_left"]):
         r = CliRunner().invoke(cli, [*command, "--data", str(image_tree), "--out", str(tmp_path / "file" / "run")])
         assert isinstance(r.exception, EdgehebbError) and "cannot write into" in str(r.exception), r.output
-    learn_to_dir(np.zeros((4, 8, 8, 3), np.uint8), LearnConfig(filters=4, batch=10), tmp_path / "done",
+    learn_to_dir(np.zeros((4, 8, 8, 3), np.uint8), LearnConfig(filters=4, batch=10, init="normal", rank_by="current"), tmp_path / "done",
                  data_key={}, progress=False, log=lambda s: None)
     r = CliRunner().invoke(cli, ["learn", "--data", str(image_tree), "--out", str(tmp_path / "done")])
     assert "already holds a run" in str(r.exception)
@@ -511,7 +515,7 @@ def test_patch_init_starts_every_unit_on_a_distinct_unit_data_patch(images):
     # flat patches centre to zero and are never picked
     flat = np.full((4, 8, 8, 3), 90, np.uint8)
     with pytest.raises(EdgehebbError, match="not flat"):
-        initial_weights(flat, LearnConfig(init="patches", **{**SMALL, "filters": 4}))
+        initial_weights(flat, LearnConfig(init="patches", preprocess="center-unit", **{**SMALL, "filters": 4}))
 
 
 
@@ -560,3 +564,24 @@ def test_cli_learn_takes_init_and_rank_by(image_tree, tmp_path):
     assert result.exit_code == 0, result.output
     saved = json.loads((out / "config.json").read_text())["learn"]
     assert saved["init"] == "patches" and saved["rank_by"] == "cosine"
+
+
+def test_a_collapsed_plain_bank_is_reported(images, tmp_path, monkeypatch):
+    from edgehebb import learn_dir as learn_dir_mod
+    from edgehebb.learn import EpochStats, LearnState
+
+    def collapsed(images, config, **kw):   # every unit pushed to the far side of the flat patch
+        rows = -torch.ones(config.filters, 48) + 0.01 * torch.randn(config.filters, 48)
+        return LearnState(rows, 1, [EpochStats(1, 0.1, 0.0, 0.0, 1.0, 1.0)])
+
+    monkeypatch.setattr(learn_dir_mod, "learn", collapsed)
+    lines = []
+    cfg = LearnConfig(epochs=1, **{**SMALL, "preprocess": "unit"})
+    summary = learn_dir_mod.learn_to_dir(images, cfg, tmp_path / "run", data_key={"source": "s"}, progress=False,
+                                         log=lines.append)
+    assert any("the bank has collapsed" in line and "lower --delta" in line for line in lines)
+    assert summary["flat_cosine_quantiles"][1] < -0.9
+    lines.clear()
+    learn_dir_mod.learn_to_dir(images, LearnConfig(epochs=1, **{**SMALL, "preprocess": "center-unit"}),
+                               tmp_path / "centred", data_key={"source": "s"}, progress=False, log=lines.append)
+    assert not any("collapsed" in line for line in lines)   # centred rows are orthogonal to the flat patch

@@ -120,8 +120,8 @@ def test_both_shipped_specs_load_and_fit_the_brief():
     assert {"fig2_left", "fig2_middle"} <= set(available_specs())
     left = load_spec("fig2_left")
     assert left.input == (3, 32, 32) and left.classes == 10
-    assert left.blocks == (BlockSpec(kernel=4, filters=400, power=40.0, pool=11, pool_stride=9),)
-    assert feature_dim(left) == 400 * 3 * 3
+    assert left.blocks == (BlockSpec(kernel=4, filters=400, power=40.0, pool=11, pool_stride=6, center=False),)
+    assert feature_dim(left) == 400 * 4 * 4
     middle = load_spec("fig2_middle")
     assert len(middle.blocks) >= 4 and len({b.kernel for b in middle.blocks}) == len(middle.blocks)
     assert len({b.power for b in middle.blocks}) > 1

@@ -41,11 +41,11 @@ H100_SHARED = 232448  # opt-in shared memory per block on an H100
 
 BLOCKS = {
     "fig2_left": BlockSpec(kernel=4, filters=400, power=40.0, pool=11, pool_stride=9),
-    "w3": BlockSpec(kernel=3, filters=400, power=55.0, pool=12, pool_stride=9),
+    "w3": BlockSpec(kernel=3, filters=400, power=55.0, pool=12, pool_stride=9, center=True),
     "w8": BlockSpec(kernel=8, filters=400, power=20.0, pool=9, pool_stride=8),
     "stride_pad_plain": BlockSpec(kernel=5, filters=24, power=10.0, pool=3, pool_stride=2, stride=2, padding=1,
                                   center=False),
-    "gaps": BlockSpec(kernel=3, filters=40, power=30.0, pool=2, pool_stride=5),  # positions outside every window
+    "gaps": BlockSpec(kernel=3, filters=40, power=30.0, pool=2, pool_stride=5, center=True),  # positions outside every window
 }
 
 
@@ -63,7 +63,7 @@ def test_default_plan_for_the_paper_blocks():
             wider = fused_plan(block, (3, 32, 32), shared_limit=H100_SHARED, nch=nch + 1)
             assert 2 * (wider.shared_bytes + 1024) > H100_SHARED + 1024
     left = fused_plan(BLOCKS["fig2_left"], (3, 32, 32), shared_limit=H100_SHARED)
-    assert [left.define(k) for k in ("HO", "WO", "HP", "WP", "NCH", "CENTER")] == [29, 29, 3, 3, 48, 1]
+    assert [left.define(k) for k in ("HO", "WO", "HP", "WP", "NCH", "CENTER")] == [29, 29, 3, 3, 48, 0]
 
 
 def test_plan_shapes_and_errors():
@@ -85,7 +85,8 @@ def test_plan_shapes_and_errors():
 
 
 def test_kernel_filters_are_the_centred_unit_filters_transposed():
-    spec = NetSpec("t", (BLOCKS["stride_pad_plain"], BlockSpec(kernel=3, filters=10, power=5.0, pool=2, pool_stride=2)),
+    spec = NetSpec("t", (BLOCKS["stride_pad_plain"], BlockSpec(kernel=3, filters=10, power=5.0, pool=2, pool_stride=2,
+                                                                center=True)),
                    input=(3, 12, 12))
     g = torch.Generator().manual_seed(0)
     net = NNLNet(spec, [torch.randn(b.filters, 3, b.kernel, b.kernel, generator=g) for b in spec.blocks])

@@ -52,7 +52,7 @@ def bank_dir(tmp_path):
         edge = torch.sin(1.2 * (np.cos(a) * xx + np.sin(a) * yy) + k)
         banks.append(edge[None].repeat(3, 1, 1) + 0.1 * torch.randn(3, 4, 4, generator=g))
     out = tmp_path / "bank"
-    save_filters(out, torch.stack(banks), {"learn": {"preprocess": "center-unit"}})
+    save_filters(out, torch.stack(banks), {"learn": {"preprocess": "unit"}})
     return out
 
 

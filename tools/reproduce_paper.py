@@ -31,14 +31,16 @@ from pathlib import Path
 
 import torch
 
+from edgehebb import threads as thread_policy
 from edgehebb.data import load_split, resolve_data_root
 from edgehebb.evaluate import evaluate, save_sweep_png
+from edgehebb.shadow import SWEEP_INTENSITIES
 from edgehebb.io import atomic_write, atomic_write_json, load_filters
 from edgehebb.learn import LearnConfig
 from edgehebb.learn_dir import learn_to_dir, resolve_device
 from edgehebb.model import load_model
 from edgehebb.nnl import NetSpec, load_spec
-from edgehebb.train import FitConfig, train_to_dir
+from edgehebb.train import BASELINE_FIT, FitConfig, train_to_dir
 
 PAPER = {"fig2_left-local": 27.80, "fig2_left-e2e": 27.11, "fig2_middle-local": 23.0, "fig2_middle-e2e": 23.0}
 
@@ -95,7 +97,8 @@ def learn_banks(specs: list[NetSpec], train, out: Path, args, log) -> Path:
 
 def run_row(name: str, how: dict, train, test, banks: Path, out: Path, args, log) -> dict:
     model_dir = out / "models" / name
-    fit = FitConfig(epochs=args.head_epochs if how["local"] else args.e2e_epochs, seed=args.seed)
+    fit = (FitConfig(epochs=args.head_epochs, lr=args.head_lr, seed=args.seed) if how["local"] else
+           FitConfig(epochs=args.e2e_epochs, lr=args.e2e_lr, seed=args.seed))
     t0 = time.perf_counter()
     if not (model_dir / "config.json").is_file():
         if model_dir.exists():   # a row interrupted while training: start it again
@@ -107,7 +110,10 @@ def run_row(name: str, how: dict, train, test, banks: Path, out: Path, args, log
             train_to_dir(how["spec"], train, model_dir, fit=fit, baseline=True, conv_power=how["power"],
                          patch_norm=how["patch_norm"], device=args.device, progress=not args.quiet, log=log)
     net, config = load_model(model_dir, args.device)
-    result = evaluate(net, test, config["classes"], device=args.device, progress=not args.quiet)
+    # the ablation rows need clean and shadowed error only; the intensity sweep (ten passes over the
+    # test set) is drawn for the main rows
+    sweep = None if name.startswith("abl-") else SWEEP_INTENSITIES
+    result = evaluate(net, test, config["classes"], sweep=sweep, device=args.device, progress=not args.quiet)
     spec = how["spec"]
     return {"row": name, "training": "local" if how["local"] else "backprop",
             "spec": spec.name, "features": int(net.head.in_features),
@@ -132,38 +138,8 @@ def markdown(results: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", default=None, help="CIFAR-10 (image-folder tree, pickles or .npz) [default: $EDGEHEBB_DATA]")
-    ap.add_argument("--out", type=Path, required=True, help="Folder for banks, models and cached rows.")
-    ap.add_argument("--rows", default="all", help="Comma-separated row names, or 'all' (see the list above).")
-    ap.add_argument("--limit", type=int, default=None, help="Class-balanced subset of the training images.")
-    ap.add_argument("--test-limit", type=int, default=None, help="Class-balanced subset of the test images.")
-    ap.add_argument("--learn-epochs", type=int, default=1)
-    ap.add_argument("--learn-batch", type=int, default=1000)
-    ap.add_argument("--head-epochs", type=int, default=30)
-    ap.add_argument("--e2e-epochs", type=int, default=30)
-    ap.add_argument("--backend", default="auto", choices=["auto", "torch", "pycuda"], help="Learning backend.")
-    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--quiet", action="store_true", help="No progress bars.")
-    args = ap.parse_args(argv)
-    args.device = resolve_device(args.device)
-
-    def log(s: str) -> None:
-        print(s, file=sys.stderr, flush=True)
-
-    table = rows()
-    wanted = list(table) if args.rows == "all" else [r.strip() for r in args.rows.split(",") if r.strip()]
-    unknown = [r for r in wanted if r not in table]
-    if unknown:
-        ap.error(f"unknown row(s) {unknown}; rows: {', '.join(table)}")
-    root = resolve_data_root(args.data, download=False)
-    train = load_split(root, "train", limit=args.limit, progress=not args.quiet)
-    test = load_split(root, "test", limit=args.test_limit, progress=not args.quiet)
-    settings = {k: v for k, v in vars(args).items() if k not in ("out", "rows", "quiet")}
-    settings.update(data=train.source, train_images=len(train), test_images=len(test))
-    torch.backends.cudnn.benchmark = True
+def run_rows(wanted: list[str], table: dict, train, test, settings: dict, args, log) -> list[dict]:
+    """Every wanted row, read back from OUT/rows when its settings are unchanged, else run and cached."""
     banks = learn_banks([table[r]["spec"] for r in wanted if table[r]["local"]], train, args.out, args, log)
     results = []
     for name in wanted:
@@ -182,6 +158,47 @@ def main(argv=None) -> int:
         log(f"{name}: test error clean {row['test']['clean']['error']:.2%}, "
             f"shadowed {row['test']['shadowed']['error']:.2%} ({row['seconds']:.0f} s)")
         results.append(row)
+    return results
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default=None, help="CIFAR-10 (image-folder tree, pickles or .npz) [default: $EDGEHEBB_DATA]")
+    ap.add_argument("--out", type=Path, required=True, help="Folder for banks, models and cached rows.")
+    ap.add_argument("--rows", default="all", help="Comma-separated row names, or 'all' (see the list above).")
+    ap.add_argument("--limit", type=int, default=None, help="Class-balanced subset of the training images.")
+    ap.add_argument("--test-limit", type=int, default=None, help="Class-balanced subset of the test images.")
+    ap.add_argument("--learn-epochs", type=int, default=1)
+    ap.add_argument("--learn-batch", type=int, default=1000)
+    ap.add_argument("--head-epochs", type=int, default=FitConfig().epochs)
+    ap.add_argument("--head-lr", type=float, default=FitConfig().lr)
+    ap.add_argument("--e2e-epochs", type=int, default=BASELINE_FIT.epochs)
+    ap.add_argument("--e2e-lr", type=float, default=BASELINE_FIT.lr)
+    ap.add_argument("--backend", default="auto", choices=["auto", "torch", "pycuda"], help="Learning backend.")
+    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="CPU threads for learning, features and training [default: measured as it runs].")
+    ap.add_argument("--quiet", action="store_true", help="No progress bars.")
+    args = ap.parse_args(argv)
+    args.device = resolve_device(args.device)
+
+    def log(s: str) -> None:
+        print(s, file=sys.stderr, flush=True)
+
+    table = rows()
+    wanted = list(table) if args.rows == "all" else [r.strip() for r in args.rows.split(",") if r.strip()]
+    unknown = [r for r in wanted if r not in table]
+    if unknown:
+        ap.error(f"unknown row(s) {unknown}; rows: {', '.join(table)}")
+    root = resolve_data_root(args.data, download=False)
+    train = load_split(root, "train", limit=args.limit, progress=not args.quiet)
+    test = load_split(root, "test", limit=args.test_limit, progress=not args.quiet)
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "rows", "quiet", "threads")}
+    settings.update(data=train.source, train_images=len(train), test_images=len(test))
+    torch.backends.cudnn.benchmark = True
+    with thread_policy.configured(args.threads):
+        results = run_rows(wanted, table, train, test, settings, args, log)
     atomic_write_json(args.out / "results.json", results)
     atomic_write(args.out / "results.md", markdown(results).encode())
     curves = {r["row"]: r["test"] for r in results if not r["row"].startswith("abl-")}

@@ -50,6 +50,7 @@ from edgehebb.io import atomic_write, atomic_write_json, load_filters, read_json
 from edgehebb.learn import LearnConfig
 from edgehebb.learn_dir import learn_to_dir
 from edgehebb.nnl import NetSpec, NNLNet, feature_dim, load_spec, spec_from_dict
+from edgehebb.patches import flat_cosines
 from edgehebb.shadow import COVERAGE, INTENSITY, darken, shadow_masks
 from edgehebb.train import FitConfig, find_bank, train_head
 
@@ -141,9 +142,7 @@ class Screen:
                          threads=self.args.threads, log=self.log)
         filters, config_json = load_filters(where)
         last = (config_json.get("history") or [{}])[-1]
-        # a bank collapsed onto (or away from) the flat patch shows here: plain patches sit near it
-        rows = filters.flatten(1).double()
-        flat_cos = (rows / rows.norm(dim=1, keepdim=True)).sum(1) / rows.shape[1] ** 0.5
+        flat_cos = flat_cosines(filters)   # a plain-norm bank that collapsed shows here (dead units do not)
         return filters, {"dir": str(where), "learn": dataclasses.asdict(config),
                          "dead_fraction": last.get("dead_fraction"), "norm_error": last.get("norm_error"),
                          "flat_cos_quantiles": [round(float(q), 4) for q in flat_cos.quantile(

@@ -218,6 +218,14 @@ def find_bank(sources: list[Path], block: BlockSpec, channels: int) -> tuple[tor
     return None
 
 
+def bank_learn_settings(path: Path) -> dict | None:
+    """How the bank in ``path`` (a filter-bank or model directory) was learned, as its config.json says."""
+    config = read_json(path / CONFIG_FILE)
+    if str(config.get("format", "")).startswith("edgehebb.filters"):
+        return config.get("learn")
+    return config.get("filters", {}).get("learn") if isinstance(config.get("filters"), dict) else None
+
+
 def bank_dir(out: Path, index: int, block: BlockSpec) -> Path:
     return out / "banks" / f"block{index}-W{block.kernel}-K{block.filters}-{block.preprocess}"
 
@@ -298,7 +306,7 @@ def train_to_dir(spec: NetSpec, train: ImageSet, out: str | Path, *, fit: FitCon
         feats = cached_features(net, train.x, device=device, cache=cache, progress=progress)
         log(f"features {feats.shape[1]} per image, {len(feats)} images")
         result = train_head(net, feats, train.y, fit, device=device, progress=progress, log=log)
-        record["filters"] = {"from": origins, "learn": learn}
+        record["filters"] = {"from": origins, "learn": [bank_learn_settings(Path(o)) for o in origins]}
     record["training"] = {**result, "seconds": time.perf_counter() - t0}
     save_model(out, net.cpu(), train.classes, record)
     log(f"wrote {out} (validation accuracy {result['val_accuracy']:.2%} at epoch {result['best_epoch']})")

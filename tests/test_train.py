@@ -99,6 +99,7 @@ def test_head_on_frozen_filters_learns_and_round_trips(bank_dir, tmp_path, monke
     record = train_to_dir(spec, train, tmp_path / "m", fit=FAST, filters_from=[bank_dir], device="cpu",
                           cache=str(tmp_path / "cache"), progress=False, log=lambda s: None)
     assert record["training"]["best_epoch"] >= 1 and record["filters"]["from"] == [str(bank_dir)]
+    assert record["filters"]["learn"] == [{"preprocess": "unit"}]   # the bank's own settings, not train's
     net, config = load_model(tmp_path / "m")
     assert config["kind"] == "nnl" and config["classes"] == ["h", "v", "d"]
     acc = float((predict(net, test.x) == test.y).mean())
@@ -222,8 +223,9 @@ def test_cli_train_bad_options(tmp_path, args, message):
 
 @pytest.mark.data
 def test_real_data_train_eval_beats_floor(cifar_root, tmp_path):
-    """fig2_left on 2,000 CIFAR-10 training images (filters learned here, B=100): the head must reach 30%
-    on 1,000 test images (chance 10%; measured 0.41 clean). Shadowed accuracy is reported, not bounded."""
+    """fig2_left on 2,000 CIFAR-10 training images (filters learned here, B=100): the head must reach 45%
+    on 1,000 test images (chance 10%; measured 0.548 clean, 0.511 shadowed with today's defaults; the
+    centred recipe before 2026-12-01 reached 0.41). Shadowed accuracy is reported, not bounded."""
     from edgehebb.nnl import load_spec
 
     train = load_split(cifar_root, "train", limit=2000, progress=False)
@@ -232,7 +234,7 @@ def test_real_data_train_eval_beats_floor(cifar_root, tmp_path):
                  device="cpu", learn={"batch": 100}, cache="", progress=False, log=lambda s: None)
     net, config = load_model(tmp_path / "m")
     r = evaluate(net, test, config["classes"], sweep=None, progress=False)
-    assert r["clean"]["accuracy"] > 0.30, r["clean"]
+    assert r["clean"]["accuracy"] > 0.45, r["clean"]
     assert 0 <= r["shadowed"]["accuracy"] <= r["clean"]["accuracy"] + 0.05
 
 

@@ -12,9 +12,10 @@ gives the same numbers for a fraction of the work; both orders are kept (``pool_
 tests can show it. A network runs several blocks side by side on the input image, flattens and
 concatenates their pooled maps, and a linear layer (softmax classifier) maps them to logits.
 
-Nothing cuts patches out of the image: with s_1 = sum of v and s_2 = sum of v^2 over a window
-(``conv2d`` with a ones kernel), |v - mean|^2 = s_2 - s_1^2 / N and, for a unit filter m,
-<m, v - mean> = <m - mean(m), v>, one ordinary convolution with the centred filters.
+The plain norm cuts no patch out of the image: <m, v> is one ordinary convolution and |v|^2 a
+convolution of the squared image with a ones kernel. Centred blocks do cut them (``unfold``), to
+centre each patch before its sums: the same in exact arithmetic as a convolution with centred
+filters and s_2 - s_1^2 / N, but accurate in float32 (see ``_centred_ieee``).
 
 Filters are (K, C, W, W) ``conv2d`` weights, as :mod:`edgehebb.patches` lays out a patch; images
 are float NCHW in [0, 1]. Architectures are :class:`NetSpec` objects read from JSON in ``models/``.
@@ -207,12 +208,12 @@ def _ieee_fp32(x: torch.Tensor):
     if not x.is_cuda:
         yield
         return
-    saved = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     try:
         yield
     finally:
-        torch.backends.cudnn.allow_tf32 = saved
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 @torch.compiler.disable
@@ -222,6 +223,23 @@ def _conv_ieee(x: torch.Tensor, m: torch.Tensor, stride: int) -> torch.Tensor:
     run with the global TF32 default."""
     with _ieee_fp32(x):
         return F.conv2d(x, m, stride=stride)
+
+
+@torch.compiler.disable
+def _centred_ieee(x: torch.Tensor, m: torch.Tensor, stride: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(<m, v - mean(v)>, |v - mean(v)|^2) for every patch v of ``x``, (B, K, L) and (B, 1, L), on the
+    patches themselves: each centred before the dot product (two passes, as OP_SPEC.md asks), in
+    IEEE FP32. A convolution of the image with the centred filters is the same sum in exact
+    arithmetic, but in float32 it is taken over values that still carry the patch's mean: on a
+    low-contrast patch its rounding is ~1e-5 of the cosine, which x^40 raised to 3.5e-4 of a logit
+    row's largest (fig2_left, dimmed images; OP_SPEC allows 1e-4)."""
+    with _ieee_fp32(x):
+        p = F.unfold(x, m.shape[-1], stride=stride)                       # (B, N, L)
+        p = p - p.mean(dim=1, keepdim=True)
+        # centred filters too (<m, d> = <m - mean(m), d> when d sums to 0): the rounding of each
+        # patch's mean then shifts d along the flat direction, to which they are blind
+        mc = m.flatten(1) - m.flatten(1).mean(dim=1, keepdim=True)
+        return torch.matmul(mc, p), p.pow(2).sum(dim=1, keepdim=True)
 
 
 def _unit(w: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
@@ -274,27 +292,25 @@ class NNLConv(nn.Module):
         if self.padding:
             x = F.pad(x, [self.padding] * 4)
         if self.center:
-            # Centred patches ignore a constant added to the whole image: shifting [0, 1] to
-            # [-0.5, 0.5] halves the values whose squares cancel in s_2 - s_1^2 / N (float32).
-            x = x - 0.5
-            m = m - m.mean(dim=(1, 2, 3), keepdim=True)    # <m, v - mean(v)> = <m - mean(m), v>
-        dot = _conv_ieee(x, m, self.stride)
+            # The patches are centred one by one (see _centred_ieee): the one-pass form
+            # |v - mean(v)|^2 = s_2 - s_1^2 / N cancels on low-contrast patches, and so does the
+            # image-wide dot product with centred filters, less so but enough for x^40.
+            h, w = self.map_size(x)
+            dot, sq = _centred_ieee(x, m, self.stride)
+            dot, sq = dot.view(len(x), -1, h, w), sq.view(len(x), 1, h, w)
+        else:
+            dot = _conv_ieee(x, m, self.stride)
+            # s_2 = |v|^2, no cancellation; in IEEE FP32 too: TF32 would round every squared pixel to
+            # ~1e-3, which the n-th power turns into ~4 %
+            sq = _conv_ieee(x * x, self.ones, self.stride) if self.norm else None
         if not self.norm:
             return dot
-        if self.center:
-            # |v - mean(v)|^2 = s_2 - s_1^2 / N cancels catastrophically on low-contrast patches
-            # (variance ~1e-4 beside s_2 ~ 10: float32 keeps ~1% of it, and x^40 turns that into
-            # tens of percent), so the two one-channel box sums run in float64: exact enough, and
-            # cheap beside the K-channel dot product.
-            xd, ones = x.double(), self.ones.double()
-            s1 = F.conv2d(xd, ones, stride=self.stride)
-            s2 = F.conv2d(xd * xd, ones, stride=self.stride)
-            sq = (s2 - s1 * s1 / self.ones.numel()).clamp_min(0).to(x.dtype)   # |v - mean(v)|^2
-        else:
-            # s_2 = |v|^2, no cancellation; in IEEE FP32 too: TF32 would round every squared pixel to
-            # ~1e-3, which the n-th power turns into ~4 % (the float64 sums above are immune)
-            sq = _conv_ieee(x * x, self.ones, self.stride)
         return dot / (sq.sqrt() + self.eps)
+
+    def map_size(self, x: torch.Tensor) -> tuple[int, int]:
+        """(rows, cols) of the cosine map of ``x`` (already padded)."""
+        k = self.weight.shape[-1]
+        return (x.shape[2] - k) // self.stride + 1, (x.shape[3] - k) // self.stride + 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # A cosine is <= 1; float32 rounding in |v - mean|^2 = s_2 - s_1^2 / N on the lowest-contrast

@@ -43,3 +43,22 @@ def test_shipped_model_keeps_its_accuracy(cifar_root, tmp_path):
     r = evaluate(net, test, config["classes"], sweep=None, progress=False)
     assert r["clean"]["accuracy"] >= 0.665, r["clean"]["accuracy"]
     assert r["shadowed"]["accuracy"] >= 0.595, r["shadowed"]["accuracy"]
+
+
+def test_onnx_parity_tool_reports_every_client_within_the_op_spec(cifar_root, capsys):
+    """tools/onnx_parity.py (OP_SPEC.md's table) on 20 test images: one JSON row per (client, file)."""
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    import onnx_parity
+
+    rows = onnx_parity.main(["--data", str(cifar_root), "--limit", "20", "--ref-limit", "2"])
+    assert [json.loads(line) for line in capsys.readouterr().out.splitlines()] == rows
+    assert {(r["client"], r["file"]) for r in rows} == {
+        ("onnxruntime", "default"), ("onnxruntime", "standard-ops"), ("opencv-dnn", "standard-ops"),
+        ("onnx-reference", "default"), ("onnx-reference", "standard-ops")}
+    for r in rows:
+        if "skipped" not in r:
+            assert r["max_rel_of_row_max"] <= 1e-4 and r["top1_agreement"] == 1.0, r

@@ -2,8 +2,10 @@
 
 One NNL-CONV block, for every W x W x C patch v of the image (a filter bank M with rows M_mu)::
 
+    x   <- colour_norm(x)                      (net-level, off by default; see colour_normalise)
     v   <- v - mean(v)                         (only with center=True; the default, False, is the paper's plain norm)
-    u    = v / (|v| + eps)                     patch normalisation (eps: see EPS below)
+    u    = v / (sqrt(|v|^2 + sigma^2) + eps)   patch normalisation (eps: see EPS below; sigma: a block's
+                                               semi-saturation constant, 0 by default: u = v / (|v| + eps))
     c_mu = <M_mu / |M_mu|, u>                  a cosine in [-1, 1]
     h_mu = max over a pool window of f(c_mu),  f(x) = ReLU(x)^n  (x clipped at 1 against rounding)
 
@@ -44,6 +46,12 @@ from edgehebb.resources import data_dirs
 # (|v| >= (1/255) * sqrt(1 - 1/N) ~ 3.9e-3: at most 2.5% attenuation there, ~0.1% for typical patches).
 EPS = 1e-4
 
+# Net-level colour normalisations applied to the image before the blocks (NetSpec.colour_norm).
+COLOUR_NORMS = ("none", "gray-world")
+# gray-world divides each channel by its image mean; a channel darker on average than this (a fraction of
+# one grey level, 1/255) is divided by it instead, so an (almost) empty channel is not blown up to noise
+COLOUR_EPS = 1e-3
+
 
 # ----------------------------------------------------------------------------- specs
 
@@ -60,6 +68,8 @@ class BlockSpec:
                            # True: also subtract each patch's mean (filters learned with --preprocess center-unit)
     norm: bool = True      # divide by the patch norm (a cosine); False: the ablation without patch
                            # normalisation, f(<unit filter, patch>) on the raw (centred) patch
+    sigma: float = 0.0     # semi-saturation constant (Carandini & Heeger): u = v / (sqrt(|v|^2 + sigma^2) + eps),
+                           # so patches with |v| << sigma stay small; 0 is the plain patch norm, bit for bit
 
     @property
     def preprocess(self) -> str:
@@ -84,11 +94,18 @@ class NetSpec:
     input: tuple[int, int, int] = (3, 32, 32)   # (C, H, W)
     classes: int = 10
     description: str = ""
+    colour_norm: str = "none"   # COLOUR_NORMS: a per-image colour normalisation before the blocks
 
     def to_dict(self) -> dict:
         """JSON-ready form; :func:`spec_from_dict` reads it back."""
         d = asdict(self)
         d["input"], d["blocks"] = list(self.input), [asdict(b) for b in self.blocks]
+        # the robustness options are written only when set, so a spec without them reads as before
+        for b in d["blocks"]:
+            if not b["sigma"]:
+                del b["sigma"]
+        if d["colour_norm"] == "none":
+            del d["colour_norm"]
         return d
 
 
@@ -99,12 +116,26 @@ def feature_dim(spec: NetSpec) -> int:
 
 
 _BLOCK_KEYS = {f.name for f in fields(BlockSpec)}
-_NET_KEYS = {"name", "blocks", "input", "classes", "description"}
+_NET_KEYS = {"name", "blocks", "input", "classes", "description", "colour_norm"}
 
 
 def _int(value, where: str, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise EdgehebbError(f"{where} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def check_sigma(value, where: str = "sigma") -> float:
+    """``value`` as a float if it is a valid semi-saturation constant (a finite number >= 0)."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+    if not ok:
+        raise EdgehebbError(f"{where} must be a number >= 0 (0: the plain patch norm), got {value!r}")
+    return float(value)
+
+
+def check_colour_norm(value, where: str = "colour_norm") -> str:
+    if value not in COLOUR_NORMS:
+        raise EdgehebbError(f"{where} must be one of {', '.join(COLOUR_NORMS)}, got {value!r}")
     return value
 
 
@@ -140,12 +171,16 @@ def spec_from_dict(d: dict, source: str = "spec") -> NetSpec:
             if not isinstance(flag, bool):
                 raise EdgehebbError(f"{at}.{key} must be true or false, got {flag!r}")
         pool = _int(b["pool"], f"{at}.pool", 1)
+        sigma = check_sigma(b.get("sigma", 0.0), f"{at}.sigma")
+        if sigma and not norm:
+            raise EdgehebbError(f"{at}: sigma {sigma:g} needs the patch norm (norm=true); this block has norm=false")
         block = BlockSpec(kernel=_int(b["kernel"], f"{at}.kernel", 1),
                           filters=_int(b["filters"], f"{at}.filters", 1),
                           power=float(power), pool=pool,
                           pool_stride=_int(b.get("pool_stride", pool), f"{at}.pool_stride", 1),
                           stride=_int(b.get("stride", 1), f"{at}.stride", 1),
-                          padding=_int(b.get("padding", 0), f"{at}.padding", 0), center=center, norm=norm)
+                          padding=_int(b.get("padding", 0), f"{at}.padding", 0), center=center, norm=norm,
+                          sigma=sigma)
         mh, mw = block.map_size(h, w)
         if min(mh, mw) < 1:
             raise EdgehebbError(f"{at}.kernel {block.kernel} does not fit a {h}x{w} input (padding {block.padding})")
@@ -162,8 +197,21 @@ def spec_from_dict(d: dict, source: str = "spec") -> NetSpec:
     name = d.get("name", Path(source).stem)
     if not isinstance(name, str) or not name:
         raise EdgehebbError(f"{source}: 'name' must be a non-empty string")
+    colour_norm = check_colour_norm(d.get("colour_norm", "none"), f"{source}: 'colour_norm'")
+    if colour_norm != "none" and c != 3:
+        raise EdgehebbError(f"{source}: colour_norm {colour_norm!r} needs 3-channel (RGB) input, got {c} channel(s)")
     return NetSpec(name=name, blocks=tuple(blocks), input=(c, h, w), classes=classes,
-                   description=str(d.get("description", "")))
+                   description=str(d.get("description", "")), colour_norm=colour_norm)
+
+
+def with_options(spec: NetSpec, sigma: float | None = None, colour_norm: str | None = None) -> NetSpec:
+    """``spec`` with every block's ``sigma`` and/or the net's ``colour_norm`` replaced (None: kept), checked."""
+    d = spec.to_dict()
+    if sigma is not None:
+        d["blocks"] = [{**b, "sigma": sigma} for b in d["blocks"]]
+    if colour_norm is not None:
+        d["colour_norm"] = colour_norm
+    return spec_from_dict(d, spec.name)
 
 
 def _models_dirs() -> list:
@@ -253,6 +301,25 @@ def _relu_pow(x: torch.Tensor, n: float, upper: float | None = None) -> torch.Te
     return x if n == 1 else x.pow(n)
 
 
+def colour_normalise(x: torch.Tensor, mode: str) -> torch.Tensor:
+    """Per-image colour normalisation of float NCHW images before the blocks (``NetSpec.colour_norm``).
+
+    ``none``: ``x`` itself. ``gray-world``: each channel c of each image is multiplied by
+    g_c = mean_c'(mu_c') / max(mu_c, COLOUR_EPS), mu_c the channel's mean over the image's pixels: a
+    per-channel gain on the scene (a colour cast, a white-balance error) multiplies mu_c by the same
+    gain and so cancels, exactly up to rounding while no pixel clips, but for one factor per image:
+    the image's mean grey level mean_c'(mu_c') is kept, and the gains change it (the patch norm is blind
+    to that factor; sigma is not, and should see the scene's brightness). Values are not clipped, so a
+    channel may exceed 1 (the blocks do not need [0, 1]).
+    """
+    if mode == "none":
+        return x
+    if mode != "gray-world":
+        raise EdgehebbError(f"unknown colour_norm {mode!r}; expected one of {', '.join(COLOUR_NORMS)}")
+    mu = x.mean(dim=(2, 3), keepdim=True)                                   # (B, C, 1, 1)
+    return x * (mu.mean(dim=1, keepdim=True) / mu.clamp_min(COLOUR_EPS))
+
+
 class NNLConv(nn.Module):
     """Patch-normalised cosine convolution, f(x) = ReLU(x)^n, then max-pooling.
 
@@ -260,11 +327,12 @@ class NNLConv(nn.Module):
     here: the local-learning setting); ``trainable=True`` makes them a parameter, normalised on every
     forward pass, for the backprop ablations with patch normalisation. ``norm=False`` skips the
     division by the patch norm (the ablation without patch normalisation): f(<unit filter, patch>).
+    ``sigma`` > 0 divides by sqrt(|v|^2 + sigma^2) + eps instead of |v| + eps (BlockSpec.sigma).
     """
 
     def __init__(self, filters: torch.Tensor, power: float, stride: int = 1, padding: int = 0,
                  pool: int = 1, pool_stride: int | None = None, center: bool = False, eps: float = EPS,
-                 pool_first: bool = True, trainable: bool = False, norm: bool = True):
+                 pool_first: bool = True, trainable: bool = False, norm: bool = True, sigma: float = 0.0):
         super().__init__()
         if filters.dim() != 4:
             raise EdgehebbError(f"filters must be (K, C, W, W), got shape {tuple(filters.shape)}")
@@ -272,7 +340,9 @@ class NNLConv(nn.Module):
             raise EdgehebbError(f"power must be > 0, got {power}")
         self.power, self.stride, self.padding, self.center, self.eps = float(power), stride, padding, center, eps
         self.pool, self.pool_stride, self.pool_first, self.trainable = pool, pool_stride or pool, pool_first, trainable
-        self.norm = norm
+        self.norm, self.sigma = norm, check_sigma(sigma)
+        if self.sigma and not norm:
+            raise EdgehebbError(f"sigma {self.sigma:g} needs the patch norm (norm=True)")
         w = filters.detach().float().clone()
         if trainable:
             self.weight = nn.Parameter(w)
@@ -305,6 +375,8 @@ class NNLConv(nn.Module):
             sq = _conv_ieee(x * x, self.ones, self.stride) if self.norm else None
         if not self.norm:
             return dot
+        if self.sigma:   # sigma = 0 skips the addition: the plain norm's numbers, bit for bit
+            sq = sq + self.sigma ** 2
         return dot / (sq.sqrt() + self.eps)
 
     def map_size(self, x: torch.Tensor) -> tuple[int, int]:
@@ -362,6 +434,7 @@ class _Net(nn.Module):
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """(N, feature_dim(spec)) pooled block outputs of float NCHW images in [0, 1] (unstandardised)."""
         self._check_input(x)
+        x = colour_normalise(x, self.spec.colour_norm)
         return torch.cat([block(x).flatten(1) for block in self.blocks], dim=1)
 
     def classify(self, features: torch.Tensor) -> torch.Tensor:
@@ -388,7 +461,7 @@ class NNLNet(_Net):
         self.spec = spec
         self.blocks = nn.ModuleList(
             NNLConv(bank, b.power, b.stride, b.padding, b.pool, b.pool_stride, b.center,
-                    trainable=trainable_filters, norm=b.norm)
+                    trainable=trainable_filters, norm=b.norm, sigma=b.sigma)
             for b, bank in zip(spec.blocks, filter_banks))
         self._init_head(spec)
 
@@ -409,7 +482,7 @@ class ConvNet(_Net):
         if patch_norm:
             self.blocks = nn.ModuleList(
                 NNLConv(torch.randn(b.filters, c, b.kernel, b.kernel), power, b.stride, b.padding,
-                        b.pool, b.pool_stride, b.center, trainable=True) for b in spec.blocks)
+                        b.pool, b.pool_stride, b.center, trainable=True, sigma=b.sigma) for b in spec.blocks)
         else:
             self.blocks = nn.ModuleList(ConvBlock(c, b, power) for b in spec.blocks)
         self._init_head(spec)

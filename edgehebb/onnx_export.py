@@ -12,7 +12,7 @@ input size is fixed). The graph is built by hand with
 contract with the plugin and the runtime, and building them directly keeps them exactly so.
 
 Graph: [frames uint8 NHWC -> preprocessing, as :mod:`edgehebb.frames`] -> images float32 NCHW
--> blocks side by side -> Flatten, Concat = ``features`` -> (f - mean) * scale -> Gemm = ``logits``
+-> [colour normalisation, standard ops, when the spec has one] -> blocks side by side -> Flatten, Concat = ``features`` -> (f - mean) * scale -> Gemm = ``logits``
 -> Softmax = ``probabilities``.
 """
 
@@ -32,13 +32,16 @@ from edgehebb.errors import EdgehebbError
 from edgehebb.frames import CHANNEL_ORDERS, FITS, check_choice, crop_box
 from edgehebb.io import atomic_write
 from edgehebb.model import load_model, model_kind
-from edgehebb.nnl import ConvBlock, NNLConv, _Net
+from edgehebb.nnl import COLOUR_EPS, ConvBlock, NNLConv, _Net
 from edgehebb.onnx_standard import activation_shapes, standard_ops as to_standard_ops
 
 OP_DOMAIN = "ai.edgehebb"
-OP_VERSION = 1
+OP_VERSION = 1          # what a model whose blocks all have sigma = 0 is written with: files exactly as before
+SIGMA_OP_VERSION = 2    # version 1 plus the attribute ``sigma`` (semi-saturation), written when a block uses it
+OP_VERSIONS = (OP_VERSION, SIGMA_OP_VERSION)
 OP_NAME = "PatchNormPowReLU"
 OP_ATTRIBUTES = ("strides", "padding", "pool_shape", "pool_strides", "power", "eps", "center")
+SIGMA_OP_ATTRIBUTES = OP_ATTRIBUTES + ("sigma",)
 PREPROCESS = ("none", "uint8-nhwc")
 # 17: Shape(start=), ReduceSum/Pad/Clip/Resize with tensor inputs in the forms used here; TensorRT 8.6+ reads it.
 MIN_OPSET = 17
@@ -67,8 +70,11 @@ def _n(op: str, inputs: list[str], output: str, refs: tuple = (), **attrs) -> on
     return node
 
 
-def op_function(opset: int = MIN_OPSET) -> onnx.FunctionProto:
+def op_function(opset: int = MIN_OPSET, version: int = OP_VERSION) -> onnx.FunctionProto:
     """The definition of ``PatchNormPowReLU``: Y = clip(maxpool(cos(X, M)), 0, 1) ^ power (OP_SPEC.md).
+
+    ``version`` 2 adds the attribute ``sigma``: the patch norm becomes sqrt(|d|^2 + sigma^2) (+ eps, as in
+    version 1); version 1's nodes are unchanged, so its files are exactly what they were.
 
     Numerics. The patch variance is computed in two passes on the patches themselves, not as
     s2 - s1^2 / N from two ones-convolutions: on a low-contrast patch (variance ~1e-4 beside
@@ -142,7 +148,10 @@ def op_function(opset: int = MIN_OPSET) -> onnx.FunctionProto:
         _n("Mul", ["D", "D"], "D2"),
         _n("ReduceSum", ["D2", "channel"], "var", keepdims=1),            # |v - mean(v)|^2, never < 0
         _n("Conv", ["D", "Mflat"], "dot"),                                 # <m - mean(m), v - mean(v)>
-        _n("Sqrt", ["var"], "vnorm"),
+        *([_n("Constant", [], "sigma", (_ref("value_float", "sigma", F),)),
+           _n("Mul", ["sigma", "sigma"], "sigma2"),
+           _n("Add", ["var", "sigma2"], "var_s")] if version == SIGMA_OP_VERSION else []),
+        _n("Sqrt", ["var_s" if version == SIGMA_OP_VERSION else "var"], "vnorm"),
         _n("Add", ["vnorm", "eps"], "den"),
         _n("Div", ["dot", "den"], "cos"),
         # pool first, then the power: ReLU(x)^n is monotonic, so this is exact and far cheaper
@@ -152,9 +161,12 @@ def op_function(opset: int = MIN_OPSET) -> onnx.FunctionProto:
         _n("Clip", ["pooled", "zero", "one"], "clipped"),
         _n("Pow", ["clipped", "n"], "Y"),
     ]
+    if version not in OP_VERSIONS:
+        raise EdgehebbError(f"{OP_NAME} has versions {OP_VERSIONS}, not {version!r}")
     return helper.make_function(
         OP_DOMAIN, OP_NAME, inputs=["X", "M"], outputs=["Y"], nodes=nodes,
-        opset_imports=[helper.make_opsetid("", opset)], attributes=list(OP_ATTRIBUTES),
+        opset_imports=[helper.make_opsetid("", opset)],
+        attributes=list(SIGMA_OP_ATTRIBUTES if version == SIGMA_OP_VERSION else OP_ATTRIBUTES),
         doc_string="edgehebb NNL-CONV block: patch-normalised cosine with unit filters, max-pool, "
                    "clip to [0, 1], power. Specification: export/OP_SPEC.md.")
 
@@ -184,14 +196,38 @@ class _Graph:
         return out
 
 
-def _nnl_block(g: _Graph, x: str, block: NNLConv, i: int) -> str:
+def op_version(net: _Net) -> int:
+    """The ``ai.edgehebb`` version ``net`` exports with: 2 if a block has sigma > 0, else 1."""
+    return SIGMA_OP_VERSION if any(getattr(b, "sigma", 0.0) for b in net.blocks) else OP_VERSION
+
+
+def _colour_norm(g: _Graph, x: str, mode: str, size: tuple[int, int, int]) -> str:
+    """``nnl.colour_normalise`` in standard ops: x * mean_c(mu_c) / max(mu_c, COLOUR_EPS), mu_c a channel's
+    image mean (ReduceSum over H, W divided by H * W: ReduceSum takes its axes as an input at every opset
+    from 13, ReduceMean only from 18)."""
+    if mode == "none":
+        return x
+    c, h, w = size
+    s = g.add("ReduceSum", [x, g.init("colour_norm.hw_axes", np.array([2, 3], np.int64))], "colour_norm.sum",
+              keepdims=1)
+    mu = g.add("Div", [s, g.init("colour_norm.pixels", np.float32(h * w))], "colour_norm.mean")
+    grey = g.add("ReduceSum", [mu, g.init("colour_norm.c_axis", np.array([1], np.int64))], "colour_norm.grey_sum",
+                 keepdims=1)
+    grey = g.add("Div", [grey, g.init("colour_norm.channels", np.float32(c))], "colour_norm.grey")
+    den = g.add("Max", [mu, g.init("colour_norm.eps", np.float32(COLOUR_EPS))], "colour_norm.den")
+    gain = g.add("Div", [grey, den], "colour_norm.gain")
+    return g.add("Mul", [x, gain], "colour_norm")
+
+
+def _nnl_block(g: _Graph, x: str, block: NNLConv, i: int, version: int = OP_VERSION) -> str:
     """One NNLConv block: the custom node (norm=True) or, for the norm=False ablation, standard ops."""
     if block.norm:
         m = g.init(f"block{i}.filters", block.weight)  # raw: the op normalises and centres them itself
+        extra = {"sigma": float(block.sigma)} if version == SIGMA_OP_VERSION else {}
         return g.add(OP_NAME, [x, m], f"block{i}", domain=OP_DOMAIN,
                      strides=[block.stride] * 2, padding=block.padding, pool_shape=[block.pool] * 2,
                      pool_strides=[block.pool_stride] * 2, power=block.power, eps=block.eps,
-                     center=int(block.center))
+                     center=int(block.center), **extra)
     # Without the patch norm the block is a plain convolution of the (shifted) image with fixed
     # filters: no custom op needed, the filter preprocessing is done here once.
     m = block.unit_weight().detach()
@@ -324,10 +360,12 @@ def build_model_proto(net: _Net, classes: list[str], *, preprocess: str | None =
         graph_input = helper.make_tensor_value_info(name, TensorProto.UINT8, dims)
         x = _preprocess_frames(g, name, (h, w), channel_order, fit, frame_size)
 
+    x = _colour_norm(g, x, spec.colour_norm, spec.input)
+    version = op_version(net)
     outs = []
     for i, block in enumerate(net.blocks):
         if isinstance(block, NNLConv):
-            y = _nnl_block(g, x, block, i)
+            y = _nnl_block(g, x, block, i, version)
         elif isinstance(block, ConvBlock):
             y = _conv_block(g, x, block, i)
         else:
@@ -350,8 +388,8 @@ def build_model_proto(net: _Net, classes: list[str], *, preprocess: str | None =
     uses_op = any(n.domain == OP_DOMAIN for n in g.nodes)
     model = helper.make_model(
         graph, producer_name="edgehebb", producer_version=__version__,
-        opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(OP_DOMAIN, OP_VERSION)],
-        functions=[op_function(opset)] if uses_op else [],
+        opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(OP_DOMAIN, version)],
+        functions=[op_function(opset, version)] if uses_op else [],
         # the lowest IR that holds this opset (8 for 17): older runtimes and TensorRT parsers read it
         ir_version=max(8, helper.find_min_ir_version_for([helper.make_opsetid("", opset)])))
     model.doc_string = f"edgehebb {kind} network {spec.name}: {spec.description}".strip()
@@ -363,7 +401,7 @@ def build_model_proto(net: _Net, classes: list[str], *, preprocess: str | None =
     helper.set_model_props(model, {
         "edgehebb.classes": json.dumps(list(classes)),
         "edgehebb.op_domain": OP_DOMAIN,
-        "edgehebb.op_version": str(OP_VERSION),
+        "edgehebb.op_version": str(version),
         "edgehebb.op_name": OP_NAME,
         # custom: PatchNormPowReLU nodes with their function; standard: inlined and folded (onnx_standard)
         "edgehebb.ops": "standard" if standard_ops else "custom",

@@ -60,7 +60,7 @@ BACKENDS = ("auto", "torch", "onnxruntime", "opencv", "tensorrt")
 # fig2_left makes 64 frames ~0.2 GB, and per-frame throughput on the CPU is flat from ~16 frames up.
 # GPU: larger batches keep it busy, and 256 is the top of the default TensorRT profile.
 DEFAULT_MAX_CHUNK = {"cpu": 64, "cuda": 256}
-OP_VERSION = "1"                  # the edgehebb.op_version of ONNX files this runtime runs
+OP_VERSIONS = ("1", "2")          # every edgehebb.op_version this runtime runs (2: with sigma, OP_SPEC.md)
 ENGINE_SUFFIXES = (".engine", ".plan")
 _CACHED_SHAPES = 4                # input buffers kept per Runtime: a stream has one shape, a bench a few
 
@@ -246,9 +246,9 @@ def read_onnx_metadata(path: Path, model=None) -> dict[str, str]:
         raise EdgehebbError(f"{path} is not an edgehebb ONNX export (no graph or no edgehebb.classes metadata); "
                             f"export one with `edgehebb export`")
     version = meta.get("edgehebb.op_version")
-    if version != OP_VERSION:
-        raise EdgehebbError(f"{path} uses edgehebb op version {version!r}, but this edgehebb runs version "
-                            f"{OP_VERSION!r}: re-export the model with this edgehebb")
+    if version not in OP_VERSIONS:
+        raise EdgehebbError(f"{path} uses edgehebb op version {version!r}, but this edgehebb runs versions "
+                            f"{', '.join(OP_VERSIONS)}: re-export the model with this edgehebb")
     return meta
 
 

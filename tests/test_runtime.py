@@ -17,7 +17,7 @@ from edgehebb.errors import EdgehebbError
 from edgehebb.frames import frames_to_tensor
 from edgehebb.model import load_model, save_model
 from edgehebb.nnl import NNLNet, spec_from_dict
-from edgehebb.runtime import DEFAULT_MAX_CHUNK, OP_VERSION, Prediction, Runtime, chunks, read_onnx_metadata
+from edgehebb.runtime import DEFAULT_MAX_CHUNK, OP_VERSIONS, Prediction, Runtime, chunks, read_onnx_metadata
 from tests.conftest import assert_close
 
 CLASSES = ["cat", "dog", "frog"]
@@ -268,11 +268,11 @@ def _set_metadata(src: Path, dst: Path, key: str, value: str | None) -> Path:
 
 
 def test_onnx_op_version_and_foreign_files_are_refused(onnx_file, tmp_path):
-    from edgehebb.onnx_export import OP_VERSION as EXPORTED
+    from edgehebb.onnx_export import OP_VERSIONS as EXPORTED
 
-    assert str(EXPORTED) == OP_VERSION, "the runtime must run what the exporter writes"
-    newer = _set_metadata(onnx_file, tmp_path / "v2.onnx", "edgehebb.op_version", str(int(OP_VERSION) + 1))
-    with pytest.raises(EdgehebbError, match="op version '2'"):
+    assert tuple(map(str, EXPORTED)) == OP_VERSIONS, "the runtime must run what the exporter writes"
+    newer = _set_metadata(onnx_file, tmp_path / "v3.onnx", "edgehebb.op_version", str(int(OP_VERSIONS[-1]) + 1))
+    with pytest.raises(EdgehebbError, match="op version '3'"):
         Runtime(newer, device="cpu")
     foreign = _set_metadata(onnx_file, tmp_path / "foreign.onnx", "edgehebb.classes", None)
     with pytest.raises(EdgehebbError, match="not an edgehebb ONNX export"):

@@ -12,12 +12,13 @@
 //      shared memory; Mc are the centred unit filters (the host prepares them, as the op does).
 //   2. per tile of TPOS positions: one thread per position computes its patch mean and squared
 //      deviations in two passes over the patch (OP_SPEC's accuracy rule: no s2 - s1^2/N), and
-//      notes the patch's offset in the image, 1 / (|d| + eps) and the pooled cells it falls in;
+//      notes the patch's offset in the image, 1 / (sqrt(|d|^2 + sigma^2) + eps) (sigma2 = sigma^2:
+//      the op's semi-saturation; 0 adds nothing, exactly) and the pooled cells it falls in;
 //      then the centred patches d = v - mean go to shared memory As[n][TPOS], NCH values of n at a
 //      time (the offset of value n inside a patch comes from a table made once per block).
 //   3. dot[p][k] = sum_n As[n][p] Mc[n][k]: each thread owns 8 positions x 8 filters (64
 //      accumulators), with float4 reads of As and Mc (broadcast across the warp where they repeat).
-//   4. cos = dot * (1 / (|d| + eps)), ReLU, and an atomicMax into the pooled cell(s) of the position,
+//   4. cos = dot * (1 / (sqrt(|d|^2 + sigma2) + eps)), ReLU, and an atomicMax into the pooled cell(s) of the position,
 //      skipped when the ReLU gives 0 (the cells start at 0). Non-negative floats order like their
 //      bit patterns, so the maxima are unsigned integers.
 //   Steps 2 and 4 work from the per-position notes so that the integer arithmetic of patch and cell
@@ -58,14 +59,14 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, 2)
 nnl_forward(const float* __restrict__ x,    // (B, CH, HIN, WIN) float32, [0, 1]
             const float* __restrict__ mct,  // (N, KPAD) centred unit filters, transposed, zero beyond K
             float* __restrict__ y,          // image b's K x HP x WP outputs start at y + b * ystride
-            int K, int ystride, float power, float eps)
+            int K, int ystride, float power, float eps, float sigma2)
 {
     DYNAMIC_SHARED(smem4);
     float* img = (float*)smem4;                       // [CH][HPAD][WPAD]
     float* ms = img + IMG_FLOATS;                     // [N][KC]
     float* as = ms + N * KC;                          // [NCH][TPOS]
     float* pmean = as + NCH * TPOS;                   // [TPOS]
-    float* prden = pmean + TPOS;                      // [TPOS] 1 / (|d| + eps)
+    float* prden = pmean + TPOS;                      // [TPOS] 1 / (sqrt(|d|^2 + sigma2) + eps)
     int* pbase = (int*)(prden + TPOS);                // [TPOS] offset of the patch's first value in img
     int* pcell = pbase + TPOS;                        // [TPOS] pooled cells wi0 | wi1 << 8 | wj0 << 16 | wj1 << 24
     int* noff = pcell + TPOS;                         // [N] offset of value n inside a patch
@@ -121,7 +122,7 @@ nnl_forward(const float* __restrict__ x,    // (B, CH, HIN, WIN) float32, [0, 1]
                             const float d = base[(c * HPAD + di) * WPAD + dj] - mean;
                             ss = fmaf(d, d, ss);
                         }
-                rden = 1.0f / (sqrtf(ss) + eps);
+                rden = 1.0f / (sqrtf(ss + sigma2) + eps);
                 // pooled cells whose window holds (i, j): w * PSTRIDE <= i < w * PSTRIDE + POOL
                 const int wi0 = i >= POOL ? (i - POOL + PSTRIDE) / PSTRIDE : 0, wi1 = min(HP - 1, i / PSTRIDE);
                 const int wj0 = j >= POOL ? (j - POOL + PSTRIDE) / PSTRIDE : 0, wj1 = min(WP - 1, j / PSTRIDE);

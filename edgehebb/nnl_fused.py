@@ -13,6 +13,10 @@ Launches go to the legacy default stream of the network's device. When torch's c
 another one, it is synchronised before and after (correct, a little slower). pycuda and nvcc are
 needed at construction; without them the error says what to install.
 
+The op's options (OP_SPEC.md, version 2): a block's ``sigma`` reaches the kernel as the argument
+``sigma2`` (0 for sigma 0, which adds nothing); the net's ``colour_norm`` runs in torch before the
+launches.
+
 Status: the kernel has been checked on the CPU through a g++ build of the same source
 (tests/host_cuda), not yet on a GPU; the GPU tests are written and skip without one.
 """
@@ -28,7 +32,7 @@ import torch
 
 from edgehebb.cuda_driver import Active, compiled_module, context, driver
 from edgehebb.errors import EdgehebbError
-from edgehebb.nnl import BlockSpec, NNLConv, _Net
+from edgehebb.nnl import BlockSpec, NNLConv, _Net, colour_normalise
 from edgehebb.resources import cuda_source
 
 KERNEL_FILE = "nnl_forward.cu"
@@ -154,7 +158,8 @@ def block_launches(net: _Net, shared_limit: int, *, kc: int | None = None, threa
     for block, layer in zip(spec.blocks, net.blocks):
         # the layer's own settings: a ConvNet with patch_norm gives every block its power, not the spec's
         block = dataclasses.replace(block, power=layer.power, stride=layer.stride, padding=layer.padding,
-                                    pool=layer.pool, pool_stride=layer.pool_stride, center=layer.center)
+                                    pool=layer.pool, pool_stride=layer.pool_stride, center=layer.center,
+                                    sigma=layer.sigma)
         plan = fused_plan(block, spec.input, shared_limit=shared_limit, kc=kc, threads=threads, nch=nch)
         width = block.filters * math.prod(block.out_size(*spec.input[1:]))
         out.append(BlockLaunch(block, plan, kernel_filters(layer, plan.define("KPAD")), offset, width))
@@ -189,7 +194,7 @@ class FusedNet:
             for launch in self._launches:
                 fn = compiled_module(self._ordinal, cuda_source(KERNEL_FILE), launch.plan.options, FALLBACK) \
                     .get_function("nnl_forward")
-                fn.prepare("PPPiiff")
+                fn.prepare("PPPiifff")
                 fn.set_attribute(cuda.function_attribute.MAX_DYNAMIC_SHARED_SIZE_BYTES, launch.plan.shared_bytes)
                 self._functions.append(fn)
         self.feature_dim = sum(launch.width for launch in self._launches)
@@ -210,7 +215,7 @@ class FusedNet:
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, feature_dim) pooled block outputs, unstandardised (as ``net.features``)."""
-        x = self._check(x)
+        x = colour_normalise(self._check(x), self.net.spec.colour_norm)   # torch: a few ops per image
         batch = x.shape[0]
         out = torch.empty(batch, self.feature_dim, dtype=torch.float32, device=self.device)
         if batch == 0:
@@ -225,7 +230,7 @@ class FusedNet:
                                  np.intp(x.data_ptr()), np.intp(launch.filters.data_ptr()),
                                  np.intp(out.data_ptr() + 4 * launch.offset), np.int32(launch.block.filters),
                                  np.int32(self.feature_dim), np.float32(launch.block.power), np.float32(self.eps),
-                                 shared_size=launch.plan.shared_bytes)
+                                 np.float32(launch.block.sigma ** 2), shared_size=launch.plan.shared_bytes)
         if foreign:
             torch.cuda.synchronize(self.device)
         return out

@@ -212,6 +212,20 @@ def test_host_build_runs_a_patch_norm_conv_twin_with_its_own_power():
                                             input=(3, 32, 32)))
 
 
+# the op's options (issue 15): sigma on both blocks (0.3 beside |v| ~ 1-5 of these patches, and the
+# padded block's partly black border), gray-world colour normalisation before them
+OPTIONS = NetSpec("options", (dataclasses.replace(BLOCKS["gaps"], sigma=0.3),
+                              dataclasses.replace(BLOCKS["stride_pad_plain"], sigma=1.0)),
+                  input=(3, 32, 32), colour_norm="gray-world")
+
+
+@needs_gxx
+def test_host_build_with_sigma_and_colour_norm_matches_float64_torch():
+    net = reference_net(OPTIONS, 4)
+    x = images(6) * torch.tensor([1.0, 0.7, 0.4]).view(1, 3, 1, 1)      # a colour cast for gray-world to undo
+    assert_features_close(host_cuda.nnl_features(net, x, H100_SHARED), float64_features(net, x), OPTIONS)
+
+
 @needs_gxx
 def test_host_build_launch_shape_does_not_change_a_bit():
     spec = NetSpec("two", (BLOCKS["gaps"], BLOCKS["stride_pad_plain"]), input=(3, 32, 32))
@@ -245,6 +259,13 @@ def test_features_match_float64_torch(gpu, name):
     got = FusedNet(net).features(x)
     assert got.shape == ref.shape and got.dtype == torch.float32
     assert_features_close(got, ref, spec)
+
+
+@pytest.mark.gpu
+def test_features_with_sigma_and_colour_norm_match_float64_torch(gpu):
+    net = reference_net(OPTIONS, 4).to(gpu)
+    x = (images(16) * torch.tensor([1.0, 0.7, 0.4]).view(1, 3, 1, 1)).to(gpu)
+    assert_features_close(FusedNet(net).features(x), float64_features(net, x), OPTIONS)
 
 
 @pytest.mark.gpu

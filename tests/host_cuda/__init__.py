@@ -53,9 +53,10 @@ def build(kernel_file: str, defines: list[str], wrapper: str) -> ctypes.CDLL:
 
 _NNL_WRAPPER = """
 extern "C" void host_nnl_forward(int gx, int gy, int threads, long long shared, const float* x,
-                                 const float* mct, float* y, int K, int ystride, float power, float eps) {
+                                 const float* mct, float* y, int K, int ystride, float power, float eps,
+                                 float sigma2) {
     host_cuda::launch(gx, gy, threads, (size_t)shared, false,
-                      [=] { nnl_forward(x, mct, y, K, ystride, power, eps); });
+                      [=] { nnl_forward(x, mct, y, K, ystride, power, eps, sigma2); });
 }
 """
 
@@ -65,9 +66,11 @@ def nnl_features(net, x, shared_limit: int, **shape):
     import numpy as np
     import torch
 
+    from edgehebb.nnl import colour_normalise
     from edgehebb.nnl_fused import KERNEL_FILE, block_launches, layer_eps
 
-    x = np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)
+    x = colour_normalise(x.detach().cpu(), net.spec.colour_norm)   # in torch, as FusedNet.features does
+    x = np.ascontiguousarray(x.numpy(), dtype=np.float32)
     launches = block_launches(net, shared_limit, **shape)
     dim = sum(launch.width for launch in launches)
     out = np.full((x.shape[0], dim), np.nan, dtype=np.float32)  # NaN: a column the kernel never wrote
@@ -80,7 +83,8 @@ def nnl_features(net, x, shared_limit: int, **shape):
             ctypes.c_int(x.shape[0]), ctypes.c_int(launch.plan.chunks), ctypes.c_int(launch.plan.threads),
             ctypes.c_longlong(launch.plan.shared_bytes), x.ctypes.data_as(ptr), filters.ctypes.data_as(ptr),
             ctypes.cast(column.ctypes.data, ptr), ctypes.c_int(launch.block.filters), ctypes.c_int(dim),
-            ctypes.c_float(launch.block.power), ctypes.c_float(layer_eps(net)))
+            ctypes.c_float(launch.block.power), ctypes.c_float(layer_eps(net)),
+            ctypes.c_float(launch.block.sigma ** 2))
     return torch.from_numpy(out)
 
 

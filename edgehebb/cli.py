@@ -161,6 +161,12 @@ def show(model_dir, out, as_json):
 @click.option("--filters-from", "filters_from", type=click.Path(exists=True, file_okay=False, path_type=Path),
               multiple=True, help="Filter bank or model directory (or a folder of them) to take the blocks' filters "
                                   "from instead of learning them; repeatable.")
+@click.option("--sigma", type=click.FloatRange(min=0), default=None,
+              help="Semi-saturation constant of every block's patch norm, u = v / (sqrt(|v|^2 + sigma^2) + eps), "
+                   "replacing the spec's [default: the spec's, 0 in the shipped specs: the plain norm].")
+@click.option("--colour-norm", type=click.Choice(["none", "gray-world"]), default=None,
+              help="Colour normalisation of each image before the blocks, replacing the spec's [default: the "
+                   "spec's, none in the shipped specs]; gray-world divides each channel by its image mean.")
 @click.option("--baseline", is_flag=True, help="Train the spec's standard CONV twin end to end instead.")
 @click.option("--baseline-power", type=click.FloatRange(min=1), default=1.0,
               help="--baseline: n in ReLU(x)^n (1: plain ReLU).")
@@ -182,17 +188,17 @@ def show(model_dir, out, as_json):
 @click.option("--no-cache", is_flag=True, help="Do not read or write the frozen-feature cache.")
 @threads_option
 @click.option("--json", "as_json", is_flag=True, help="Print the training record as JSON on stdout.")
-def train(spec, data, out, limit, filters_from, baseline, baseline_power, patch_norm, epochs, batch, lr, weight_decay,
-          val_fraction, learn_epochs, learn_batch, backend, device, seed, skip_bad, no_cache, threads, as_json):
+def train(spec, data, out, limit, filters_from, sigma, colour_norm, baseline, baseline_power, patch_norm, epochs, batch,
+          lr, weight_decay, val_fraction, learn_epochs, learn_batch, backend, device, seed, skip_bad, no_cache, threads, as_json):
     """Train a classifier: the head on frozen learned filters, or (--baseline) the CONV twin end to end."""
     from edgehebb import threads as thread_policy
     from edgehebb.data import load_split, resolve_data_root
     from edgehebb.io import CONFIG_FILE, check_writable_dir
     from edgehebb.model import update_record
-    from edgehebb.nnl import load_spec
+    from edgehebb.nnl import load_spec, with_options
     from edgehebb.train import BASELINE_FIT, FitConfig, find_bank, train_to_dir
 
-    net_spec = load_spec(spec)
+    net_spec = with_options(load_spec(spec), sigma=sigma, colour_norm=colour_norm)
     if (out / CONFIG_FILE).exists():
         raise EdgehebbError(f"{out} already holds a model; choose another --out")
     check_writable_dir(out)   # before the data is decoded and the banks learned, not after

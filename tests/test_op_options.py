@@ -22,6 +22,7 @@ from edgehebb.nnl import (EPS, BlockSpec, NetSpec, NNLConv, NNLNet, _conv_ieee, 
                           with_options)
 from edgehebb.onnx_export import OP_NAME, SIGMA_OP_VERSION, build_model_proto, export_onnx, op_function
 from tests.test_onnx_export import CLASSES, SPEC, assert_matches, patch_filters, ready, run
+from tests.test_train import bank_dir  # noqa: F401 (a fixture)
 
 # sigma beside the test images' patch norms: |v| of a 3x3x3 patch of these gratings is ~1.5-4, and the
 # padded block's border patches are partly black, so both the saturating and the linear regime occur
@@ -180,3 +181,34 @@ def test_bad_values_are_one_line_errors_naming_them(change, message):
         NNLConv(torch.randn(2, 3, 3, 3), 2.0, sigma=-1)
     with pytest.raises(EdgehebbError, match="got 'white-patch'"):
         with_options(SPEC, colour_norm="white-patch")
+
+
+# ----------------------------------------------------------------------------- edgehebb train
+
+def test_cli_train_sets_the_options_over_the_spec(bank_dir, tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from edgehebb.cli import cli
+    from edgehebb.nnl import COLOUR_NORMS
+    from tests.test_train import SPEC as TRAIN_SPEC, _gratings, _npz
+
+    data = tmp_path / "data"
+    data.mkdir()
+    _npz(data / "train.npz", _gratings(60, 0))
+    spec_file = tmp_path / "tiny.json"
+    spec_file.write_text(json.dumps(TRAIN_SPEC))
+    args = ["train", "--spec", str(spec_file), "--data", str(data), "--filters-from", str(bank_dir), "--epochs", "2",
+            "--device", "cpu", "--no-cache", "--val-fraction", "0.2", "--threads", "1"]
+    res = CliRunner().invoke(cli, [*args, "--out", str(tmp_path / "m"), "--sigma", "0.25", "--colour-norm", "gray-world"])
+    assert res.exit_code == 0, res.output
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert config["spec"]["colour_norm"] == "gray-world" and config["spec"]["blocks"][0]["sigma"] == 0.25
+    assert load_model(tmp_path / "m")[0].blocks[0].sigma == 0.25
+    res = CliRunner().invoke(cli, [*args, "--out", str(tmp_path / "n"), "--sigma", "-1"])
+    assert res.exit_code != 0 and "-1" in res.output
+    res = CliRunner().invoke(cli, [*args, "--out", str(tmp_path / "n"), "--colour-norm", "grey"])
+    assert res.exit_code != 0 and "'grey'" in res.output
+    option = next(p for p in cli.commands["train"].params if p.name == "colour_norm")
+    assert tuple(option.type.choices) == COLOUR_NORMS

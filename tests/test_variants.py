@@ -53,3 +53,12 @@ def test_bad_variants_are_one_line_errors(tmp_path, image_tree, capsys, item, me
     assert _run(tmp_path, image_tree, [{"spec": TINY, **item}]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("Error: ") and message in err and "\n" not in err
+
+
+def test_the_op_options_get_their_own_pooled_maps(tmp_path, image_tree):
+    base = {"spec": TINY, "learn": {"batch": 50, "init": "patches", "rank_by": "cosine"}, "fit": {"epochs": 1}}
+    items = [{**base, "name": "off"}, {**base, "name": "sigma", "block": {"sigma": 0.5}},
+             {**base, "name": "grey", "spec": {**TINY, "colour_norm": "gray-world"}}]
+    assert _run(tmp_path, image_tree, items) == 0
+    out = tmp_path / "out"
+    assert len(list((out / "banks").iterdir())) == 1 and len(list((out / "pooled").iterdir())) == 3

@@ -9,7 +9,8 @@ a variants file is a JSON list of them (tools/variants/*.json). For example::
    "block": {"center": false}, "powers": [1, 10, 40], "fit": {"standardise": true}}
 
 - ``spec``: a shipped spec name or an inline spec object (default fig2_left).
-- ``block``: BlockSpec fields set on every block (center, pool, pool_stride, padding, ...).
+- ``block``: BlockSpec fields set on every block (center, pool, pool_stride, padding, sigma, ...); the
+  net's colour normalisation goes in an inline ``spec`` (``"colour_norm": "gray-world"``).
 - ``learn``: LearnConfig fields (K, W and the preprocessing follow each block unless given here).
 - ``bank``: instead of learning, a filter-bank or model directory holding the bank (one-block specs).
 - ``powers``: the n of every block, one row per value (default: the spec's own n).
@@ -153,8 +154,13 @@ class Screen:
         """Pooled clip(cos, 0, 1) (power 1) of block ``index`` on train, test and shadowed test."""
         block = dataclasses.replace(spec.blocks[index], power=1.0)
         one = dataclasses.replace(spec, blocks=(block,))
-        key = _digest({"block": dataclasses.asdict(block), "bank": hashlib.sha256(bank.numpy().tobytes()).hexdigest(),
-                       "subset": self.subset})
+        settings = {"block": dataclasses.asdict(block), "bank": hashlib.sha256(bank.numpy().tobytes()).hexdigest(),
+                    "subset": self.subset}
+        if spec.colour_norm != "none":   # the net's colour normalisation changes the maps (older keys unchanged)
+            settings["colour_norm"] = spec.colour_norm
+        if not block.sigma:
+            settings["block"].pop("sigma")
+        key = _digest(settings)
         path = self.out / "pooled" / f"{key}.npz"
         if path.is_file():
             with np.load(path) as z:

@@ -212,3 +212,14 @@ def test_cli_train_sets_the_options_over_the_spec(bank_dir, tmp_path):
     assert res.exit_code != 0 and "'grey'" in res.output
     option = next(p for p in cli.commands["train"].params if p.name == "colour_norm")
     assert tuple(option.type.choices) == COLOUR_NORMS
+
+
+def test_the_shipped_model_reads_and_writes_its_config_exactly_as_before():
+    import json
+
+    from edgehebb.model import resolve_model
+
+    net, config = load_model("fig2_left-cifar10")
+    on_disk = json.loads((resolve_model("fig2_left-cifar10") / "config.json").read_text())
+    assert net.spec.to_dict() == on_disk["spec"] and net.spec.colour_norm == "none"
+    assert all(b.sigma == 0.0 for b in net.blocks)

@@ -83,6 +83,15 @@ def rank_update(M: torch.Tensor, v: torch.Tensor, eps: float, power: float = 2.0
     h = currents(M, v, power)
     top = torch.topk(ranking_scores(M, h, power, rank_by), rank, dim=1).indices
     winners, ranked = top[:, 0], top[:, rank - 1]
+    return StepResult(winners, ranked, apply_update(M, v, h, winners, ranked, eps, delta))
+
+
+def apply_update(M: torch.Tensor, v: torch.Tensor, h: torch.Tensor, winners: torch.Tensor, ranked: torch.Tensor,
+                 eps: float, delta: float) -> torch.Tensor:
+    """The update of one step once the units are ranked, in place on ``M``; returns max|ds|.
+
+    Every backend that must match :func:`rank_update` bit for bit calls this rather than restating it.
+    """
     rows = torch.arange(v.shape[0], device=v.device)
     g = torch.zeros_like(h)
     g[rows, winners] = 1.0
@@ -90,4 +99,4 @@ def rank_update(M: torch.Tensor, v: torch.Tensor, eps: float, power: float = 2.0
     ds = g.T @ v - (g * h).sum(dim=0)[:, None] * M
     scale = ds.abs().max()
     M.add_(ds * (eps / scale.clamp_min(PRECISION)))
-    return StepResult(winners, ranked, scale)
+    return scale

@@ -137,6 +137,18 @@ def test_every_onnx_client_matches_torch_with_the_options(net, x):
         assert_matches(out, net, x[:6], f"{form}, reference evaluator")
 
 
+def test_uint8_frames_with_the_options(net, images):
+    from edgehebb.frames import frames_to_tensor
+    from tests.test_onnx_export import frames_of
+
+    frames = frames_of(images[:4], 24, 40, seed=4)
+    kwargs = dict(preprocess="uint8-nhwc", channel_order="bgr", fit="center-crop", frame_size=(24, 40))
+    want = frames_to_tensor(frames, (16, 16), channel_order="bgr", fit="center-crop")
+    for standard in (False, True):
+        model = build_model_proto(net, CLASSES, standard_ops=standard, **kwargs)
+        assert_matches(run(model, {"frames": frames}), net, want, f"frames, standard_ops={standard}")
+
+
 def test_options_round_trip_through_the_model_directory_runtime_and_tensorrt_pins(net, x, images, tmp_path):
     from edgehebb.runtime import Runtime
     from edgehebb.tensorrt_engine import custom_nodes

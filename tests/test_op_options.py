@@ -226,12 +226,18 @@ def test_cli_train_sets_the_options_over_the_spec(bank_dir, tmp_path):
     assert tuple(option.type.choices) == COLOUR_NORMS
 
 
-def test_the_shipped_model_reads_and_writes_its_config_exactly_as_before():
+def test_configs_round_trip_and_write_option_keys_only_when_set():
+    """The shipped model (gray-world since 2026-12-01) reads back its own spec; a spec without the options
+    (the paper's fig2_left) writes no option key, so files from before the options read as they did."""
     import json
 
     from edgehebb.model import resolve_model
+    from edgehebb.nnl import load_spec, spec_from_dict
 
     net, config = load_model("fig2_left-cifar10")
     on_disk = json.loads((resolve_model("fig2_left-cifar10") / "config.json").read_text())
-    assert net.spec.to_dict() == on_disk["spec"] and net.spec.colour_norm == "none"
+    assert net.spec.to_dict() == on_disk["spec"] and net.spec.colour_norm == "gray-world"
     assert all(b.sigma == 0.0 for b in net.blocks)
+    plain = load_spec("fig2_left").to_dict()
+    assert "colour_norm" not in plain and all("sigma" not in b for b in plain["blocks"])
+    assert spec_from_dict(plain).to_dict() == plain

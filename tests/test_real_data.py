@@ -4,6 +4,7 @@ its accuracy.
 Skipped with a reason when EDGEHEBB_DATA does not point at the data. About 1 min on 2 CPU cores.
 """
 
+import numpy as np
 import pytest
 import torch
 
@@ -32,17 +33,33 @@ def test_learned_filters_are_unit_norm_and_beat_random(cifar_root, tmp_path):
 
 
 def test_shipped_model_keeps_its_accuracy(cifar_root, tmp_path):
-    """The embedded fig2_left-cifar10 on 2,000 class-balanced test images: measured 0.697 clean and
-    0.625 shadowed (all 10,000: 0.687 / 0.623); the floors sit 3 points below (standard error ~1 point)
-    and fail for the model it replaced (0.555 / 0.470)."""
+    """The embedded fig2_left-cifar10 on 2,000 class-balanced test images: measured 0.683 clean and
+    0.603 shadowed (all 10,000: 0.687 / 0.611); the floors sit 3 points below (standard error ~1 point)
+    and fail for the centred model shipped until 2026-12-01 (0.555 / 0.470)."""
     from edgehebb.evaluate import evaluate
     from edgehebb.model import load_model
 
     test = load_split(cifar_root, "test", limit=2000, cache_dir=tmp_path, progress=False)
     net, config = load_model("fig2_left-cifar10")
     r = evaluate(net, test, config["classes"], sweep=None, progress=False)
-    assert r["clean"]["accuracy"] >= 0.665, r["clean"]["accuracy"]
-    assert r["shadowed"]["accuracy"] >= 0.595, r["shadowed"]["accuracy"]
+    assert r["clean"]["accuracy"] >= 0.653, r["clean"]["accuracy"]
+    assert r["shadowed"]["accuracy"] >= 0.573, r["shadowed"]["accuracy"]
+
+
+def test_shipped_model_holds_up_under_a_white_balance_error(cifar_root, tmp_path):
+    """Gray-world colour normalisation (issue 15): under a 241-mired warm white-balance error (where the
+    centred model of 2026-11-23 halved) the shipped model keeps >= 85 % of its clean accuracy on 1,000
+    test images. The same bank and head without it kept 40 % (validation, tools/screen_robustness.py)."""
+    from edgehebb.conditions import apply_condition
+    from edgehebb.evaluate import predict
+    from edgehebb.model import load_model
+
+    test = load_split(cifar_root, "test", limit=1000, cache_dir=tmp_path, progress=False)
+    net, _ = load_model("fig2_left-cifar10")
+    images, labels = np.asarray(test.x), np.asarray(test.y)
+    clean = (predict(net, images) == labels).mean()
+    warm = (predict(net, apply_condition(images, "wb-warm", 241)) == labels).mean()
+    assert warm >= 0.85 * clean, (warm, clean)
 
 
 def test_onnx_parity_tool_reports_every_client_within_the_op_spec(cifar_root, capsys):

@@ -322,3 +322,23 @@ def test_cli_eval_conditions_bad_input_fails_before_the_data(model_dirs, tmp_pat
     res = CliRunner().invoke(cli, ["eval", str(model_dirs[0]), "--data", str(tmp_path), *extra])
     assert isinstance(res.exception, EdgehebbError), res.output
     assert message in str(res.exception) and "\n" not in str(res.exception)
+
+
+def test_augment_is_seeded_per_image_and_applies_the_named_conditions(photos):
+    from edgehebb.conditions import augment
+
+    out, applied = augment(photos, "low-light,wb-warm", fraction=0.5, seed=3)
+    again, same = augment(photos, ["low-light", "wb-warm"], fraction=0.5, seed=3)
+    assert np.array_equal(out, again) and applied == same
+    assert 0 < sum(a is not None for a in applied) < len(photos)   # 24 images at 0.5
+    for i, a in enumerate(applied):
+        if a is None:
+            assert np.array_equal(out[i], photos[i])
+        else:
+            assert a[0] in ("low-light", "wb-warm") and a[1] in CONDITIONS[a[0]].sweep and a[1] > 0
+            assert np.array_equal(out[i:i + 1], apply_condition(photos[i:i + 1], *a, seed=3, start=i))
+    tail, tail_applied = augment(photos[10:], "low-light,wb-warm", fraction=0.5, seed=3, start=10)
+    assert np.array_equal(tail, out[10:]) and tail_applied == applied[10:]   # batch-independent
+    assert np.array_equal(augment(photos, "jpeg", fraction=0.0)[0], photos)
+    with pytest.raises(EdgehebbError, match="fraction"):
+        augment(photos, "jpeg", fraction=1.5)

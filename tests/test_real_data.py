@@ -79,3 +79,27 @@ def test_onnx_parity_tool_reports_every_client_within_the_op_spec(cifar_root, ca
     for r in rows:
         if "skipped" not in r:
             assert r["max_rel_of_row_max"] <= 1e-4 and r["top1_agreement"] == 1.0, r
+
+
+def test_screen_robustness_tool_runs_and_resumes(cifar_root, tmp_path, capsys):
+    """tools/screen_robustness.py on 200 training images: one row per (colour norm, sigma, augment), every
+    asked condition scored on the clean validation images, and a rerun reads the rows back."""
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    import screen_robustness
+
+    args = ["--data", str(cifar_root), "--out", str(tmp_path / "screen"), "--train-limit", "200", "--sigmas", "0,0.2",
+            "--colour-norms", "gray-world", "--conditions", "wb-warm=241", "--augment", "low-light,wb-warm"]
+    assert screen_robustness.main(args) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [(r["colour_norm"], r["sigma"], r["augment"]["conditions"]) for r in rows] == [
+        ("gray-world", 0.0, "low-light,wb-warm"), ("gray-world", 0.2, "low-light,wb-warm")]
+    assert all(0.0 <= r["val_wb-warm@241"] <= 1.0 and 0.0 <= r["val_clean"] <= 1.0 for r in rows)
+    assert sorted(p.name for p in (tmp_path / "screen" / "rows").iterdir()) == [
+        "gray-world-s0-aug.json", "gray-world-s0-aug.safetensors", "gray-world-s0.2-aug.json",
+        "gray-world-s0.2-aug.safetensors"]
+    assert screen_robustness.main(args) == 0
+    assert json.loads(capsys.readouterr().out) == rows

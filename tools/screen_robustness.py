@@ -83,6 +83,10 @@ def main(argv=None) -> int:
                     help="NAME=SEVERITY,... applied to the validation images (seed 0). A row already in OUT gets "
                          "only its missing columns, from its saved head.")
     ap.add_argument("--train-limit", type=int, default=20000, help="Class-balanced training images (10 %% validation).")
+    ap.add_argument("--augment", default="", help="Train-time augmentation baseline: condition names (comma-"
+                    "separated) drawn per training image by edgehebb.conditions.augment; the validation images "
+                    "stay clean. Rows are kept apart from the unaugmented ones (OUT/rows/*-aug.*).")
+    ap.add_argument("--augment-fraction", type=float, default=0.5, help="Share of training images perturbed.")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -99,6 +103,16 @@ def main(argv=None) -> int:
     _, val_idx = validation_split(data.y, fit.val_fraction, fit.seed)
     val_x, val_y = data.x[val_idx], data.y[val_idx]
     wanted = [f"{n}@{s:g}" for n, s in parse_conditions(args.conditions)]
+    train_x, tag = data.x, ""
+    if args.augment:
+        from edgehebb.conditions import augment
+
+        train_x, applied = augment(data.x, args.augment, args.augment_fraction, seed=1)
+        train_x[val_idx] = data.x[val_idx]   # choose the epoch on clean validation images, as without
+        tag = "-aug"
+        held_out = set(val_idx.tolist())
+        log(f"augmented {sum(a is not None for i, a in enumerate(applied) if i not in held_out)} "
+            f"training images with {args.augment}")
     sets: dict[str, np.ndarray] = {}
 
     def conditioned(key: str) -> np.ndarray:
@@ -114,7 +128,7 @@ def main(argv=None) -> int:
     rows = []
     for colour_norm in args.colour_norms.split(","):
         def where(s: float, ext: str) -> Path:
-            return rows_dir / f"{colour_norm}-s{s:g}.{ext}"
+            return rows_dir / f"{colour_norm}-s{s:g}{tag}.{ext}"
 
         done = {s: read_json(where(s, "json")) for s in sigmas
                 if where(s, "json").is_file() and where(s, "safetensors").is_file()}
@@ -127,7 +141,7 @@ def main(argv=None) -> int:
             for s, f in features(nets[todo[0]], val_x[:6], todo, colour_norm).items():   # the shortcut == nnl
                 assert np.array_equal(f, nets[s].features(probe).detach().numpy()), f"sigma {s}: differs from NNLNet"
             t0 = time.perf_counter()
-            train_f = features(nets[train[0]], data.x, train, colour_norm) if train else {}
+            train_f = features(nets[train[0]], train_x, train, colour_norm) if train else {}
             keys = sorted({k for s in todo for k in (wanted if s in train else missing[s])}, key=wanted.index)
             cond_f = {k: features(nets[todo[0]], conditioned(k), todo, colour_norm) for k in keys}
             log(f"{colour_norm}: features of {len(data) * bool(train) + len(val_idx) * len(keys)} images for sigma "
@@ -142,6 +156,8 @@ def main(argv=None) -> int:
                 result = train_head(net, train_f.pop(s), data.y, fit, progress=False, log=lambda _: None)
                 row = {"colour_norm": colour_norm, "sigma": s, "val_clean": result["val_accuracy"],
                        "best_epoch": result["best_epoch"]}
+                if args.augment:
+                    row["augment"] = {"conditions": args.augment, "fraction": args.augment_fraction, "seed": 1}
                 save_tensors(where(s, "safetensors"), {k: v for k, v in net.state_dict().items()
                                                        if not k.startswith("blocks.")})
             else:
@@ -159,12 +175,13 @@ def main(argv=None) -> int:
             log(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()
                          if k not in ("subset",)))
             rows.append(row)
-    lines = ["| colour norm | sigma | clean | " + " | ".join(wanted) + " | worst / clean |",
-             "| --- | --- | --- | " + " | ".join("---" for _ in wanted) + " | --- |"]
+    lines = ["| colour norm | sigma | augment | clean | " + " | ".join(wanted) + " | worst / clean |",
+             "| --- | --- | --- | --- | " + " | ".join("---" for _ in wanted) + " | --- |"]
     for r in rows:
         cast_noise = [r[f"val_{k}"] for k in wanted if not k.startswith("shadow")]
         worst = f"{min(cast_noise) / r['val_clean']:.2f}" if cast_noise else ""
-        lines.append(f"| {r['colour_norm']} | {r['sigma']:g} | {100 * r['val_clean']:.2f} | "
+        lines.append(f"| {r['colour_norm']} | {r['sigma']:g} | {r.get('augment', {}).get('conditions', '')} | "
+                     f"{100 * r['val_clean']:.2f} | "
                      + " | ".join(f"{100 * r[f'val_{k}']:.2f}" for k in wanted) + f" | {worst} |")
     summary = {"rows": rows, "subset": subset, "wall_seconds": round(time.perf_counter() - t_start),
                "threads": args.threads, "command": " ".join(sys.argv)}

@@ -179,6 +179,12 @@ def show(model_dir, out, as_json):
 @click.option("--weight-decay", type=click.FloatRange(min=0), default=0.0, help="Adam weight decay.")
 @click.option("--val-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.1,
               help="Fraction of each class's training images held out to choose the epoch.")
+@click.option("--augment", default="", metavar="NAME,...",
+              help="Train on images perturbed by these camera conditions (names as in `eval --conditions`; "
+                   "each training image outside the validation split, with probability --augment-fraction, "
+                   "gets one of them at one of its default severities). Default: none.")
+@click.option("--augment-fraction", type=click.FloatRange(0, 1, min_open=True), default=0.5, show_default=True,
+              help="With --augment: the share of training images perturbed.")
 @click.option("--learn-epochs", type=click.IntRange(min=1), default=1, help="Epochs of `edgehebb learn` for missing banks.")
 @click.option("--learn-batch", type=click.IntRange(min=1), default=1000, help="Minibatch of `edgehebb learn` for missing banks.")
 @click.option("--backend", type=click.Choice(["auto", "torch", "pycuda"]), default="auto", help="Backend for learning banks.")
@@ -189,7 +195,7 @@ def show(model_dir, out, as_json):
 @threads_option
 @click.option("--json", "as_json", is_flag=True, help="Print the training record as JSON on stdout.")
 def train(spec, data, out, limit, filters_from, sigma, colour_norm, baseline, baseline_power, patch_norm, epochs, batch,
-          lr, weight_decay, val_fraction, learn_epochs, learn_batch, backend, device, seed, skip_bad, no_cache, threads, as_json):
+          lr, weight_decay, val_fraction, augment, augment_fraction, learn_epochs, learn_batch, backend, device, seed, skip_bad, no_cache, threads, as_json):
     """Train a classifier: the head on frozen learned filters, or (--baseline) the CONV twin end to end."""
     from edgehebb import threads as thread_policy
     from edgehebb.data import load_split, resolve_data_root
@@ -214,11 +220,12 @@ def train(spec, data, out, limit, filters_from, sigma, colour_norm, baseline, ba
             raise EdgehebbError(f"no filter bank in {', '.join(map(str, filters_from))} fits block {i} of "
                                 f"{net_spec.name} (K={block.filters}, W={block.kernel}, C={net_spec.input[0]}, "
                                 f"preprocess {block.preprocess})")
-    train_set = load_split(resolve_data_root(data), "train", limit=limit, skip_bad=skip_bad)
-    click.echo(f"{len(train_set)} training images from {train_set.source}", err=True)
     base = BASELINE_FIT if baseline else FitConfig()
     fit = FitConfig(epochs=epochs or base.epochs, batch=batch, lr=lr or base.lr, weight_decay=weight_decay,
-                    val_fraction=val_fraction, seed=seed)
+                    val_fraction=val_fraction, seed=seed, augment=augment, augment_fraction=augment_fraction)
+    fit.check()   # an unknown --augment name fails before the data is decoded
+    train_set = load_split(resolve_data_root(data), "train", limit=limit, skip_bad=skip_bad)
+    click.echo(f"{len(train_set)} training images from {train_set.source}", err=True)
     with thread_policy.configured(threads):
         record = train_to_dir(net_spec, train_set, out, fit=fit, filters_from=list(filters_from), baseline=baseline,
                               conv_power=baseline_power, patch_norm=patch_norm,

@@ -54,6 +54,8 @@ class FitConfig:
     seed: int = 0
     standardise: bool = True    # head on z-scored features; False: on the raw pooled features (the
                                 # steep n of the paper's ablation then also scales the classifier's input)
+    augment: str = ""           # camera conditions (edgehebb.conditions names, comma-separated) applied to a
+    augment_fraction: float = 0.5   # share of the training images (edgehebb.conditions.augment); "" = none
 
     def check(self) -> None:
         if self.epochs < 1 or self.batch < 1 or not self.lr > 0 or self.weight_decay < 0:
@@ -61,10 +63,31 @@ class FitConfig:
         if not 0 < self.val_fraction < 1:
             raise EdgehebbError(f"validation fraction must be in (0, 1), got {self.val_fraction}")
         check_seed(self.seed)
+        if self.augment:
+            from edgehebb.conditions import select
+
+            select(self.augment)   # unknown names: one line listing the known ones
+            if not 0 < self.augment_fraction <= 1:
+                raise EdgehebbError(f"augmentation fraction must be in (0, 1], got {self.augment_fraction}")
 
 
 # The end-to-end CONV twins: the settings of their measured rows (RESULTS.md, H100, 2026-11-23).
 BASELINE_FIT = FitConfig(epochs=30, lr=1e-3)
+
+
+def training_images(train: ImageSet, fit: FitConfig) -> np.ndarray:
+    """The images a model is trained on: ``train.x``, or with ``fit.augment`` each image outside the
+    validation split perturbed with probability ``fit.augment_fraction`` by one of the named camera
+    conditions (:func:`edgehebb.conditions.augment`, seeded by ``fit.seed``). The validation images stay
+    clean, so the epoch is chosen on the images it would be chosen on without augmentation."""
+    if not fit.augment:
+        return train.x
+    from edgehebb.conditions import augment
+
+    _, val_idx = validation_split(train.y, fit.val_fraction, fit.seed)
+    x, _ = augment(np.asarray(train.x), fit.augment, fit.augment_fraction, seed=fit.seed)
+    x[val_idx] = np.asarray(train.x)[val_idx]
+    return x
 
 
 def validation_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -290,20 +313,22 @@ def train_to_dir(spec: NetSpec, train: ImageSet, out: str | Path, *, fit: FitCon
     if tuple(train.x.shape[1:]) != (spec.input[1], spec.input[2], spec.input[0]):
         raise EdgehebbError(f"{spec.name} expects {spec.input[1]}x{spec.input[2]} images with {spec.input[0]} "
                             f"channels; {train.source} has {train.x.shape[1:]} (H, W, C)")
+    fit.check()
     t0 = time.perf_counter()
+    x = training_images(train, fit)
     record: dict = {"edgehebb_version": edgehebb.__version__, "fit": dataclasses.asdict(fit),
                     "data": {"source": train.source, "images": len(train)}, "device": device}
     if baseline:
         torch.manual_seed(fit.seed)
         net = ConvNet(spec, power=conv_power, patch_norm=patch_norm)
         log(f"training the CONV twin of {spec.name} end to end (n={conv_power}, patch norm {patch_norm})")
-        result = train_end_to_end(net, train.x, train.y, fit, device=device, progress=progress, log=log)
+        result = train_end_to_end(net, x, train.y, fit, device=device, progress=progress, log=log)
     else:
         learn = {"seed": fit.seed, **(learn or {})}
         banks, origins = filter_banks(spec, train, out, filters_from=[Path(p) for p in filters_from], learn=learn,
                                       backend=backend, device=device, progress=progress, log=log)
         net = NNLNet(spec, banks)
-        feats = cached_features(net, train.x, device=device, cache=cache, progress=progress)
+        feats = cached_features(net, x, device=device, cache=cache, progress=progress)
         log(f"features {feats.shape[1]} per image, {len(feats)} images")
         result = train_head(net, feats, train.y, fit, device=device, progress=progress, log=log)
         record["filters"] = {"from": origins, "learn": [bank_learn_settings(Path(o)) for o in origins]}

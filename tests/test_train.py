@@ -16,7 +16,7 @@ from edgehebb.evaluate import evaluate, predict
 from edgehebb.io import save_filters
 from edgehebb.model import load_model, save_model
 from edgehebb.nnl import ConvNet, NNLNet, spec_from_dict
-from edgehebb.train import FitConfig, fit_standardiser, train_to_dir, validation_split
+from edgehebb.train import FitConfig, fit_standardiser, train_to_dir, training_images, validation_split
 
 from .conftest import assert_close
 
@@ -211,10 +211,38 @@ def test_cli_train_and_eval(bank_dir, tmp_path):
     assert (tmp_path / "m" / "eval.png").stat().st_size > 1000
 
 
+def test_augmentation_perturbs_only_training_images_and_is_recorded(bank_dir, tmp_path):
+    """--augment: the validation images stay clean (the epoch is chosen as without), the others are
+    perturbed with the given probability, seeded; the model's config.json records it."""
+    data = _gratings(120, 0)
+    fit = FitConfig(augment="low-light,wb-warm", augment_fraction=1.0, val_fraction=0.2)
+    x = training_images(data, fit)
+    train_idx, val_idx = validation_split(data.y, 0.2, 0)
+    assert np.array_equal(x[val_idx], data.x[val_idx])
+    changed = (x[train_idx] != data.x[train_idx]).any(axis=(1, 2, 3))
+    assert changed.mean() > 0.9, changed.mean()
+    assert np.array_equal(training_images(data, fit), x)                      # seeded
+    assert training_images(data, FitConfig()) is data.x                       # off: the images themselves
+    half = training_images(data, FitConfig(augment="low-light", augment_fraction=0.5, val_fraction=0.2))
+    assert 0.2 < (half[train_idx] != data.x[train_idx]).any(axis=(1, 2, 3)).mean() < 0.8
+    root = tmp_path / "data"
+    root.mkdir()
+    _npz(root / "train.npz", data)
+    spec_file = tmp_path / "tiny.json"
+    spec_file.write_text(json.dumps(SPEC))
+    res = CliRunner().invoke(cli, ["train", "--spec", str(spec_file), "--data", str(root), "--out", str(tmp_path / "m"),
+                                   "--filters-from", str(bank_dir), "--epochs", "2", "--device", "cpu", "--no-cache",
+                                   "--augment", "low-light", "--augment-fraction", "0.7", "--json"])
+    assert res.exit_code == 0, res.output
+    fit_record = json.loads((tmp_path / "m" / "config.json").read_text())["fit"]
+    assert (fit_record["augment"], fit_record["augment_fraction"]) == ("low-light", 0.7)
+
+
 @pytest.mark.parametrize("args, message", [
     (["--spec", "nope"], "unknown model spec 'nope'"),
     (["--patch-norm"], "only apply with --baseline"),
     (["--baseline", "--learn-epochs", "3", "--no-cache"], "--learn-epochs, --no-cache do not apply with --baseline"),
+    (["--augment", "low-light,fog"], "unknown camera condition 'fog'"),
 ])
 def test_cli_train_bad_options(tmp_path, args, message):
     res = CliRunner().invoke(cli, ["train", "--out", str(tmp_path / "m"), "--data", str(tmp_path), *args])

@@ -33,8 +33,8 @@ def test_learned_filters_are_unit_norm_and_beat_random(cifar_root, tmp_path):
 
 
 def test_shipped_model_keeps_its_accuracy(cifar_root, tmp_path):
-    """The embedded fig2_left-cifar10 on 2,000 class-balanced test images: measured 0.683 clean and
-    0.603 shadowed (all 10,000: 0.687 / 0.611); the floors sit 3 points below (standard error ~1 point)
+    """The embedded fig2_left-cifar10 on 2,000 class-balanced test images: measured 0.6815 clean and
+    0.6025 shadowed (all 10,000: 0.6815 / 0.6094); the floors sit 3 points below (standard error ~1 point)
     and fail for the centred model shipped until 2026-12-01 (0.555 / 0.470)."""
     from edgehebb.evaluate import evaluate
     from edgehebb.model import load_model
@@ -42,14 +42,17 @@ def test_shipped_model_keeps_its_accuracy(cifar_root, tmp_path):
     test = load_split(cifar_root, "test", limit=2000, cache_dir=tmp_path, progress=False)
     net, config = load_model("fig2_left-cifar10")
     r = evaluate(net, test, config["classes"], sweep=None, progress=False)
-    assert r["clean"]["accuracy"] >= 0.653, r["clean"]["accuracy"]
-    assert r["shadowed"]["accuracy"] >= 0.573, r["shadowed"]["accuracy"]
+    assert r["clean"]["accuracy"] >= 0.65, r["clean"]["accuracy"]
+    assert r["shadowed"]["accuracy"] >= 0.57, r["shadowed"]["accuracy"]
 
 
-def test_shipped_model_holds_up_under_a_white_balance_error(cifar_root, tmp_path):
-    """Gray-world colour normalisation (issue 15): under a 241-mired warm white-balance error (where the
-    centred model of 2026-11-23 halved) the shipped model keeps >= 85 % of its clean accuracy on 1,000
-    test images. The same bank and head without it kept 40 % (validation, tools/screen_robustness.py)."""
+@pytest.mark.parametrize("condition, severity, share", [("wb-warm", 241, 0.85), ("wb-cool", 91, 0.85),
+                                                        ("low-light", 6.5, 0.82)])
+def test_shipped_model_holds_up_under_colour_casts_and_sensor_noise(cifar_root, tmp_path, condition, severity, share):
+    """Issue 15, on 1,000 test images, at the severities where the centred model of 2026-11-23 lost half
+    its accuracy. The shipped model (gray-world, head trained with --augment) measured 99.4 % (warm),
+    100.4 % (cool) and 85.5 % (low light) of its clean accuracy; the plain model before issue 15 kept
+    39.8 %, 84.5 % and 79.5 %, and gray-world without augmentation 79.0 % under low light."""
     from edgehebb.conditions import apply_condition
     from edgehebb.evaluate import predict
     from edgehebb.model import load_model
@@ -58,8 +61,8 @@ def test_shipped_model_holds_up_under_a_white_balance_error(cifar_root, tmp_path
     net, _ = load_model("fig2_left-cifar10")
     images, labels = np.asarray(test.x), np.asarray(test.y)
     clean = (predict(net, images) == labels).mean()
-    warm = (predict(net, apply_condition(images, "wb-warm", 241)) == labels).mean()
-    assert warm >= 0.85 * clean, (warm, clean)
+    hit = (predict(net, apply_condition(images, condition, severity)) == labels).mean()
+    assert hit >= share * clean, (hit, clean)
 
 
 def test_onnx_parity_tool_reports_every_client_within_the_op_spec(cifar_root, capsys):

@@ -375,8 +375,14 @@ class NNLConv(nn.Module):
             sq = _conv_ieee(x * x, self.ones, self.stride) if self.norm else None
         if not self.norm:
             return dot
-        if self.sigma:   # sigma = 0 skips the addition: the plain norm's numbers, bit for bit
-            sq = sq + self.sigma ** 2
+        return self.divide(dot, sq)
+
+    def divide(self, dot: torch.Tensor, sq: torch.Tensor, sigma: float | None = None) -> torch.Tensor:
+        """The patch norm's division, dot / (sqrt(sq + sigma^2) + eps), sq = |v|^2; ``sigma``: the block's
+        unless given (tools/screen_robustness.py derives every sigma from one convolution)."""
+        sigma = self.sigma if sigma is None else sigma
+        if sigma:   # sigma = 0 skips the addition: the plain norm's numbers, bit for bit
+            sq = sq + sigma ** 2
         return dot / (sq.sqrt() + self.eps)
 
     def map_size(self, x: torch.Tensor) -> tuple[int, int]:

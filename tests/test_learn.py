@@ -418,6 +418,7 @@ def test_sigint_to_the_cli_then_resume_gives_the_same_filters(tmp_path):
     assert "checkpoint written" in "".join(err) and "Traceback" not in "".join(err), "".join(err)
     meta = _checkpoint_meta(tmp_path / "cut")
     assert 1 <= meta["epochs_done"] < 12
+    assert not (tmp_path / "cut" / "filters.safetensors").exists()   # stopped mid-run: no final bank yet
     done = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr
     from edgehebb.data import load_split

@@ -9,8 +9,8 @@ Nothing here reads the test split. Each row's head is saved beside it, so a late
 ``--conditions`` computes only the new columns (features of the conditioned validation images).
 
 Cost: the dot products and squared patch norms of a batch are computed once per colour norm and
-every sigma is derived from them (u = v / (sqrt(|v|^2 + sigma^2) + eps), the same float32 expression
-as ``nnl.NNLConv``; checked bitwise against ``NNLNet.features`` on a few images before the run).
+every sigma is derived from them by ``NNLConv.divide`` (u = v / (sqrt(|v|^2 + sigma^2) + eps), the
+block's own division; checked bitwise against ``NNLNet.features`` on a few images before the run).
 
   OMP_NUM_THREADS=1 python tools/screen_robustness.py --data $EDGEHEBB_DATA --out runs/issue15-screen
 """
@@ -33,7 +33,7 @@ from edgehebb.data import load_split, resolve_data_root
 from edgehebb.features import images_to_tensor
 from edgehebb.io import atomic_write, atomic_write_json, load_tensors, read_json, save_tensors
 from edgehebb.model import load_model
-from edgehebb.nnl import EPS, NNLNet, _conv_ieee, colour_normalise, with_options
+from edgehebb.nnl import NNLNet, _conv_ieee, colour_normalise, with_options
 from edgehebb.train import FitConfig, train_head, validation_split
 
 # the shipped model's half-accuracy severities (RESULTS.md, camera conditions), and the paper's shadow
@@ -50,8 +50,7 @@ def features(net: NNLNet, images: np.ndarray, sigmas: list[float], colour_norm: 
             x = colour_normalise(images_to_tensor(images[lo:lo + batch]), colour_norm)
             dot, sq = _conv_ieee(x, m, layer.stride), _conv_ieee(x * x, ones, layer.stride)
             for s in sigmas:
-                den = (sq + s ** 2 if s else sq).sqrt() + layer.eps
-                pooled = F.max_pool2d(dot / den, layer.pool, layer.pool_stride)
+                pooled = F.max_pool2d(layer.divide(dot, sq, s), layer.pool, layer.pool_stride)
                 out[s][lo:lo + batch] = pooled.clamp(0, 1.0).pow(layer.power).flatten(1).numpy()
     return out
 

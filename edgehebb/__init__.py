@@ -11,7 +11,7 @@ from edgehebb.errors import EdgehebbError
 
 __all__ = ["EdgehebbError", "Prediction", "Runtime", "__version__"]
 
-_LAZY = {"Runtime": "edgehebb.runtime", "Prediction": "edgehebb.runtime"}
+_LAZY = {"Runtime": "edgehebb.deploy.runtime", "Prediction": "edgehebb.deploy.runtime"}
 
 
 def __getattr__(name: str):

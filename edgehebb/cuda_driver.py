@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import shutil
 
-from edgehebb.errors import EdgehebbError, missing_dependency
+from edgehebb.errors import EdgehebbError, require
 
 _CONTEXTS: dict[int, object] = {}
 _MODULES: dict[tuple, object] = {}
@@ -17,11 +17,7 @@ _MODULES: dict[tuple, object] = {}
 
 def driver(why: str = "needed by the pycuda kernels"):
     """``pycuda.driver``, or the install line."""
-    try:
-        import pycuda.driver as cuda
-    except ImportError as e:
-        raise missing_dependency("pycuda", extra="gpu", why=why) from e
-    return cuda
+    return require("pycuda.driver", package="pycuda", extra="gpu", why=why)
 
 
 def context(ordinal: int, fallback: str = "use --backend torch"):

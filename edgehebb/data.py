@@ -51,6 +51,31 @@ class ImageSet:
         return len(self.y)
 
 
+def data_record(data: ImageSet) -> dict:
+    """How a model's config.json names the images it was trained on, without the training machine's paths:
+    ``name`` (the data set's folder and split, e.g. ``cifar10/train``, or the file's name), the number of
+    ``images`` and a ``fingerprint``, the SHA-256 of the uint8 pixels (N, H, W, C, C-order) and the int64
+    labels. The same images give the same fingerprint wherever they are decoded, so a reader can check
+    that their copy is the one a model was trained on."""
+    h = hashlib.sha256()
+    h.update(repr((tuple(data.x.shape), str(data.x.dtype))).encode())
+    for lo in range(0, len(data.x), 4096):   # chunks: the array may be a memory-mapped decode cache
+        h.update(np.ascontiguousarray(data.x[lo:lo + 4096]).data)
+    h.update(np.ascontiguousarray(data.y, np.int64).data)
+    return {"name": data_name(data.source), "images": len(data), "fingerprint": f"sha256:{h.hexdigest()}"}
+
+
+def data_name(source: str) -> str:
+    """A short, machine-independent name for an :class:`ImageSet`'s ``source``: the last two parts of its
+    path (``cifar10/train``), plus what a subset's suffix says (``, 500 per class (limit 5000)``)."""
+    head, sep, tail = source.partition(", ")
+    path = head.split(" ", 2)[-1] if head.startswith(("image folder ", "cifar-10 pickles ")) else head.split(" ", 1)[-1]
+    path, _, split = path.partition(" (")
+    parts = Path(path).parts[-2:]
+    name = "/".join(parts) + (f" ({split}" if split else "")
+    return name + (sep + tail if sep else "")
+
+
 def resolve_data_root(data: str | os.PathLike | None = None, download: bool = True) -> Path:
     """Where the data lives: ``data`` (--data), else $EDGEHEBB_DATA, else the user cache, else download."""
     for given, what in ((data, "--data"), (os.environ.get("EDGEHEBB_DATA") or None, "EDGEHEBB_DATA")):

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import math
 import os
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from edgehebb.io import CONFIG_FILE, FORMAT, load_filters, read_json, save_figure
+from edgehebb.io import save_figure
 
 
 def filter_stats(filters: torch.Tensor) -> dict[str, np.ndarray]:
@@ -98,21 +97,3 @@ def save_filter_png(filters: torch.Tensor, path: str | os.PathLike, title: str |
     if title:
         fig.suptitle(title, fontsize=9, y=0.995, va="top")
     save_figure(fig, path, dpi=100)
-
-
-def model_filters(name_or_path: str | os.PathLike) -> tuple[list[tuple[str, torch.Tensor]], Path]:
-    """The banks ``edgehebb show`` draws, as (label, (K, C, W, W)), and the directory they came from.
-
-    A filter bank (``edgehebb learn``) has one; a trained model (``edgehebb train``, or a shipped
-    model's name) has one per block, each as the network uses it (unit filters for NNL blocks).
-    """
-    path = Path(name_or_path).expanduser()
-    if path.is_dir() and (path / CONFIG_FILE).is_file() and read_json(path / CONFIG_FILE).get("format") == FORMAT:
-        return [("", load_filters(path)[0])], path
-    from edgehebb.model import load_model, resolve_model
-
-    where = resolve_model(name_or_path)
-    net, _ = load_model(where)
-    banks = [block.unit_weight() if hasattr(block, "unit_weight") else block.conv.weight for block in net.blocks]
-    labels = [""] if len(banks) == 1 else [f"block {i}: " for i in range(len(banks))]
-    return [(label, bank.detach()) for label, bank in zip(labels, banks)], where

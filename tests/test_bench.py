@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from edgehebb.bench import BACKENDS, camera_frames, run_bench, summarise, why_skipped
-from edgehebb.cli_bench import BACKEND_NAMES, bench
+from edgehebb.deploy.bench import BACKENDS, camera_frames, run_bench, summarise, why_skipped
+from edgehebb.cli.bench import BACKEND_NAMES, bench
 from edgehebb.data import load_split
 from edgehebb.errors import EdgehebbError
-from edgehebb.evaluate import evaluate
-from edgehebb.model import load_model
+from edgehebb.evaluate.accuracy import evaluate
+from edgehebb.nnl.model import load_model
 from tests.test_runtime import tiny_model
 
 
@@ -118,7 +118,7 @@ def test_cli_module_loads_only_click():
     import subprocess
     import sys
 
-    code = ("import sys, edgehebb.cli_bench; heavy = [m for m in ('torch', 'numpy', 'onnxruntime') "
+    code = ("import sys, edgehebb.cli.bench; heavy = [m for m in ('torch', 'numpy', 'onnxruntime') "
             "if m in sys.modules]; assert not heavy, heavy")
     subprocess.run([sys.executable, "-c", code], check=True)
 
@@ -126,9 +126,9 @@ def test_cli_module_loads_only_click():
 def test_onnx_file_runs_on_onnxruntime_only(model_dir, image_tree, tmp_path):
     pytest.importorskip("onnxruntime")
     try:
-        from edgehebb.onnx_export import export_onnx
+        from edgehebb.deploy.onnx_export import export_onnx
     except ImportError as e:
-        pytest.skip(f"edgehebb.onnx_export is not importable yet ({e})")
+        pytest.skip(f"edgehebb.deploy.onnx_export is not importable yet ({e})")
     onnx_file = export_onnx(str(model_dir), tmp_path / "tiny.onnx")
     test = load_split(image_tree, "test", progress=False)
     result = run_bench(onnx_file, test, backends=["torch", "onnxruntime"], batches=[2], warmup=0, iters=2)
@@ -169,7 +169,7 @@ def test_cli_checks_the_png_path_before_loading_data(model_dir, tmp_path):
 
 def test_standard_ops_file_runs_on_onnxruntime_and_opencv(model_dir, image_tree, tmp_path):
     pytest.importorskip("cv2")
-    from edgehebb.onnx_export import export_onnx
+    from edgehebb.deploy.onnx_export import export_onnx
 
     onnx_file = export_onnx(str(model_dir), tmp_path / "std.onnx", standard_ops=True)
     test = load_split(image_tree, "test", progress=False)
@@ -184,8 +184,8 @@ def test_standard_ops_file_runs_on_onnxruntime_and_opencv(model_dir, image_tree,
 
 
 def test_a_fixed_frame_size_export_gets_the_test_images_resized(model_dir, image_tree, tmp_path):
-    from edgehebb.onnx_export import export_onnx
-    from edgehebb.runtime import Runtime
+    from edgehebb.deploy.onnx_export import export_onnx
+    from edgehebb.deploy.runtime import Runtime
 
     backends = ["onnxruntime"] + (["opencv"] if importlib.util.find_spec("cv2") else [])
     onnx_file = export_onnx(str(model_dir), tmp_path / "cam.onnx", preprocess="uint8-nhwc", frame_size=(48, 64))
@@ -206,7 +206,7 @@ def test_a_fixed_frame_size_export_gets_the_test_images_resized(model_dir, image
 def test_camera_frames_resize_like_the_models_own_preprocessing(image_tree):
     import torch
 
-    from edgehebb.frames import frames_to_tensor
+    from edgehebb.deploy.frames import frames_to_tensor
 
     images = np.tile(load_split(image_tree, "test", progress=False).x, (2, 1, 1, 1))   # 48: two resize batches
     assert camera_frames(images, None) is images and camera_frames(images, (16, 16)) is images

@@ -10,15 +10,16 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from edgehebb import conditions as cond
-from edgehebb.cli import CONDITION_NAMES, cli
-from edgehebb.conditions import CONDITIONS, GAMMA, LUMA, apply_condition, cast_gains, tint_gains
+from edgehebb.camera import conditions as cond
+from edgehebb.cli import cli
+from edgehebb.cli.options import CONDITION_NAMES
+from edgehebb.camera.conditions import CONDITIONS, GAMMA, LUMA, apply_condition, cast_gains, tint_gains
 from edgehebb.data import ImageSet
 from edgehebb.errors import EdgehebbError
-from edgehebb.evaluate import evaluate_conditions, predict, save_conditions_png
-from edgehebb.model import save_model
+from edgehebb.evaluate.accuracy import evaluate_conditions, predict, save_conditions_png
+from edgehebb.nnl.model import save_model
 from edgehebb.nnl import NNLNet, spec_from_dict
-from edgehebb.shadow import apply_shadow
+from edgehebb.camera.shadow import apply_shadow
 
 RANDOM = {"low-light", "gradient", "shadow"}   # the conditions that draw per-image random numbers
 
@@ -244,7 +245,7 @@ def model_dirs(tmp_path):
 
 
 def test_evaluate_conditions_reports_every_level_of_every_model(model_dirs, tmp_path):
-    from edgehebb.model import load_model
+    from edgehebb.nnl.model import load_model
 
     test = _test_set()
     net, config = load_model(model_dirs[0])
@@ -325,7 +326,7 @@ def test_cli_eval_conditions_bad_input_fails_before_the_data(model_dirs, tmp_pat
 
 
 def test_augment_is_seeded_per_image_and_applies_the_named_conditions(photos):
-    from edgehebb.conditions import augment
+    from edgehebb.camera.augment import augment
 
     out, applied = augment(photos, "low-light,wb-warm", fraction=0.5, seed=3)
     again, same = augment(photos, ["low-light", "wb-warm"], fraction=0.5, seed=3)

@@ -431,3 +431,28 @@ def test_read_json_wants_an_object(tmp_path):
     (tmp_path / "config.json").write_text("[]")
     with pytest.raises(EdgehebbError, match="config.json holds a JSON list, not an object"):
         read_json(tmp_path / "config.json")
+
+
+def test_data_record_names_the_images_by_content_not_by_path(tree, cache, tmp_path):
+    import shutil
+
+    from edgehebb.data import data_record
+
+    here = data_record(load_split(tree, "train", cache_dir=cache, progress=False))
+    moved = tmp_path / "elsewhere" / "mydata"
+    shutil.copytree(tree, moved)
+    there = data_record(load_split(moved, "train", cache_dir=cache, progress=False))
+    assert here["fingerprint"] == there["fingerprint"] and here["fingerprint"].startswith("sha256:")
+    assert here["name"].endswith("/train") and str(tmp_path) not in json_dump(there)
+    one = load_split(tree, "train", cache_dir=cache, progress=False)
+    one.x = np.array(one.x)
+    one.x[0, 0, 0, 0] ^= 1   # one bit of one pixel
+    assert data_record(one)["fingerprint"] != here["fingerprint"]
+    sub = data_record(load_split(tree, "train", cache_dir=cache, progress=False, limit=len(one.classes)))
+    assert "per class" in sub["name"] and sub["images"] == len(one.classes)
+
+
+def json_dump(obj) -> str:
+    import json
+
+    return json.dumps(obj)

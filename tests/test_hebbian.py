@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from edgehebb.errors import EdgehebbError
-from edgehebb.hebbian import check_rule, rank_update
-from edgehebb.patches import PatchSampler, patch_grid, preprocess
+from edgehebb.learn.hebbian import check_rule, rank_update
+from edgehebb.learn.patches import PatchSampler, patch_grid, preprocess
 from tests.conftest import assert_close
 
 
@@ -135,7 +135,7 @@ def test_flat_patches_centre_to_exactly_zero_at_every_grey_level(kernel):
 
 
 def test_cosine_ranking_refuses_long_standard_normal_rows_with_an_anti_hebbian_term():
-    from edgehebb.learn import LearnConfig
+    from edgehebb.learn.loop import LearnConfig
 
     with pytest.raises(EdgehebbError, match="needs --init patches"):
         LearnConfig(init="normal", rank_by="cosine", delta=0.2).check((32, 32, 3))

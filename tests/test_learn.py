@@ -15,8 +15,8 @@ from edgehebb import threads
 from edgehebb.cli import cli, main
 from edgehebb.errors import EdgehebbError
 from edgehebb.io import load_filters
-from edgehebb.learn import LearnConfig, learn
-from edgehebb.learn_dir import learn_to_dir
+from edgehebb.learn.loop import LearnConfig, learn
+from edgehebb.learn.directory import learn_to_dir
 
 SMALL = dict(filters=16, kernel=4, batch=20, lr=0.1, seed=7)
 # Krotov & Hopfield's settings (standard-normal rows ranked by current, delta 0.4) on centred patches,
@@ -41,7 +41,7 @@ def test_power_3_rows_converge_toward_unit_3_norm(images):
 
 
 def test_weights_to_continue_from_must_fit_the_config(images):
-    from edgehebb.learn import LearnState
+    from edgehebb.learn.loop import LearnState
 
     for shape in [(5, 48), (16, 27)]:
         with pytest.raises(EdgehebbError, match=re.escape(f"continue from are {shape}; 16 filters of 4x4x3 need (16, 48)")):
@@ -95,7 +95,7 @@ def test_resume_refuses_other_settings_and_existing_runs(images, tmp_path):
 
 def test_resume_survives_a_moved_decode_cache_and_bad_checkpoints(images, tmp_path):
     from edgehebb.io import CHECKPOINT_FILE, save_tensors
-    from edgehebb.learn_dir import normalised_data_key
+    from edgehebb.learn.directory import normalised_data_key
 
     # checkpoints written before 2026-11-23 named the decode cache in an image folder's source
     old = {"source": "image folder /d/train (decode cache /c/train-1.npy)", "split": "train", "images": 3}
@@ -110,7 +110,7 @@ def test_resume_survives_a_moved_decode_cache_and_bad_checkpoints(images, tmp_pa
 
 
 def test_auto_backend_obeys_device_cpu(monkeypatch):
-    from edgehebb import learn as learn_mod
+    from edgehebb.learn import loop as learn_mod
 
     monkeypatch.setattr(learn_mod, "_pycuda_usable", lambda: True)
     assert learn_mod.resolve_backend("auto", "cpu") == "torch"   # pycuda would run on the GPU
@@ -218,9 +218,9 @@ def test_import_and_help_load_no_heavy_modules():
 
 def reference_weights(images, cfg: LearnConfig) -> torch.Tensor:
     """hebbian.rank_update over the epoch orders, written out: what every backend must reproduce."""
-    from edgehebb.hebbian import init_weights, rank_update
-    from edgehebb.learn import epoch_order
-    from edgehebb.patches import PatchSampler, preprocess, sample_patches
+    from edgehebb.learn.hebbian import init_weights, rank_update
+    from edgehebb.learn.loop import epoch_order
+    from edgehebb.learn.patches import PatchSampler, preprocess, sample_patches
 
     sampler = PatchSampler(torch.tensor(images).permute(0, 3, 1, 2).contiguous(), cfg.kernel, cfg.stride)
     if cfg.init == "normal":
@@ -246,7 +246,7 @@ def test_cpu_backend_learns_bitwise_the_reference_filters(images, extra):
 
 
 def test_top_units_match_topk_and_leave_the_currents_alone():
-    from edgehebb.learn_torch import top_units
+    from edgehebb.learn.torch_backend import top_units
 
     h = torch.randn(300, 50, generator=torch.Generator().manual_seed(0))
     before = h.clone()
@@ -279,7 +279,7 @@ class SlowRunner:
 
 
 def test_calls_are_sized_by_time_so_progress_moves_often(images, monkeypatch, capsys):
-    import edgehebb.learn as L
+    import edgehebb.learn.loop as L
 
     cfg = LearnConfig(filters=8, kernel=4, batch=10, epochs=1)   # 40 x 13 x 13 patches: 676 steps
     runner = SlowRunner(cfg, 0.0005)
@@ -294,7 +294,7 @@ def test_calls_are_sized_by_time_so_progress_moves_often(images, monkeypatch, ca
 
 
 def test_epoch_line_gives_the_rate_in_three_figures():
-    from edgehebb.learn_dir import format_rate
+    from edgehebb.learn.directory import format_rate
 
     assert format_rate(12_200) == "12.2 k patches/s"
     assert format_rate(231_400) == "231 k patches/s"
@@ -316,8 +316,8 @@ def test_signal_mid_epoch_checkpoints_and_resume_is_bitwise(images, tmp_path, mo
     signum = getattr(signal, signum)
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
 
-    import edgehebb.learn as L
-    from edgehebb.learn_dir import Interrupted
+    import edgehebb.learn.loop as L
+    from edgehebb.learn.directory import Interrupted
 
     cfg = LearnConfig(epochs=2, **SMALL)   # 40 x 13 x 13 / 20 = 338 steps per epoch
     key = {"source": "synthetic"}
@@ -357,7 +357,7 @@ def test_signal_mid_epoch_checkpoints_and_resume_is_bitwise(images, tmp_path, mo
 
 
 def test_periodic_checkpoints_survive_a_crash(images, tmp_path, monkeypatch):
-    import edgehebb.learn as L
+    import edgehebb.learn.loop as L
 
     cfg = LearnConfig(epochs=1, **SMALL)
     key = {"source": "synthetic"}
@@ -481,14 +481,14 @@ def test_top_level_help_shows_whole_command_descriptions():
 def test_cpu_steps_do_not_fault_their_memory_back_in():
     import resource
 
-    from edgehebb.hebbian import init_weights
-    from edgehebb.learn import epoch_order
-    from edgehebb.learn_torch import TorchBackend, keep_freed_memory
+    from edgehebb.learn.hebbian import init_weights
+    from edgehebb.learn.loop import epoch_order
+    from edgehebb.learn.torch_backend import TorchLearner, keep_freed_memory
 
     if not keep_freed_memory():
         pytest.skip("not glibc: its trimming is what this guards against")
     images = np.random.default_rng(0).integers(0, 256, (60, 32, 32, 3), dtype=np.uint8)
-    runner = TorchBackend(images, LearnConfig(), init_weights(400, 48, 0), threads=1)
+    runner = TorchLearner(images, LearnConfig(), init_weights(400, 48, 0), threads=1)
     order = epoch_order(60 * 29 * 29, 0, 0)
     runner.run(order[:5000], 0.01)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -498,8 +498,8 @@ def test_cpu_steps_do_not_fault_their_memory_back_in():
 
 
 def test_patch_init_starts_every_unit_on_a_distinct_unit_data_patch(images):
-    from edgehebb.learn import initial_weights
-    from edgehebb.patches import PatchSampler, preprocess
+    from edgehebb.learn.loop import initial_weights
+    from edgehebb.learn.patches import PatchSampler, preprocess
 
     cfg = LearnConfig(init="patches", preprocess="unit", **SMALL)
     M = initial_weights(images, cfg)
@@ -523,7 +523,7 @@ def test_patch_init_starts_every_unit_on_a_distinct_unit_data_patch(images):
 def test_cli_exits_as_the_signal_would(image_tree, tmp_path, monkeypatch, capsys):
     import signal
 
-    import edgehebb.learn as L
+    import edgehebb.learn.loop as L
 
     monkeypatch.setenv("EDGEHEBB_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(L, "CALL_SECONDS", 1e-9)
@@ -568,8 +568,8 @@ def test_cli_learn_takes_init_and_rank_by(image_tree, tmp_path):
 
 
 def test_a_collapsed_plain_bank_is_reported(images, tmp_path, monkeypatch):
-    from edgehebb import learn_dir as learn_dir_mod
-    from edgehebb.learn import EpochStats, LearnState
+    from edgehebb.learn import directory as learn_dir_mod
+    from edgehebb.learn.loop import EpochStats, LearnState
 
     def collapsed(images, config, **kw):   # every unit pushed to the far side of the flat patch
         rows = -torch.ones(config.filters, 48) + 0.01 * torch.randn(config.filters, 48)

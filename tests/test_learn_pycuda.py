@@ -31,15 +31,16 @@ import numpy as np
 import pytest
 import torch
 
-from edgehebb import cuda_driver, learn_pycuda
+from edgehebb import cuda_driver
+from edgehebb.learn import pycuda_backend as learn_pycuda
 from tests import host_cuda
 from tests.conftest import assert_compiles_without_spills
 from edgehebb.resources import cuda_source
 from edgehebb.errors import EdgehebbError
-from edgehebb.hebbian import currents, init_weights, rank_update, ranking_scores
-from edgehebb.learn import LearnConfig, learn, make_backend
-from edgehebb.learn_pycuda import KERNEL_FILE, PyCudaBackend, kernel_plan, transposed_currents_weights
-from edgehebb.patches import PREPROCESS, PatchSampler, preprocess
+from edgehebb.learn.hebbian import currents, init_weights, rank_update, ranking_scores
+from edgehebb.learn.loop import LearnConfig, learn, make_backend
+from edgehebb.learn.pycuda_backend import KERNEL_FILE, PycudaLearner, kernel_plan, transposed_currents_weights
+from edgehebb.learn.patches import PREPROCESS, PatchSampler, preprocess
 
 H100_SHARED = 227 * 1024
 
@@ -125,7 +126,7 @@ def test_cosine_mpt_gives_the_oracle_scores(power):
 
 
 def test_import_leaves_pycuda_unloaded():
-    code = "import sys, edgehebb.learn_pycuda; print('pycuda' in sys.modules)"
+    code = "import sys, edgehebb.learn.pycuda_backend; print('pycuda' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
@@ -136,7 +137,7 @@ def test_without_pycuda_backend_is_one_line_error(monkeypatch):
     assert learn_pycuda.available() is False
     cfg = LearnConfig(filters=8, batch=10)
     with pytest.raises(EdgehebbError) as e:
-        PyCudaBackend(random_images(2), cfg, init_weights(8, 48, 0))
+        PycudaLearner(random_images(2), cfg, init_weights(8, 48, 0))
     assert "pycuda" in str(e.value) and "pip install" in str(e.value) and "\n" not in str(e.value)
     with pytest.raises(EdgehebbError):
         make_backend("pycuda", random_images(2), cfg, init_weights(8, 48, 0), "cpu")
@@ -154,7 +155,7 @@ def test_without_gpu_backend_is_one_line_error(monkeypatch):
     monkeypatch.setattr(cuda_driver, "_CONTEXTS", {})
     assert learn_pycuda.available() is False
     with pytest.raises(EdgehebbError) as e:
-        PyCudaBackend(random_images(2), LearnConfig(filters=8, batch=10), init_weights(8, 48, 0))
+        PycudaLearner(random_images(2), LearnConfig(filters=8, batch=10), init_weights(8, 48, 0))
     assert "GPU" in str(e.value) and "\n" not in str(e.value)
 
 
@@ -336,7 +337,7 @@ def test_same_winners_as_oracle_every_patch(gpu, pre, power, rank, kernel, rank_
     cfg = LearnConfig(filters=400, kernel=kernel, batch=1000, power=power, rank=rank, preprocess=pre,
                       rank_by=rank_by)
     sampler = oracle_setup(images, cfg, gpu)
-    backend = PyCudaBackend(images, cfg, init_weights(cfg.filters, 3 * kernel ** 2, 1))
+    backend = PycudaLearner(images, cfg, init_weights(cfg.filters, 3 * kernel ** 2, 1))
     gen = torch.Generator().manual_seed(2)
     ties = 0
     for step in range(5):
@@ -362,7 +363,7 @@ def test_weights_close_to_oracle_after_100_steps(gpu, rank_by):
     cfg = LearnConfig(filters=400, kernel=4, batch=1000, rank_by=rank_by)
     sampler = oracle_setup(images, cfg, gpu)
     M0 = init_weights(cfg.filters, 48, 3)
-    backend = PyCudaBackend(images, cfg, M0)
+    backend = PycudaLearner(images, cfg, M0)
     order = torch.randint(0, sampler.n_patches, (100 * cfg.batch,), generator=torch.Generator().manual_seed(4))
     backend.run(order, 0.02)
     M = M0.to(gpu)
@@ -385,7 +386,7 @@ def test_results_independent_of_launch_configuration(gpu, power, rank_by):
     order = torch.randint(0, 48 * 29 * 29, (64 * cfg.batch,), generator=torch.Generator().manual_seed(6))
     results = []
     for blocks, tile in [(None, None), (1, 4), (7, 1), (32, 2), (None, 4)]:
-        backend = PyCudaBackend(images, cfg, M0, blocks=blocks, tile=tile)
+        backend = PycudaLearner(images, cfg, M0, blocks=blocks, tile=tile)
         wins = backend.run(order, 0.02)
         results.append((backend.kernel_info, wins, backend.weights()))
     info0, wins0, M_0 = results[0]
@@ -393,7 +394,7 @@ def test_results_independent_of_launch_configuration(gpu, power, rank_by):
         assert torch.equal(wins, wins0), (info, info0)
         assert torch.equal(M, M_0), (info, info0)  # bitwise
     # one call (split into several launches) or one call per step: the same bits
-    stepwise = PyCudaBackend(images, cfg, M0)
+    stepwise = PycudaLearner(images, cfg, M0)
     wins = sum(stepwise.run(order[i * cfg.batch:(i + 1) * cfg.batch], 0.02) for i in range(64))
     assert torch.equal(wins, wins0) and torch.equal(stepwise.weights(), M_0)
 

@@ -1,4 +1,4 @@
-"""The fused NNL-CONV kernel (cuda/nnl_forward.cu via edgehebb.nnl_fused) against the torch layer.
+"""The fused NNL-CONV kernel (cuda/nnl_forward.cu via edgehebb.deploy.fused) against the torch layer.
 
 CPU: the launch plan, the filters the kernel reads, the one-line errors, and (with nvcc) that every
 variant compiles without register spills. GPU (marker ``gpu``, skipped without pycuda, a GPU and
@@ -28,13 +28,14 @@ import pytest
 import torch
 
 from edgehebb import cuda_driver
+from edgehebb.deploy.op import PARITY_TOLERANCE, parity_error
 from tests import host_cuda
 from tests.conftest import assert_compiles_without_spills
 from edgehebb.errors import EdgehebbError
-from edgehebb.model import load_model
+from edgehebb.nnl.model import load_model
 from edgehebb.nnl import BlockSpec, NetSpec, NNLNet, load_spec
-from edgehebb.nnl_fused import KERNEL_FILE, FusedNet, fused_plan, kernel_filters
-from edgehebb.train import fit_standardiser
+from edgehebb.deploy.fused import KERNEL_FILE, FusedNet, fused_plan, kernel_filters
+from edgehebb.nnl.train import fit_standardiser
 from tests.test_onnx_export import patch_filters
 
 H100_SHARED = 232448  # opt-in shared memory per block on an H100
@@ -113,7 +114,7 @@ def test_fused_net_without_pycuda_says_what_to_install(monkeypatch):
 def test_fused_net_refuses_cpu_networks_and_conv_twins(monkeypatch):
     from edgehebb.nnl import ConvNet
 
-    import edgehebb.nnl_fused as nnl_fused
+    import edgehebb.deploy.fused as nnl_fused
 
     spec = NetSpec("t", (BLOCKS["fig2_left"],))
     monkeypatch.setattr(nnl_fused, "driver", lambda why: None)   # as if pycuda were installed
@@ -244,8 +245,8 @@ def test_host_build_logits_of_the_shipped_model_match_float64():
     with torch.no_grad():
         ref = net.double()(x.double())
         got = net.float().classify(feats).double()
-    rel = ((got - ref).abs().max(1).values / ref.abs().max(1).values).max().item()
-    assert rel <= 1e-4, rel
+    rel = parity_error(got, ref).max()
+    assert rel <= PARITY_TOLERANCE, rel
     assert torch.equal(got.argmax(1), ref.argmax(1))
 
 
@@ -285,8 +286,8 @@ def test_logits_of_a_trained_model_match_float64(gpu):
     with torch.no_grad():
         ref = net.double()(x.double())
         got = FusedNet(net.float())(x).double()
-    rel = ((got - ref).abs().max(1).values / ref.abs().max(1).values).max().item()
-    assert rel <= 1e-4, rel
+    rel = parity_error(got, ref).max()
+    assert rel <= PARITY_TOLERANCE, rel
     assert (got.argmax(1) == ref.argmax(1)).double().mean().item() >= 0.999
 
 
@@ -299,8 +300,8 @@ def test_multi_block_network_with_a_standardised_head(gpu):
         fit_standardiser(net, net.features(x).cpu().numpy())
         ref = net.double()(x.double())
         got = FusedNet(net.float())(x).double()
-    rel = ((got - ref).abs().max(1).values / ref.abs().max(1).values).max().item()
-    assert rel <= 1e-4, rel
+    rel = parity_error(got, ref).max()
+    assert rel <= PARITY_TOLERANCE, rel
 
 
 @pytest.mark.gpu

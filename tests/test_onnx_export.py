@@ -25,13 +25,15 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from edgehebb.cli_export import export, parse_batch, parse_frame_size
+from edgehebb.cli.export import export, parse_batch, parse_frame_size
 from edgehebb.errors import EdgehebbError
-from edgehebb.frames import crop_box, frames_to_tensor
-from edgehebb.model import save_model, shipped_models
+from edgehebb.deploy.frames import crop_box, frames_to_tensor
+from edgehebb.nnl.model import save_model, shipped_models
 from edgehebb.nnl import BlockSpec, ConvNet, NetSpec, NNLNet, load_spec
-from edgehebb.onnx_export import OP_DOMAIN, OP_NAME, build_model_proto, export_onnx
-from edgehebb.train import fit_standardiser
+from edgehebb.deploy.op import DOMAIN as OP_DOMAIN, NAME as OP_NAME
+from edgehebb.deploy.onnx_export import build_model_proto, export_onnx
+from edgehebb.nnl.train import fit_standardiser
+from edgehebb.deploy.op import PARITY_TOLERANCE, parity_error
 from tests.conftest import assert_close
 
 ort = pytest.importorskip("onnxruntime")
@@ -86,15 +88,14 @@ def run(model, feed: dict) -> dict[str, np.ndarray]:
     return dict(zip([o.name for o in s.get_outputs()], s.run(None, feed)))
 
 
-def assert_matches(out: dict, net, x: torch.Tensor, what: str, rel: float = 1e-4) -> None:
+def assert_matches(out: dict, net, x: torch.Tensor, what: str, rel: float = PARITY_TOLERANCE) -> None:
     """Logits within ``rel`` of each row's max |logit|, same top-1, features and probabilities close."""
     with torch.no_grad():
         ref = copy.deepcopy(net).double()   # the float64 evaluation of the torch reference: see the module doc
         feats = ref.features(x.double())
         logits = ref.classify(feats)
-    scale = logits.abs().amax(dim=1, keepdim=True).double()
-    err = (torch.from_numpy(out["logits"]).double() - logits.double()).abs() / scale
-    assert err.max() <= rel, f"{what}: logits off by {err.max():.3g} of the row's max |logit| (row {err.amax(1).argmax()})"
+    err = parity_error(out["logits"], logits)
+    assert err.max() <= rel, f"{what}: logits off by {err.max():.3g} of the row's max |logit| (row {err.argmax()})"
     assert (out["logits"].argmax(1) == logits.argmax(1).numpy()).all(), f"{what}: top-1 differs"
     assert_close(out["probabilities"], torch.softmax(logits, 1), rtol=1e-4, atol=1e-6, what=f"{what}: probabilities")
     assert_close(out["features"], feats, rtol=1e-4, atol=1e-6 * float(feats.abs().max()), what=f"{what}: features")
@@ -305,7 +306,7 @@ def test_cli_export(cli, net, tmp_path, monkeypatch):
     assert [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim][1:] == [24, 32, 3]
 
     # --trt: build_engine gets the ONNX file, OUT.engine and the options (a stand-in: no TensorRT here)
-    from edgehebb.tensorrt_engine import sidecar_path
+    from edgehebb.deploy.tensorrt_plan import sidecar_path
 
     calls = []
 
@@ -317,10 +318,10 @@ def test_cli_export(cli, net, tmp_path, monkeypatch):
                                                          "profile": {"min": [1, 3, 16, 16]}, "device": "GPU"}))
         return engine_path
 
-    fake = types.ModuleType("edgehebb.tensorrt_engine")
+    fake = types.ModuleType("edgehebb.deploy.tensorrt_engine")
     fake.build_engine, fake.sidecar_path = build_engine, sidecar_path
     fake.preflight = lambda fp16: calls.append(("preflight", fp16))
-    monkeypatch.setitem(sys.modules, "edgehebb.tensorrt_engine", fake)
+    monkeypatch.setitem(sys.modules, "edgehebb.deploy.tensorrt_engine", fake)
     res = CliRunner().invoke(cli, ["export", str(tmp_path / "m"), "--out", str(tmp_path / "t.onnx"), "--trt",
                                    "--fp16", "--batch", "1,2,4", "--workspace-mib", "256", "--json"])
     assert res.exit_code == 0, res.output
@@ -356,7 +357,7 @@ def test_cli_export_standard_ops(cli, net, tmp_path):
 def test_cli_export_help_shows_the_real_trt_batch_default(cli):
     import inspect
 
-    from edgehebb.tensorrt_engine import build_engine
+    from edgehebb.deploy.tensorrt_engine import build_engine
 
     default = inspect.signature(build_engine).parameters["batch"].default
     help_text = " ".join(CliRunner().invoke(cli, ["export", "--help"]).output.split())
@@ -417,7 +418,7 @@ def test_cli_export_unknown_preprocess_is_a_usage_error(cli, tmp_path):
 def test_cifar10_parity_fig2_left(cifar_root, tmp_path):
     """1,000 CIFAR-10 test images through fig. 2 left: ORT logits within 1e-4 of torch's, top-1 >= 99.9% equal."""
     from edgehebb.data import load_split
-    from edgehebb.model import load_model
+    from edgehebb.nnl.model import load_model
 
     test = load_split(cifar_root, "test", limit=1000, cache_dir=tmp_path, progress=False)
     x = torch.from_numpy(np.asarray(test.x)).permute(0, 3, 1, 2).float() / 255
@@ -435,7 +436,7 @@ def test_cifar10_parity_fig2_left(cifar_root, tmp_path):
             xb = x[lo:lo + 200]
             ref = ref_net(xb.double())
             got = torch.from_numpy(s.run(["logits"], {"images": xb.numpy()})[0]).double()
-            worst = max(worst, float(((got - ref).abs() / ref.abs().amax(1, keepdim=True)).max()))
+            worst = max(worst, float(parity_error(got, ref).max()))
             agree += int((got.argmax(1) == ref.argmax(1)).sum())
-    assert worst <= 1e-4, f"logits off by {worst:.3g} of the row's max |logit|"
+    assert worst <= PARITY_TOLERANCE, f"logits off by {worst:.3g} of the row's max |logit|"
     assert agree >= 0.999 * len(x), f"top-1 agrees on {agree} of {len(x)}"

@@ -21,11 +21,12 @@ import torch
 from onnx.reference import ReferenceEvaluator
 
 from edgehebb.errors import EdgehebbError
-from edgehebb.frames import frames_to_tensor
-from edgehebb.model import load_model
+from edgehebb.deploy.frames import frames_to_tensor
+from edgehebb.nnl.model import load_model
 from edgehebb.nnl import BlockSpec, ConvNet, NetSpec, NNLNet
-from edgehebb.onnx_export import build_model_proto, export_onnx
-from edgehebb.onnx_standard import standard_ops, uses_custom_ops
+from edgehebb.deploy.onnx_export import build_model_proto, export_onnx
+from edgehebb.deploy.onnx_standard import standard_ops, uses_custom_ops
+from edgehebb.deploy.op import PARITY_TOLERANCE, parity_error
 from tests.test_onnx_export import CLASSES, SPEC, assert_matches, frames_of, patch_filters, ready, run
 
 cv2 = pytest.importorskip("cv2")
@@ -219,8 +220,8 @@ def shipped(tmp_path_factory):
 
 
 def check_logits(got: np.ndarray, ref: torch.Tensor, what: str) -> None:
-    err = (torch.from_numpy(got).double() - ref).abs() / ref.abs().amax(1, keepdim=True)
-    assert err.max() <= 1e-4, f"{what}: logits off by {err.max():.3g} of the row's max |logit| (row {err.amax(1).argmax()})"
+    err = parity_error(got, ref)
+    assert err.max() <= PARITY_TOLERANCE, f"{what}: logits off by {err.max():.3g} of the row's max |logit| (row {err.argmax()})"
     agree = int((torch.from_numpy(got).argmax(1) == ref.argmax(1)).sum())
     assert agree >= 0.999 * len(ref), f"{what}: top-1 agrees on {agree} of {len(ref)}"
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from edgehebb.data import load_split
-from edgehebb.hebbian import init_weights
-from edgehebb.learn import LearnConfig, learn
-from edgehebb.probe import ridge_probe
+from edgehebb.learn.hebbian import init_weights
+from edgehebb.learn.loop import LearnConfig, learn
+from tests.ridge_probe import ridge_probe
 
 pytestmark = [pytest.mark.data, pytest.mark.slow]
 
@@ -36,8 +36,8 @@ def test_shipped_model_keeps_its_accuracy(cifar_root, tmp_path):
     """The embedded fig2_left-cifar10 on 2,000 class-balanced test images: measured 0.6815 clean and
     0.6025 shadowed (all 10,000: 0.6815 / 0.6094); the floors sit 3 points below (standard error ~1 point)
     and fail for the centred model shipped until 2026-12-01 (0.555 / 0.470)."""
-    from edgehebb.evaluate import evaluate
-    from edgehebb.model import load_model
+    from edgehebb.evaluate.accuracy import evaluate
+    from edgehebb.nnl.model import load_model
 
     test = load_split(cifar_root, "test", limit=2000, cache_dir=tmp_path, progress=False)
     net, config = load_model("fig2_left-cifar10")
@@ -53,9 +53,9 @@ def test_shipped_model_holds_up_under_colour_casts_and_sensor_noise(cifar_root, 
     its accuracy. The shipped model (gray-world, head trained with --augment) measured 99.4 % (warm),
     100.4 % (cool) and 85.5 % (low light) of its clean accuracy; the plain model before issue 15 kept
     39.8 %, 84.5 % and 79.5 %, and gray-world without augmentation 79.0 % under low light."""
-    from edgehebb.conditions import apply_condition
-    from edgehebb.evaluate import predict
-    from edgehebb.model import load_model
+    from edgehebb.camera.conditions import apply_condition
+    from edgehebb.evaluate.accuracy import predict
+    from edgehebb.nnl.model import load_model
 
     test = load_split(cifar_root, "test", limit=1000, cache_dir=tmp_path, progress=False)
     net, _ = load_model("fig2_left-cifar10")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from edgehebb.errors import EdgehebbError
-from edgehebb.shadow import SWEEP_INTENSITIES, apply_shadow, shadow_masks, shadow_sweep
+from edgehebb.camera.shadow import SWEEP_INTENSITIES, apply_shadow, shadow_masks, shadow_sweep
 
 
 def test_same_seed_same_masks_different_seed_different_masks():

@@ -15,9 +15,10 @@ import pytest
 from onnx import TensorProto, helper
 
 from edgehebb.errors import EdgehebbError
-from edgehebb.tensorrt_engine import (CLASSES_KEY, CUSTOM_DOMAIN, TrtRunner, _load_onnx, build_engine, check_batch,
-                                      custom_nodes, engine_plan, is_custom_layer, onnx_classes, onnx_input,
-                                      parse_version, profile_shapes, sidecar_path)
+from edgehebb.deploy.op import DOMAIN as CUSTOM_DOMAIN, META_CLASSES as CLASSES_KEY, NAME as OP_NAME, load_onnx
+from edgehebb.deploy.tensorrt_engine import TrtRunner, build_engine
+from edgehebb.deploy.tensorrt_plan import (check_batch, custom_nodes, engine_plan, is_custom_layer, onnx_classes,
+                                           onnx_input, parse_version, profile_shapes, sidecar_path)
 
 ROOT = Path(__file__).resolve().parents[1]
 DEEPSTREAM = ROOT / "export" / "deepstream"
@@ -127,7 +128,7 @@ def test_tensorrt_9_is_refused():
 # --- what the build reads from the ONNX file ------------------------------------------------------
 
 def test_profile_from_onnx_batch_dimension(tiny_onnx):
-    inp = onnx_input(_load_onnx(tiny_onnx))
+    inp = onnx_input(load_onnx(tiny_onnx))
     assert (inp.name, inp.dtype, inp.layout, inp.shape) == ("images", "float32", "NCHW", (None, 3, 32, 32))
     assert profile_shapes(inp, (1, 32, 256)) == {"min": (1, 3, 32, 32), "opt": (32, 3, 32, 32),
                                                  "max": (256, 3, 32, 32)}
@@ -162,7 +163,7 @@ def test_unexpected_inputs_are_refused(name, elem_type, match):
 
 
 def test_custom_nodes_and_classes_come_from_the_onnx_file(tiny_onnx):
-    model = _load_onnx(tiny_onnx)
+    model = load_onnx(tiny_onnx)
     assert custom_nodes(model) == [("block0", "PatchNormPowReLU"), ("block1", "PatchNormPowReLU")]
     assert onnx_classes(model) == CIFAR10
     model.ClearField("metadata_props")
@@ -173,23 +174,23 @@ def test_not_an_onnx_file(tmp_path):
     bad = tmp_path / "model.onnx"
     bad.write_bytes(b"\x00not a protobuf\xff" * 10)
     with pytest.raises(EdgehebbError, match="not an ONNX model"):
-        _load_onnx(bad)
+        load_onnx(bad)
     with pytest.raises(EdgehebbError, match="does not exist"):
-        _load_onnx(tmp_path / "missing.onnx")
+        load_onnx(tmp_path / "missing.onnx")
 
 
 def test_contract_with_the_onnx_exporter():
-    """What build_engine reads, from a model edgehebb.onnx_export actually writes."""
+    """What build_engine reads, from a model edgehebb.deploy.onnx_export actually writes."""
     import torch
 
-    export = pytest.importorskip("edgehebb.onnx_export")
+    export = pytest.importorskip("edgehebb.deploy.onnx_export")
     from edgehebb.nnl import BlockSpec, NetSpec, NNLNet
 
     spec = NetSpec("tiny", (BlockSpec(kernel=3, filters=4, power=40.0, pool=4, pool_stride=3),), input=(3, 16, 16),
                    classes=4)
     net = NNLNet(spec, [torch.randn(4, 3, 3, 3)])
     model = export.build_model_proto(net, ["a", "b", "c", "d"])
-    assert custom_nodes(model) == [("block0", export.OP_NAME)]
+    assert custom_nodes(model) == [("block0", OP_NAME)]
     assert onnx_classes(model) == ["a", "b", "c", "d"]
     assert profile_shapes(onnx_input(model), (1, 2, 8))["max"] == (8, 3, 16, 16)
     frames = onnx_input(export.build_model_proto(net, ["a", "b", "c", "d"], preprocess="uint8-nhwc"))
@@ -662,9 +663,9 @@ def test_exported_nnl_models_build_and_match_onnxruntime(tmp_path, preprocess):
     import onnxruntime as ort
     import torch
 
-    from edgehebb.model import save_model
+    from edgehebb.nnl.model import save_model
     from edgehebb.nnl import NNLNet
-    from edgehebb.onnx_export import export_onnx
+    from edgehebb.deploy.onnx_export import export_onnx
     from tests.test_onnx_export import CLASSES, SPEC, patch_filters, ready
 
     if not torch.cuda.is_available():

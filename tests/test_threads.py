@@ -7,7 +7,7 @@ import torch
 
 from edgehebb import threads
 from edgehebb.errors import EdgehebbError
-from edgehebb.learn import LearnConfig, learn
+from edgehebb.learn.loop import LearnConfig, learn
 from edgehebb.threads import ThreadTuner
 
 
@@ -102,7 +102,7 @@ def test_learned_filters_do_not_depend_on_the_thread_count(monkeypatch):
 
 
 def test_features_do_not_depend_on_the_thread_count():
-    from edgehebb.features import compute_features
+    from edgehebb.nnl.features import compute_features
     from edgehebb.nnl import NNLNet, spec_from_dict
 
     spec = spec_from_dict({"name": "t", "input": [3, 16, 16], "classes": 3,

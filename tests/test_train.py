@@ -11,18 +11,18 @@ from click.testing import CliRunner
 from edgehebb.cli import cli
 from edgehebb.data import ImageSet, load_split
 from edgehebb.errors import EdgehebbError
-from edgehebb import features
-from edgehebb.evaluate import evaluate, predict
+from edgehebb.nnl import features
+from edgehebb.evaluate.accuracy import evaluate, predict
 from edgehebb.io import save_filters
-from edgehebb.model import load_model, save_model
+from edgehebb.nnl.model import load_model, save_model
 from edgehebb.nnl import ConvNet, NNLNet, spec_from_dict
-from edgehebb.train import FitConfig, fit_standardiser, train_to_dir, training_images, validation_split
+from edgehebb.nnl.train import TrainConfig, fit_standardiser, train_to_dir, training_images, validation_split
 
 from .conftest import assert_close
 
 SPEC = {"name": "tiny", "input": [3, 16, 16], "classes": 3,
         "blocks": [{"kernel": 4, "filters": 12, "power": 10, "pool": 5, "pool_stride": 4}]}
-FAST = FitConfig(epochs=15, batch=32, lr=1e-2, val_fraction=0.2)
+FAST = TrainConfig(epochs=15, batch=32, lr=1e-2, val_fraction=0.2)
 
 
 def _gratings(n: int, seed: int) -> ImageSet:
@@ -79,7 +79,7 @@ def test_standardiser_scales_tiny_features_and_ignores_constant_ones():
 
 
 def test_head_without_standardiser_sees_the_raw_features():
-    from edgehebb.train import train_head
+    from edgehebb.nnl.train import train_head
 
     net = NNLNet(spec_from_dict(SPEC), [torch.randn(12, 3, 4, 4)])
     d = net.feature_mean.numel()
@@ -87,16 +87,16 @@ def test_head_without_standardiser_sees_the_raw_features():
     feats = rng.uniform(0, 2, (60, d)).astype(np.float32)
     labels = np.arange(60) % 3
     net.feature_mean.fill_(5.0)   # left over from an earlier fit: must not survive
-    train_head(net, feats, labels, FitConfig(epochs=1, standardise=False), log=lambda s: None, progress=False)
+    train_head(net, feats, labels, TrainConfig(epochs=1, standardise=False), log=lambda s: None, progress=False)
     assert torch.equal(net.feature_mean, torch.zeros(d)) and torch.equal(net.feature_scale, torch.ones(d))
-    train_head(net, feats, labels, FitConfig(epochs=1), log=lambda s: None, progress=False)
+    train_head(net, feats, labels, TrainConfig(epochs=1), log=lambda s: None, progress=False)
     assert not torch.equal(net.feature_scale, torch.ones(d))
 
 
 def test_head_on_frozen_filters_learns_and_round_trips(bank_dir, tmp_path, monkeypatch):
     spec = spec_from_dict(SPEC)
     train, test = _gratings(240, 0), _gratings(90, 1)
-    record = train_to_dir(spec, train, tmp_path / "m", fit=FAST, filters_from=[bank_dir], device="cpu",
+    record = train_to_dir(spec, train, tmp_path / "m", training=FAST, filters_from=[bank_dir], device="cpu",
                           cache=str(tmp_path / "cache"), progress=False, log=lambda s: None)
     assert record["training"]["best_epoch"] >= 1 and record["filters"]["from"] == [str(bank_dir)]
     assert record["filters"]["learn"] == [{"preprocess": "unit"}]   # the bank's own settings, not train's
@@ -107,7 +107,7 @@ def test_head_on_frozen_filters_learns_and_round_trips(bank_dir, tmp_path, monke
     # the feature cache holds one entry, and a second run reads it back instead of computing
     assert len(list((tmp_path / "cache").glob("*.npy"))) == 1
     monkeypatch.setattr(features, "compute_features", lambda *a, **k: pytest.fail("features recomputed"))
-    again = train_to_dir(spec, train, tmp_path / "m2", fit=FAST, filters_from=[bank_dir], device="cpu",
+    again = train_to_dir(spec, train, tmp_path / "m2", training=FAST, filters_from=[bank_dir], device="cpu",
                          cache=str(tmp_path / "cache"), progress=False, log=lambda s: None)
     assert [h["val_accuracy"] for h in again["training"]["history"]] == \
         [h["val_accuracy"] for h in record["training"]["history"]]
@@ -132,7 +132,7 @@ def test_feature_cache_key_tells_networks_with_the_same_tensors_apart():
 def test_baseline_trains_end_to_end_and_reloads(tmp_path):
     spec = spec_from_dict(SPEC)
     train = _gratings(240, 0)
-    train_to_dir(spec, train, tmp_path / "b", fit=FAST, baseline=True, device="cpu", progress=False,
+    train_to_dir(spec, train, tmp_path / "b", training=FAST, baseline=True, device="cpu", progress=False,
                  log=lambda s: None)
     net, config = load_model(tmp_path / "b")
     assert config["kind"] == "conv" and config["conv"] == {"power": 1.0, "patch_norm": False}
@@ -142,7 +142,7 @@ def test_baseline_trains_end_to_end_and_reloads(tmp_path):
 
 def test_evaluate_reports_clean_shadowed_per_class_and_sweep(bank_dir, tmp_path):
     spec = spec_from_dict(SPEC)
-    train_to_dir(spec, _gratings(120, 0), tmp_path / "m", fit=FitConfig(epochs=3, val_fraction=0.2),
+    train_to_dir(spec, _gratings(120, 0), tmp_path / "m", training=TrainConfig(epochs=3, val_fraction=0.2),
                  filters_from=[bank_dir], device="cpu", cache="", progress=False, log=lambda s: None)
     net, config = load_model(tmp_path / "m")
     r = evaluate(net, _gratings(30, 1), config["classes"], sweep=(0.3, 0.6), progress=False)
@@ -215,15 +215,15 @@ def test_augmentation_perturbs_only_training_images_and_is_recorded(bank_dir, tm
     """--augment: the validation images stay clean (the epoch is chosen as without), the others are
     perturbed with the given probability, seeded; the model's config.json records it."""
     data = _gratings(120, 0)
-    fit = FitConfig(augment="low-light,wb-warm", augment_fraction=1.0, val_fraction=0.2)
+    fit = TrainConfig(augment="low-light,wb-warm", augment_fraction=1.0, val_fraction=0.2)
     x = training_images(data, fit)
     train_idx, val_idx = validation_split(data.y, 0.2, 0)
     assert np.array_equal(x[val_idx], data.x[val_idx])
     changed = (x[train_idx] != data.x[train_idx]).any(axis=(1, 2, 3))
     assert changed.mean() > 0.9, changed.mean()
     assert np.array_equal(training_images(data, fit), x)                      # seeded
-    assert training_images(data, FitConfig()) is data.x                       # off: the images themselves
-    half = training_images(data, FitConfig(augment="low-light", augment_fraction=0.5, val_fraction=0.2))
+    assert training_images(data, TrainConfig()) is data.x                       # off: the images themselves
+    half = training_images(data, TrainConfig(augment="low-light", augment_fraction=0.5, val_fraction=0.2))
     assert 0.2 < (half[train_idx] != data.x[train_idx]).any(axis=(1, 2, 3)).mean() < 0.8
     root = tmp_path / "data"
     root.mkdir()
@@ -258,7 +258,7 @@ def test_real_data_train_eval_beats_floor(cifar_root, tmp_path):
 
     train = load_split(cifar_root, "train", limit=2000, progress=False)
     test = load_split(cifar_root, "test", limit=1000, progress=False)
-    train_to_dir(load_spec("fig2_left"), train, tmp_path / "m", fit=FitConfig(epochs=10), backend="torch",
+    train_to_dir(load_spec("fig2_left"), train, tmp_path / "m", training=TrainConfig(epochs=10), backend="torch",
                  device="cpu", learn={"batch": 100}, cache="", progress=False, log=lambda s: None)
     net, config = load_model(tmp_path / "m")
     r = evaluate(net, test, config["classes"], sweep=None, progress=False)
@@ -276,7 +276,7 @@ def test_cli_eval_png_needs_the_sweep_and_a_writable_path(bank_dir, tmp_path):
 
 
 def test_unwritable_feature_cache_keeps_the_features(bank_dir, tmp_path):
-    from edgehebb.features import cached_features
+    from edgehebb.nnl.features import cached_features
     from edgehebb.io import load_filters
 
     net = NNLNet(spec_from_dict(SPEC), [load_filters(bank_dir)[0]])
@@ -291,15 +291,15 @@ def test_banks_left_by_an_earlier_run_must_match_its_settings(tmp_path):
     train = _gratings(60, 0)
     quiet = dict(device="cpu", cache="", progress=False, log=lambda s: None)
     learn = {"epochs": 1, "batch": 200}
-    first = train_to_dir(spec, train, tmp_path / "m", fit=FAST, learn=learn, **quiet)
+    first = train_to_dir(spec, train, tmp_path / "m", training=FAST, learn=learn, **quiet)
     (tmp_path / "m" / "config.json").unlink()   # as if the head's training had been interrupted
-    again = train_to_dir(spec, train, tmp_path / "m", fit=FAST, learn=learn, **quiet)
+    again = train_to_dir(spec, train, tmp_path / "m", training=FAST, learn=learn, **quiet)
     assert again["filters"]["from"] == first["filters"]["from"]   # the finished bank is reused
     (tmp_path / "m" / "config.json").unlink()
     with pytest.raises(EdgehebbError, match="was learned with other settings or data .*epochs=1"):
-        train_to_dir(spec, train, tmp_path / "m", fit=FAST, learn={**learn, "epochs": 2}, **quiet)
+        train_to_dir(spec, train, tmp_path / "m", training=FAST, learn={**learn, "epochs": 2}, **quiet)
     with pytest.raises(EdgehebbError, match="other settings or data .*data"):
-        train_to_dir(spec, _gratings(30, 0), tmp_path / "m", fit=FAST, learn=learn, **quiet)
+        train_to_dir(spec, _gratings(30, 0), tmp_path / "m", training=FAST, learn=learn, **quiet)
 
 
 # ---------------------------------------------------------------- corrupt files fail first, in one line

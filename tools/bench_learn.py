@@ -12,15 +12,15 @@ rate of the currents (2*K*N flops per patch) and its fraction of the FP32 peak
 (SMs x 128 lanes x 2 x clock).
 
 --full-data PATH also learns the fig. 2-left filter bank from a real image set (K=400, W=4 and the
-LearnConfig defaults unless overridden) through ``edgehebb.learn.learn`` with each GPU backend, and
+LearnConfig defaults unless overridden) through ``edgehebb.learn.loop.learn`` with each GPU backend, and
 reports epoch times, GPU kernel time and how close the two filter banks are.
 
---quiet-vs-loaded times one epoch of the CPU backend (through ``edgehebb.learn.learn``, with its thread
+--quiet-vs-loaded times one epoch of the CPU backend (through ``edgehebb.learn.loop.learn``, with its thread
 policy, and with the thread count fixed at 1 and at all cores) and of the anchor, the rule written the
 obvious dense way in torch (unfold every patch, then per minibatch: gather rows, centre and scale,
 matmul, topk, a dense g, the update; the unfold is timed), first on the machine as it is, then with
 --busy background processes spinning (python/numpy loops the tool starts and stops), side by side.
-Both run with the allocator setting of the CPU backend (edgehebb.learn_torch.keep_freed_memory). The
+Both run with the allocator setting of the CPU backend (edgehebb.learn.torch_backend.keep_freed_memory). The
 lines give patches/s, the 1-minute load average before each run and, for the CPU backend, the thread
 counts used; the last line has the ratios the targets are about (loaded / quiet >= 1/3, quiet
 CPU backend / quiet anchor >= 1).
@@ -49,9 +49,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from edgehebb.hebbian import init_weights  # noqa: E402
-from edgehebb.learn import LearnConfig  # noqa: E402
-from edgehebb.patches import patch_grid  # noqa: E402
+from edgehebb.learn.hebbian import init_weights  # noqa: E402
+from edgehebb.learn.loop import LearnConfig  # noqa: E402
+from edgehebb.learn.patches import patch_grid  # noqa: E402
 
 BACKENDS = ("torch-cpu", "torch-cuda", "pycuda")
 FP32_LANES_PER_SM = 128  # Volta .. Hopper
@@ -70,7 +70,7 @@ def why_absent(backend: str) -> str | None:
         return None
     if backend == "torch-cuda":
         return None if torch.cuda.is_available() else "torch has no CUDA device here"
-    from edgehebb import learn_pycuda
+    from edgehebb.learn import pycuda_backend as learn_pycuda
 
     try:
         import pycuda  # noqa: F401
@@ -110,12 +110,12 @@ def _pycuda_device_info() -> dict | None:
 def make(backend: str, images: np.ndarray, cfg: LearnConfig, **kw):
     M = init_weights(cfg.filters, images.shape[3] * cfg.kernel ** 2, cfg.seed)
     if backend == "pycuda":
-        from edgehebb.learn_pycuda import PyCudaBackend
+        from edgehebb.learn.pycuda_backend import PycudaLearner
 
-        return PyCudaBackend(images, cfg, M, **kw)
-    from edgehebb.learn_torch import TorchBackend
+        return PycudaLearner(images, cfg, M, **kw)
+    from edgehebb.learn.torch_backend import TorchLearner
 
-    return TorchBackend(images, cfg, M, device="cuda" if backend == "torch-cuda" else "cpu")
+    return TorchLearner(images, cfg, M, device="cuda" if backend == "torch-cuda" else "cpu")
 
 
 def measure(runner, n_patches: int, batch: int, seconds: float, max_steps: int) -> dict:
@@ -197,7 +197,7 @@ def barriers(args, info: dict) -> None:
     """GPU time of one grid-wide barrier of the kernel, for a few grid sizes."""
     if why_absent("pycuda"):
         return
-    from edgehebb.learn_pycuda import grid_barrier_seconds
+    from edgehebb.learn.pycuda_backend import grid_barrier_seconds
 
     for blocks in sorted({1, 16, 50, info["sms"]}):
         emit(dict(kind="barrier", device=info["device"], blocks=blocks,
@@ -209,17 +209,17 @@ def trace(args, images: np.ndarray, cfg: LearnConfig, info: dict) -> None:
     pycuda against itself started from M0 * (1 + 1e-7 noise): the rule's own sensitivity."""
     if why_absent("pycuda") or why_absent("torch-cuda"):
         return
-    from edgehebb.learn import epoch_order
-    from edgehebb.learn_pycuda import PyCudaBackend
-    from edgehebb.learn_torch import TorchBackend
+    from edgehebb.learn.loop import epoch_order
+    from edgehebb.learn.pycuda_backend import PycudaLearner
+    from edgehebb.learn.torch_backend import TorchLearner
 
     ny, nx = patch_grid(images.shape[1], images.shape[2], cfg.kernel, cfg.stride)
     steps, B = args.trace_steps, cfg.batch
     order = epoch_order(len(images) * ny * nx, cfg.seed, 0)[: steps * B]
     M0 = init_weights(cfg.filters, images.shape[3] * cfg.kernel ** 2, cfg.seed)
     noise = torch.randn(M0.shape, generator=torch.Generator().manual_seed(1))
-    runners = dict(pycuda=PyCudaBackend(images, cfg, M0), torch=TorchBackend(images, cfg, M0, device="cuda"),
-                   perturbed=PyCudaBackend(images, cfg, M0 * (1 + 1e-7 * noise)))
+    runners = dict(pycuda=PycudaLearner(images, cfg, M0), torch=TorchLearner(images, cfg, M0, device="cuda"),
+                   perturbed=PycudaLearner(images, cfg, M0 * (1 + 1e-7 * noise)))
     done, every = 0, max(1, steps // 10)
     while done < steps:
         n = min(every, steps - done)
@@ -244,7 +244,7 @@ def compare(na: str, a: torch.Tensor, nb: str, b: torch.Tensor, out) -> None:
 
 
 def full_data(args, info: dict) -> None:
-    import edgehebb.learn as L
+    import edgehebb.learn.loop as L
     from edgehebb.data import load_split
 
     data = load_split(args.full_data, "train", progress=False)
@@ -336,8 +336,8 @@ def dense_anchor_epoch(images: np.ndarray, cfg: LearnConfig, order: torch.Tensor
 
 def quiet_vs_loaded(args) -> None:
     """The CPU backend and the dense anchor, one epoch each, quiet and then beside --busy spinning processes."""
-    import edgehebb.learn as L
-    from edgehebb.learn_torch import keep_freed_memory
+    import edgehebb.learn.loop as L
+    from edgehebb.learn.torch_backend import keep_freed_memory
     from edgehebb.threads import cores
 
     keep_freed_memory()   # the backend sets it on first use; set first, the anchor runs with it too

@@ -32,7 +32,7 @@ SMOOTHING = 0.9   # exponential moving average of the frame rates, so the overla
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    from edgehebb.model import shipped_models
+    from edgehebb.nnl.model import shipped_models
 
     shipped = DEFAULT_MODEL in shipped_models()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
@@ -96,7 +96,7 @@ def annotate(cv2, frame, lines: list[str]) -> None:
 
 
 def run(cv2, args: argparse.Namespace) -> dict:
-    from edgehebb.runtime import Runtime
+    from edgehebb.deploy.runtime import Runtime
 
     cap = open_source(cv2, args.source)
     writer = None

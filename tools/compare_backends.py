@@ -21,12 +21,13 @@ import time
 from pathlib import Path
 
 from edgehebb.data import load_split, resolve_data_root
-from edgehebb.evaluate import evaluate
-from edgehebb.learn import LearnConfig
-from edgehebb.learn_dir import learn_to_dir, resolve_device
-from edgehebb.model import load_model
+from edgehebb.evaluate.accuracy import evaluate
+from edgehebb.learn.loop import LearnConfig
+from edgehebb.devices import resolve_device
+from edgehebb.learn.directory import learn_to_dir
+from edgehebb.nnl.model import load_model
 from edgehebb.nnl import load_spec
-from edgehebb.train import FitConfig, train_to_dir
+from edgehebb.nnl.train import TrainConfig, train_to_dir
 
 
 def run(train, test, out: Path, backend: str, seed: int, batch: int, args) -> dict:
@@ -40,7 +41,7 @@ def run(train, test, out: Path, backend: str, seed: int, batch: int, args) -> di
                      log=lambda s: print(s, file=sys.stderr))
     learn_s = time.perf_counter() - t0
     if not (model / "config.json").is_file():
-        train_to_dir(load_spec("fig2_left"), train, model, fit=FitConfig(epochs=args.head_epochs, seed=seed),
+        train_to_dir(load_spec("fig2_left"), train, model, training=TrainConfig(epochs=args.head_epochs, seed=seed),
                      filters_from=[bank], device=args.device, progress=False, log=lambda s: None)
     net, config = load_model(model, args.device)
     r = evaluate(net, test, config["classes"], sweep=None, device=args.device, progress=False)

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """GPU inference check (issue 5): parity and latency of torch (eager, torch.compile), ONNX Runtime
-(CPU, CUDA EP with and without TF32) and the fused PyCUDA kernel (edgehebb.nnl_fused) for trained
+(CPU, CUDA EP with and without TF32) and the fused PyCUDA kernel (edgehebb.deploy.fused) for trained
 models, side by side in one run, plus the network's roofline time.
 
 Parity: logits of N test images from every path against torch on the CPU (float32), as the largest
@@ -31,6 +31,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from edgehebb.deploy.op import parity_error
 
 
 def flops_per_image(spec) -> float:
@@ -100,7 +102,7 @@ def ort_cuda_session(path: Path, options: dict | None):
 
 def sweep_fused(net, xs: torch.Tensor, batch: int, args) -> list[dict]:
     """p50 of the fused features (no head) at ``batch`` for a few launch shapes (kc, threads, nch)."""
-    from edgehebb.nnl_fused import FusedNet
+    from edgehebb.deploy.fused import FusedNet
 
     x = (xs[:batch] if batch <= len(xs) else xs[:1].repeat(batch, 1, 1, 1)).cuda().contiguous()
     rows = []
@@ -133,11 +135,11 @@ def main(argv=None) -> int:
     import onnxruntime as ort
 
     from edgehebb.data import load_split, resolve_data_root
-    from edgehebb.model import load_model
-    from edgehebb.onnx_export import export_onnx
+    from edgehebb.nnl.model import load_model
+    from edgehebb.deploy.onnx_export import export_onnx
 
     from edgehebb import cuda_driver
-    from edgehebb.nnl_fused import FusedNet
+    from edgehebb.deploy.fused import FusedNet
 
     with_fused = cuda_driver.available()  # pycuda, a GPU and nvcc
 
@@ -180,9 +182,8 @@ def main(argv=None) -> int:
             r[f"{key}_providers"] = sess.get_providers()
             outs[key] = torch.from_numpy(np.concatenate([sess.run(["logits"], {"images": xs[i:i + 250].numpy()})[0]
                                                          for i in range(0, len(xs), 250)]))
-        scale = ref.abs().max(1).values
         for key, out in outs.items():
-            rel = ((out.double() - ref).abs().max(1).values / scale).max()
+            rel = parity_error(out, ref).max()   # OP_SPEC's metric, from the op's contract
             r["parity"][key] = {"max_rel_logit": float(rel),
                                 "top1_agreement": float((out.argmax(1) == ref.argmax(1)).double().mean()),
                                 "accuracy": float((out.argmax(1).numpy() == test.y).mean())}

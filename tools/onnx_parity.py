@@ -24,15 +24,14 @@ import numpy as np
 import torch
 
 from edgehebb.data import load_split, resolve_data_root
-from edgehebb.frames import frames_to_tensor
-from edgehebb.model import load_model
-from edgehebb.onnx_export import export_onnx
+from edgehebb.deploy.frames import frames_to_tensor
+from edgehebb.nnl.model import load_model
+from edgehebb.deploy.onnx_export import export_onnx
+from edgehebb.deploy.op import parity
 
 
 def compare(got: np.ndarray, ref: torch.Tensor) -> dict:
-    got = torch.from_numpy(np.asarray(got)).double()
-    err = (got - ref).abs() / ref.abs().amax(1, keepdim=True)
-    return {"max_rel_of_row_max": float(err.max()), "top1_agreement": float((got.argmax(1) == ref.argmax(1)).double().mean())}
+    return parity(got, ref)   # OP_SPEC's metric, from the op's contract
 
 
 def run_ort(path: Path, x: np.ndarray) -> np.ndarray:

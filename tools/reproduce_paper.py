@@ -33,14 +33,15 @@ import torch
 
 from edgehebb import threads as thread_policy
 from edgehebb.data import load_split, resolve_data_root
-from edgehebb.evaluate import evaluate, save_sweep_png
-from edgehebb.shadow import SWEEP_INTENSITIES
+from edgehebb.evaluate.accuracy import evaluate, save_sweep_png
+from edgehebb.camera.shadow import SWEEP_INTENSITIES
 from edgehebb.io import atomic_write, atomic_write_json, load_filters
-from edgehebb.learn import LearnConfig
-from edgehebb.learn_dir import learn_to_dir, resolve_device
-from edgehebb.model import load_model
+from edgehebb.learn.loop import LearnConfig
+from edgehebb.devices import resolve_device
+from edgehebb.learn.directory import learn_to_dir
+from edgehebb.nnl.model import load_model
 from edgehebb.nnl import NetSpec, load_spec
-from edgehebb.train import BASELINE_FIT, FitConfig, train_to_dir
+from edgehebb.nnl.train import BASELINE_TRAINING, TrainConfig, train_to_dir
 
 PAPER = {"fig2_left-local": 27.80, "fig2_left-e2e": 27.11, "fig2_middle-local": 23.0, "fig2_middle-e2e": 23.0}
 
@@ -97,8 +98,8 @@ def learn_banks(specs: list[NetSpec], train, out: Path, args, log) -> Path:
 
 def run_row(name: str, how: dict, train, test, banks: Path, out: Path, args, log) -> dict:
     model_dir = out / "models" / name
-    fit = (FitConfig(epochs=args.head_epochs, lr=args.head_lr, seed=args.seed) if how["local"] else
-           FitConfig(epochs=args.e2e_epochs, lr=args.e2e_lr, seed=args.seed))
+    fit = (TrainConfig(epochs=args.head_epochs, lr=args.head_lr, seed=args.seed) if how["local"] else
+           TrainConfig(epochs=args.e2e_epochs, lr=args.e2e_lr, seed=args.seed))
     t0 = time.perf_counter()
     if not (model_dir / "config.json").is_file():
         if model_dir.exists():   # a row interrupted while training: start it again
@@ -170,10 +171,10 @@ def main(argv=None) -> int:
     ap.add_argument("--test-limit", type=int, default=None, help="Class-balanced subset of the test images.")
     ap.add_argument("--learn-epochs", type=int, default=1)
     ap.add_argument("--learn-batch", type=int, default=1000)
-    ap.add_argument("--head-epochs", type=int, default=FitConfig().epochs)
-    ap.add_argument("--head-lr", type=float, default=FitConfig().lr)
-    ap.add_argument("--e2e-epochs", type=int, default=BASELINE_FIT.epochs)
-    ap.add_argument("--e2e-lr", type=float, default=BASELINE_FIT.lr)
+    ap.add_argument("--head-epochs", type=int, default=TrainConfig().epochs)
+    ap.add_argument("--head-lr", type=float, default=TrainConfig().lr)
+    ap.add_argument("--e2e-epochs", type=int, default=BASELINE_TRAINING.epochs)
+    ap.add_argument("--e2e-lr", type=float, default=BASELINE_TRAINING.lr)
     ap.add_argument("--backend", default="auto", choices=["auto", "torch", "pycuda"], help="Learning backend.")
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--seed", type=int, default=0)

@@ -49,14 +49,14 @@ def find_tool(name: str) -> str:
 
 def plan_options(args) -> tuple[str, list[str]]:
     if args.kind == "learn":
-        from edgehebb.learn_pycuda import kernel_plan
+        from edgehebb.learn.pycuda_backend import kernel_plan
 
         plan = kernel_plan(filters=args.filters, dim=3 * args.kernel ** 2, channels=3, kernel=args.kernel, stride=1,
                            rank=2, power=2.0, preprocess="center-unit", batch=args.batch, rank_by=args.rank_by,
                            **H100)
         return "hebbian_step.cu", plan.options
-    from edgehebb.model import load_model
-    from edgehebb.nnl_fused import fused_plan
+    from edgehebb.nnl.model import load_model
+    from edgehebb.deploy.fused import fused_plan
 
     net, _ = load_model(args.model)
     plan = fused_plan(net.spec.blocks[args.block], net.spec.input, shared_limit=H100["shared_limit"])

@@ -4,7 +4,7 @@ and gray-world colour normalisation, on a fixed filter bank, clean and under cam
 
 For every (colour norm, sigma) the softmax head is trained on the subset's training images (the
 epoch chosen on the held-out validation images, as ``edgehebb train``), then evaluated on those
-validation images clean and under each condition (``edgehebb.conditions.apply_condition``, seed 0).
+validation images clean and under each condition (``edgehebb.camera.conditions.apply_condition``, seed 0).
 Nothing here reads the test split. Each row's head is saved beside it, so a later run with more
 ``--conditions`` computes only the new columns (features of the conditioned validation images).
 
@@ -18,7 +18,6 @@ block's own division; checked bitwise against ``NNLNet.features`` on a few image
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import time
@@ -28,13 +27,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from edgehebb.conditions import apply_condition
+from edgehebb.camera.conditions import apply_condition
 from edgehebb.data import load_split, resolve_data_root
-from edgehebb.features import images_to_tensor
+from edgehebb.nnl.features import images_to_tensor
 from edgehebb.io import atomic_write, atomic_write_json, load_tensors, read_json, save_tensors
-from edgehebb.model import load_model
-from edgehebb.nnl import NNLNet, _conv_ieee, colour_normalise, with_options
-from edgehebb.train import FitConfig, train_head, validation_split
+from edgehebb.nnl.model import load_model
+from edgehebb.nnl import NNLNet, colour_normalise, with_options
+from edgehebb.nnl.layers import _conv_ieee
+from edgehebb.nnl.train import TrainConfig, train_head, validation_split
 
 # the shipped model's half-accuracy severities (RESULTS.md, camera conditions), and the paper's shadow
 CONDITIONS = (("low-light", 6.5), ("wb-warm", 241.0), ("wb-cool", 91.0), ("shadow", 0.7))
@@ -62,7 +62,7 @@ def _pooled_cells(net: NNLNet) -> int:
 
 def parse_conditions(text: str) -> list[tuple[str, float]]:
     """``"low-light=6.5,wb-warm=241"`` -> [(name, severity), ...], each checked."""
-    from edgehebb.conditions import check_severity
+    from edgehebb.camera.conditions import check_severity
 
     out = []
     for item in (t.strip() for t in text.split(",") if t.strip()):
@@ -83,7 +83,7 @@ def main(argv=None) -> int:
                          "only its missing columns, from its saved head.")
     ap.add_argument("--train-limit", type=int, default=20000, help="Class-balanced training images (10 %% validation).")
     ap.add_argument("--augment", default="", help="Train-time augmentation baseline: condition names (comma-"
-                    "separated) drawn per training image by edgehebb.conditions.augment; the validation images "
+                    "separated) drawn per training image by edgehebb.camera.augment.augment; the validation images "
                     "stay clean. Rows are kept apart from the unaugmented ones (OUT/rows/*-aug.*).")
     ap.add_argument("--augment-fraction", type=float, default=0.5, help="Share of training images perturbed.")
     ap.add_argument("--threads", type=int, default=1)
@@ -98,13 +98,13 @@ def main(argv=None) -> int:
     bank = base.blocks[0].weight.detach().clone()
     sigmas = [float(s) for s in args.sigmas.split(",")]
     data = load_split(resolve_data_root(args.data, download=False), "train", limit=args.train_limit, progress=False)
-    fit = FitConfig()   # the shipped model's head settings: Adam 3e-4, up to 60 epochs, 10 % validation, seed 0
+    fit = TrainConfig()   # the shipped model's head settings: Adam 3e-4, up to 60 epochs, 10 % validation, seed 0
     _, val_idx = validation_split(data.y, fit.val_fraction, fit.seed)
     val_x, val_y = data.x[val_idx], data.y[val_idx]
     wanted = [f"{n}@{s:g}" for n, s in parse_conditions(args.conditions)]
     train_x, tag = data.x, ""
     if args.augment:
-        from edgehebb.conditions import augment
+        from edgehebb.camera.augment import augment
 
         train_x, applied = augment(data.x, args.augment, args.augment_fraction, seed=1)
         train_x[val_idx] = data.x[val_idx]   # choose the epoch on clean validation images, as without

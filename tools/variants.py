@@ -14,7 +14,7 @@ a variants file is a JSON list of them (tools/variants/*.json). For example::
 - ``learn``: LearnConfig fields (K, W and the preprocessing follow each block unless given here).
 - ``bank``: instead of learning, a filter-bank or model directory holding the bank (one-block specs).
 - ``powers``: the n of every block, one row per value (default: the spec's own n).
-- ``fit``: FitConfig fields of the softmax head.
+- ``fit``: TrainConfig fields of the softmax head.
 
 Every row (``OUT/rows/<variant>-n<n>.json``) reports validation accuracy (the head's epoch is chosen
 on it), clean and shadowed test error, dead units of each bank, and pooled-feature statistics.
@@ -46,14 +46,14 @@ import torch
 
 from edgehebb.data import load_split, resolve_data_root
 from edgehebb.errors import EdgehebbError
-from edgehebb.features import compute_features
+from edgehebb.nnl.features import compute_features
 from edgehebb.io import atomic_write, atomic_write_json, load_filters, read_json
-from edgehebb.learn import LearnConfig
-from edgehebb.learn_dir import learn_to_dir
+from edgehebb.learn.loop import LearnConfig
+from edgehebb.learn.directory import learn_to_dir
 from edgehebb.nnl import NetSpec, NNLNet, feature_dim, load_spec, spec_from_dict
-from edgehebb.patches import flat_cosines
-from edgehebb.shadow import COVERAGE, INTENSITY, darken, shadow_masks
-from edgehebb.train import FitConfig, find_bank, train_head
+from edgehebb.learn.patches import flat_cosines
+from edgehebb.camera.shadow import COVERAGE, INTENSITY, darken, shadow_masks
+from edgehebb.nnl.train import TrainConfig, find_bank, train_head
 
 VARIANT_KEYS = {"name", "spec", "block", "learn", "bank", "powers", "fit", "note"}
 
@@ -81,7 +81,7 @@ def parse_variant(v: dict, where: str) -> dict:
     learn_fields = {f.name for f in dataclasses.fields(LearnConfig)}
     if unknown := set(v.get("learn", {})) - learn_fields:
         raise EdgehebbError(f"{where}: unknown learn field(s) {sorted(unknown)}; allowed: {sorted(learn_fields)}")
-    fit_fields = {f.name for f in dataclasses.fields(FitConfig)}
+    fit_fields = {f.name for f in dataclasses.fields(TrainConfig)}
     if unknown := set(v.get("fit", {})) - fit_fields:
         raise EdgehebbError(f"{where}: unknown fit field(s) {sorted(unknown)}; allowed: {sorted(fit_fields)}")
     powers = v.get("powers") or [None]
@@ -213,7 +213,7 @@ class Screen:
         ftr = features("train")
         net = NNLNet(spec, banks)
         assert ftr.shape[1] == feature_dim(spec)
-        cfg = FitConfig(**{"seed": self.args.seed, **fit})
+        cfg = TrainConfig(**{"seed": self.args.seed, **fit})
         result = train_head(net, ftr, self.train.y, cfg, progress=self.args.progress, log=lambda s: None)
         net.eval()
         errors = {}

@@ -67,7 +67,7 @@ def nnl_features(net, x, shared_limit: int, **shape):
     import torch
 
     from edgehebb.nnl import colour_normalise
-    from edgehebb.nnl_fused import KERNEL_FILE, block_launches, layer_eps
+    from edgehebb.deploy.fused import KERNEL_FILE, block_launches, layer_eps
 
     x = colour_normalise(x.detach().cpu(), net.spec.colour_norm)   # in torch, as FusedNet.features does
     x = np.ascontiguousarray(x.numpy(), dtype=np.float32)
@@ -106,7 +106,7 @@ extern "C" void host_hebbian_run(int blocks, int threads, long long shared, cons
 
 
 class HostHebbian:
-    """``learn_pycuda.PyCudaBackend``'s ``run_detail`` / ``weights`` on the host build of the kernel.
+    """``learn_pycuda.PycudaLearner``'s ``run_detail`` / ``weights`` on the host build of the kernel.
 
     The same plan (``kernel_plan``), the same buffers and layouts (M, Mp^T padded to KP, the
     fixed-point accumulator, the barrier's fault word), one launch per call. ``blocks`` OS-thread
@@ -118,8 +118,8 @@ class HostHebbian:
                  shared_limit: int = 232448, resident: int | None = None, barrier_timeout_s: float = 300.0):
         import numpy as np
 
-        from edgehebb.learn_pycuda import KERNEL_FILE, kernel_plan, transposed_currents_weights
-        from edgehebb.patches import patch_grid
+        from edgehebb.learn.pycuda_backend import KERNEL_FILE, kernel_plan, transposed_currents_weights
+        from edgehebb.learn.patches import patch_grid
 
         n, h, w, c = images.shape
         self.images, self.cfg, self.shape = np.ascontiguousarray(images, np.uint8), cfg, (h, w)
@@ -147,7 +147,7 @@ class HostHebbian:
         import numpy as np
         import torch
 
-        from edgehebb.learn_pycuda import check_barrier
+        from edgehebb.learn.pycuda_backend import check_barrier
 
         cfg, (h, w) = self.cfg, self.shape
         B = cfg.batch

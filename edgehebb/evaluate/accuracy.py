@@ -1,9 +1,9 @@
 """Test accuracy on clean and shadowed images, per class, and error-vs-shadow-intensity curves;
 accuracy against severity under every camera condition (:func:`evaluate_conditions`).
 
-The shadowed set is the paper's construction (:mod:`edgehebb.shadow`): 80% of every image's area
+The shadowed set is the paper's construction (:mod:`edgehebb.camera.shadow`): 80% of every image's area
 times 0.3, regions seeded by image index, so every model and backend sees the same shadows. The
-camera conditions (:mod:`edgehebb.conditions`) are seeded the same way.
+camera conditions (:mod:`edgehebb.camera.conditions`) are seeded the same way.
 """
 
 from __future__ import annotations
@@ -16,13 +16,13 @@ import torch
 
 from edgehebb.data import ImageSet
 from edgehebb.errors import EdgehebbError
-from edgehebb.features import BATCH, images_to_tensor
-from edgehebb.nnl import _Net
-from edgehebb.shadow import COVERAGE, INTENSITY, SWEEP_INTENSITIES, darken, shadow_masks
+from edgehebb.nnl.features import BATCH, images_to_tensor
+from edgehebb.nnl.layers import Net
+from edgehebb.camera.shadow import COVERAGE, INTENSITY, SWEEP_INTENSITIES, darken, shadow_masks
 
 
 @torch.no_grad()
-def predict(net: _Net, images: np.ndarray, *, device: str | torch.device = "cpu", batch: int = BATCH) -> np.ndarray:
+def predict(net: Net, images: np.ndarray, *, device: str | torch.device = "cpu", batch: int = BATCH) -> np.ndarray:
     """Predicted class ids of uint8 NHWC ``images``."""
     net = net.to(device).eval()
     return np.concatenate([net(images_to_tensor(images[lo:lo + batch], device)).argmax(1).cpu().numpy()
@@ -51,7 +51,7 @@ def check_classes(model_classes: Sequence[str], test: ImageSet) -> None:
                             f"{list(test.classes)}")
 
 
-def evaluate(net: _Net, test: ImageSet, classes: Sequence[str], *, intensity: float = INTENSITY,
+def evaluate(net: Net, test: ImageSet, classes: Sequence[str], *, intensity: float = INTENSITY,
              coverage: float = COVERAGE, seed: int = 0, sweep: Sequence[float] | None = SWEEP_INTENSITIES,
              device: str | torch.device = "cpu", progress: bool = True) -> dict:
     """Clean and shadowed accuracy (per class) and, with ``sweep``, error at each shadow intensity."""
@@ -102,7 +102,7 @@ def save_sweep_png(results: dict[str, dict], path: str | os.PathLike, title: str
     save_figure(fig, path)
 
 
-def evaluate_conditions(models: Mapping[str, tuple[_Net, Sequence[str]] | str | os.PathLike], test: ImageSet,
+def evaluate_conditions(models: Mapping[str, tuple[Net, Sequence[str]] | str | os.PathLike], test: ImageSet,
                         conditions: str | Sequence[str] | None = None, *,
                         sweeps: Mapping[str, Sequence[float]] | None = None, seed: int = 0, per_class: bool = False,
                         device: str | torch.device = "cpu", progress: bool = True) -> dict:
@@ -120,8 +120,8 @@ def evaluate_conditions(models: Mapping[str, tuple[_Net, Sequence[str]] | str | 
     """
     from tqdm import tqdm
 
-    from edgehebb import conditions as cond
-    from edgehebb.model import load_model
+    from edgehebb.camera import conditions as cond
+    from edgehebb.nnl.model import load_model
 
     levels = cond.plan(conditions, sweeps)
     names = list(levels)

@@ -1,6 +1,6 @@
 """The torch learning backend: the rule of ``hebbian.py`` run minibatch by minibatch on CPU or CUDA.
 
-On CUDA every step is :func:`edgehebb.hebbian.rank_update` itself. On the CPU the step is the same
+On CUDA every step is :func:`edgehebb.learn.hebbian.rank_update` itself. On the CPU the step is the same
 computation, op for op, except that the top-1 and rank-m units are found by repeated ``argmax`` in
 numpy instead of ``torch.topk`` (50 us instead of 1.1 ms on a 1000 x 400 minibatch, a third of the
 reference step), and the thread count is measured as the run goes (:mod:`edgehebb.threads`). Both
@@ -19,8 +19,8 @@ import time
 import numpy as np
 import torch
 
-from edgehebb.hebbian import apply_update, currents, rank_update, ranking_scores
-from edgehebb.patches import PatchSampler, preprocess
+from edgehebb.learn.hebbian import apply_update, currents, rank_update, ranking_scores
+from edgehebb.learn.patches import PatchSampler, preprocess
 from edgehebb.threads import ThreadTuner
 
 # Ranks up to this are found by masking and repeating argmax; beyond, one topk is cheaper.
@@ -67,10 +67,10 @@ def top_units(h: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def cpu_rank_update(M: torch.Tensor, v: torch.Tensor, eps: float, power: float = 2.0, delta: float = 0.4,
                     rank: int = 2, rank_by: str = "current") -> torch.Tensor:
-    """One step of :func:`edgehebb.hebbian.rank_update` on CPU tensors, updating ``M``; returns the winners.
+    """One step of :func:`edgehebb.learn.hebbian.rank_update` on CPU tensors, updating ``M``; returns the winners.
 
     Only the ranking differs (a numpy top-2, faster on the CPU and with the same ties); the update is the
-    reference's own :func:`edgehebb.hebbian.apply_update`, which is what keeps the filters bitwise equal.
+    reference's own :func:`edgehebb.learn.hebbian.apply_update`, which is what keeps the filters bitwise equal.
     """
     h = currents(M, v, power)
     winners, ranked = top_units(ranking_scores(M, h, power, rank_by) if rank_by != "current" else h, rank)
@@ -78,7 +78,7 @@ def cpu_rank_update(M: torch.Tensor, v: torch.Tensor, eps: float, power: float =
     return winners
 
 
-class TorchBackend:
+class TorchLearner:
     """Holds the images and the weights on one torch device and runs the rule over patch orders.
 
     Every backend has this shape: ``run(order, eps)`` consumes ``len(order) // batch`` minibatches

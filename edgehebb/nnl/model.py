@@ -19,8 +19,9 @@ from pathlib import Path
 import torch
 
 from edgehebb.errors import EdgehebbError
-from edgehebb.io import CONFIG_FILE, atomic_write_json, load_tensors, read_json, save_tensors
-from edgehebb.nnl import ConvNet, NetSpec, NNLNet, _Net, spec_from_dict
+from edgehebb.io import CONFIG_FILE, FORMAT, atomic_write_json, load_filters, load_tensors, read_json, save_tensors
+from edgehebb.nnl.spec import NetSpec, spec_from_dict
+from edgehebb.nnl.layers import ConvNet, NNLNet, Net
 from edgehebb.resources import data_dirs
 
 MODEL_FORMAT = "edgehebb.model/1"
@@ -29,7 +30,7 @@ WEIGHTS_FILE = "model.safetensors"
 INPUT = {"layout": "NCHW", "dtype": "float32", "channels": "RGB", "range": [0.0, 1.0]}
 
 
-def build_net(kind: str, spec: NetSpec, conv: dict | None = None, where: str = "model") -> _Net:
+def build_net(kind: str, spec: NetSpec, conv: dict | None = None, where: str = "model") -> Net:
     """An untrained network of ``kind`` for ``spec`` (filters zero for ``nnl``, random for ``conv``).
 
     ``conv`` holds a CONV twin's settings as config.json stores them; ``where`` names that file in errors.
@@ -49,7 +50,7 @@ def build_net(kind: str, spec: NetSpec, conv: dict | None = None, where: str = "
     raise EdgehebbError(f"unknown model kind {kind!r} (expected 'nnl' or 'conv')")
 
 
-def model_kind(net: _Net) -> tuple[str, dict | None]:
+def model_kind(net: Net) -> tuple[str, dict | None]:
     if isinstance(net, NNLNet):
         return "nnl", None
     if isinstance(net, ConvNet):
@@ -57,7 +58,7 @@ def model_kind(net: _Net) -> tuple[str, dict | None]:
     raise EdgehebbError(f"cannot save a {type(net).__name__}; expected NNLNet or ConvNet")
 
 
-def save_model(out: str | os.PathLike, net: _Net, classes: list[str], record: dict | None = None) -> Path:
+def save_model(out: str | os.PathLike, net: Net, classes: list[str], record: dict | None = None) -> Path:
     """Write ``net`` into the model directory ``out`` (weights first, then config.json, both atomic)."""
     out = Path(out)
     if len(classes) != net.spec.classes:
@@ -101,7 +102,7 @@ def shipped_models() -> list[str]:
                    if p.is_dir() and p.joinpath(CONFIG_FILE).is_file()})
 
 
-def load_model(name_or_path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[_Net, dict]:
+def load_model(name_or_path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[Net, dict]:
     """(network in eval mode, config dict) of a model directory written by :func:`save_model`."""
     path = resolve_model(name_or_path)
     config = read_json(path / CONFIG_FILE)
@@ -122,3 +123,19 @@ def load_model(name_or_path: str | os.PathLike, device: str | torch.device = "cp
         first = str(e).splitlines()[0] if str(e) else "mismatch"
         raise EdgehebbError(f"{path / WEIGHTS_FILE} does not fit the network in {path / CONFIG_FILE}: {first}") from None
     return net.to(device).eval(), config
+
+
+def model_filters(name_or_path: str | os.PathLike) -> tuple[list[tuple[str, torch.Tensor]], Path]:
+    """The banks ``edgehebb show`` draws, as (label, (K, C, W, W)), and the directory they came from.
+
+    A filter bank (``edgehebb learn``) has one; a trained model (``edgehebb train``, or a shipped
+    model's name) has one per block, each as the network uses it (unit filters for NNL blocks).
+    """
+    path = Path(name_or_path).expanduser()
+    if path.is_dir() and (path / CONFIG_FILE).is_file() and read_json(path / CONFIG_FILE).get("format") == FORMAT:
+        return [("", load_filters(path)[0])], path
+    where = resolve_model(name_or_path)
+    net, _ = load_model(where)
+    banks = [block.unit_weight() if hasattr(block, "unit_weight") else block.conv.weight for block in net.blocks]
+    labels = [""] if len(banks) == 1 else [f"block {i}: " for i in range(len(banks))]
+    return [(label, bank.detach()) for label, bank in zip(labels, banks)], where

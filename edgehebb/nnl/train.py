@@ -6,7 +6,8 @@ epoch), so the number of epochs is chosen on validation data, never on the test 
 
 :func:`train_to_dir` is ``edgehebb train``: it finds or learns the filter bank of every block
 (``edgehebb learn``'s machinery, resumable, under ``OUT/banks/``), computes the frozen features
-once (cached, :mod:`edgehebb.features`), fits the head and writes a model directory.
+once (cached, :mod:`edgehebb.nnl.features`), fits the head and writes a model directory. The banks
+themselves are found or learned by :mod:`edgehebb.nnl.banks`.
 """
 
 from __future__ import annotations
@@ -25,14 +26,16 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import edgehebb
-from edgehebb.data import ImageSet
+from edgehebb.data import ImageSet, data_record
+from edgehebb.devices import resolve_device
 from edgehebb.errors import EdgehebbError
-from edgehebb.features import cached_features
-from edgehebb.io import CHECKPOINT_FILE, CONFIG_FILE, FILTERS_FILE, load_filters, load_tensors, read_json
-from edgehebb.learn import LearnConfig, check_seed
-from edgehebb.learn_dir import learn_to_dir, normalised_data_key, resolve_device, settings_differ
-from edgehebb.model import MODEL_FORMAT, WEIGHTS_FILE, save_model
-from edgehebb.nnl import BlockSpec, ConvNet, NetSpec, NNLNet, _Net, spec_from_dict
+from edgehebb.io import CONFIG_FILE, check_writable_dir
+from edgehebb.learn.loop import check_seed
+from edgehebb.nnl.banks import bank_learn_settings, filter_banks, find_bank
+from edgehebb.nnl.features import cached_features
+from edgehebb.nnl.layers import ConvNet, Net, NNLNet
+from edgehebb.nnl.model import save_model
+from edgehebb.nnl.spec import NetSpec
 
 Log = Callable[[str], None]
 
@@ -42,9 +45,9 @@ def _stderr(s: str) -> None:
 
 
 @dataclass(frozen=True)
-class FitConfig:
+class TrainConfig:
     """Adam on cross-entropy. The defaults are the softmax head's on frozen features; the CONV twins
-    train end to end with :data:`BASELINE_FIT`."""
+    train end to end with :data:`BASELINE_TRAINING`."""
 
     epochs: int = 60            # upper bound: the best validation epoch is kept
     batch: int = 256
@@ -54,8 +57,8 @@ class FitConfig:
     seed: int = 0
     standardise: bool = True    # head on z-scored features; False: on the raw pooled features (the
                                 # steep n of the paper's ablation then also scales the classifier's input)
-    augment: str = ""           # camera conditions (edgehebb.conditions names, comma-separated) applied to a
-    augment_fraction: float = 0.5   # share of the training images (edgehebb.conditions.augment); "" = none
+    augment: str = ""           # camera conditions (edgehebb.camera.conditions names, comma-separated) applied to a
+    augment_fraction: float = 0.5   # share of the training images (edgehebb.camera.augment.augment); "" = none
 
     def check(self) -> None:
         if self.epochs < 1 or self.batch < 1 or not self.lr > 0 or self.weight_decay < 0:
@@ -64,7 +67,7 @@ class FitConfig:
             raise EdgehebbError(f"validation fraction must be in (0, 1), got {self.val_fraction}")
         check_seed(self.seed)
         if self.augment:
-            from edgehebb.conditions import select
+            from edgehebb.camera.conditions import select
 
             select(self.augment)   # unknown names: one line listing the known ones
             if not 0 < self.augment_fraction <= 1:
@@ -72,17 +75,17 @@ class FitConfig:
 
 
 # The end-to-end CONV twins: the settings of their measured rows (RESULTS.md, H100, 2026-11-23).
-BASELINE_FIT = FitConfig(epochs=30, lr=1e-3)
+BASELINE_TRAINING = TrainConfig(epochs=30, lr=1e-3)
 
 
-def training_images(train: ImageSet, fit: FitConfig) -> np.ndarray:
+def training_images(train: ImageSet, fit: TrainConfig) -> np.ndarray:
     """The images a model is trained on: ``train.x``, or with ``fit.augment`` each image outside the
     validation split perturbed with probability ``fit.augment_fraction`` by one of the named camera
-    conditions (:func:`edgehebb.conditions.augment`, seeded by ``fit.seed``). The validation images stay
+    conditions (:func:`edgehebb.camera.augment.augment`, seeded by ``fit.seed``). The validation images stay
     clean, so the epoch is chosen on the images it would be chosen on without augmentation."""
     if not fit.augment:
         return train.x
-    from edgehebb.conditions import augment
+    from edgehebb.camera.augment import augment
 
     _, val_idx = validation_split(train.y, fit.val_fraction, fit.seed)
     x, _ = augment(np.asarray(train.x), fit.augment, fit.augment_fraction, seed=fit.seed)
@@ -104,7 +107,7 @@ def validation_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
 
 
-def fit_standardiser(net: _Net, feats: np.ndarray, chunk: int = 4096) -> None:
+def fit_standardiser(net: Net, feats: np.ndarray, chunk: int = 4096) -> None:
     """Set ``net.feature_mean`` / ``feature_scale`` from training features (float64 sums)."""
     s1 = np.zeros(feats.shape[1])
     s2 = np.zeros(feats.shape[1])
@@ -122,7 +125,7 @@ def fit_standardiser(net: _Net, feats: np.ndarray, chunk: int = 4096) -> None:
 
 
 def _fit(params, logits_of: Callable[[torch.Tensor], torch.Tensor], labels: torch.Tensor,
-         train_idx: np.ndarray, val_idx: np.ndarray, cfg: FitConfig, net: _Net, *, progress: bool,
+         train_idx: np.ndarray, val_idx: np.ndarray, cfg: TrainConfig, net: Net, *, progress: bool,
          log: Log, what: str) -> dict:
     """Adam on cross-entropy over ``train_idx``; keep the state with the best validation accuracy."""
     opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -166,7 +169,7 @@ def _fit(params, logits_of: Callable[[torch.Tensor], torch.Tensor], labels: torc
     return {"best_epoch": best_epoch, "val_accuracy": best, "history": history}
 
 
-def train_head(net: _Net, feats: np.ndarray, labels: np.ndarray, cfg: FitConfig, *, device: str = "cpu",
+def train_head(net: Net, feats: np.ndarray, labels: np.ndarray, cfg: TrainConfig, *, device: str = "cpu",
                progress: bool = True, log: Log = _stderr) -> dict:
     """Fit ``net``'s standardiser and softmax head on frozen ``feats`` (N, D); the blocks are untouched."""
     cfg.check()
@@ -190,7 +193,7 @@ def train_head(net: _Net, feats: np.ndarray, labels: np.ndarray, cfg: FitConfig,
     return {**result, "train_images": len(train_idx), "val_images": len(val_idx)}
 
 
-def train_end_to_end(net: _Net, images: np.ndarray, labels: np.ndarray, cfg: FitConfig, *, device: str = "cpu",
+def train_end_to_end(net: Net, images: np.ndarray, labels: np.ndarray, cfg: TrainConfig, *, device: str = "cpu",
                      progress: bool = True, log: Log = _stderr) -> dict:
     """Train every parameter of ``net`` (a :class:`ConvNet`) on uint8 NHWC ``images`` with backprop."""
     cfg.check()
@@ -203,109 +206,52 @@ def train_end_to_end(net: _Net, images: np.ndarray, labels: np.ndarray, cfg: Fit
     return {**result, "train_images": len(train_idx), "val_images": len(val_idx)}
 
 
-# ----------------------------------------------------------------------------- filter banks
-
-def _bank_from_dir(path: Path, block: BlockSpec, channels: int) -> torch.Tensor | None:
-    """A (K, C, W, W) bank in ``path`` (a filter-bank or an NNL model directory) that fits ``block``."""
-    shape = (block.filters, channels, block.kernel, block.kernel)
-    if not (path / CONFIG_FILE).is_file():
-        return None
-    config = read_json(path / CONFIG_FILE)
-    fmt = config.get("format")
-    if fmt == MODEL_FORMAT:
-        if config.get("kind") != "nnl":
-            return None
-        if not isinstance(config.get("spec"), dict):
-            raise EdgehebbError(f"{path / CONFIG_FILE} is an NNL model without a 'spec': not a model edgehebb wrote")
-        spec = spec_from_dict(config["spec"], str(path / CONFIG_FILE))
-        tensors, _ = load_tensors(path / WEIGHTS_FILE)
-        for i, b in enumerate(spec.blocks):
-            w = tensors.get(f"blocks.{i}.weight")
-            if w is not None and tuple(w.shape) == shape and b.center == block.center:
-                return w
-        return None
-    if fmt is not None and str(fmt).startswith("edgehebb.filters") and (path / FILTERS_FILE).is_file():
-        filters, config = load_filters(path)
-        if tuple(filters.shape) == shape and config.get("learn", {}).get("preprocess") == block.preprocess:
-            return filters
-    return None
-
-
-def find_bank(sources: list[Path], block: BlockSpec, channels: int) -> tuple[torch.Tensor, Path] | None:
-    """The first bank fitting ``block`` in ``sources`` or their immediate subdirectories."""
-    for src in sources:
-        for path in [src, *sorted(p for p in src.iterdir() if p.is_dir())] if src.is_dir() else []:
-            bank = _bank_from_dir(path, block, channels)
-            if bank is not None:
-                return bank, path
-    return None
-
-
-def bank_learn_settings(path: Path) -> dict | None:
-    """How the bank in ``path`` (a filter-bank or model directory) was learned, as its config.json says."""
-    config = read_json(path / CONFIG_FILE)
-    if str(config.get("format", "")).startswith("edgehebb.filters"):
-        return config.get("learn")
-    return config.get("filters", {}).get("learn") if isinstance(config.get("filters"), dict) else None
-
-
-def bank_dir(out: Path, index: int, block: BlockSpec) -> Path:
-    return out / "banks" / f"block{index}-W{block.kernel}-K{block.filters}-{block.preprocess}"
-
-
-def filter_banks(spec: NetSpec, train: ImageSet, out: Path, *, filters_from: list[Path], learn: dict,
-                 backend: str, device: str, progress: bool, log: Log) -> tuple[list[torch.Tensor], list[str]]:
-    """One bank per block: found in ``filters_from`` (or ``out/banks`` from an earlier run), else learned."""
-    channels = spec.input[0]
-    banks, origins = [], []
-    for i, block in enumerate(spec.blocks):
-        if filters_from:
-            found = find_bank(filters_from, block, channels)
-            if found is None:
-                raise EdgehebbError(f"no filter bank in {', '.join(map(str, filters_from))} fits block {i} of "
-                                    f"{spec.name} (K={block.filters}, W={block.kernel}, C={channels}, preprocess "
-                                    f"{block.preprocess})")
-            banks.append(found[0].float())
-            origins.append(str(found[1]))
-            log(f"block {i}: filters from {found[1]}")
-            continue
-        where = bank_dir(out, i, block)
-        config = LearnConfig(filters=block.filters, kernel=block.kernel, preprocess=block.preprocess, **learn)
-        data_key = {"source": train.source, "split": "train", "images": len(train)}
-        if (where / FILTERS_FILE).is_file():  # finished by an earlier, interrupted `train` into this OUT
-            _check_bank(where, config, data_key)
-            log(f"block {i}: filters from {where} (learned by an earlier run)")
-        else:
-            log(f"block {i}: learning K={block.filters} W={block.kernel} filters into {where}")
-            learn_to_dir(train.x, config, where, data_key=data_key, backend=backend, device=device,
-                         resume=(where / CHECKPOINT_FILE).is_file(), progress=progress, log=log)
-        banks.append(load_filters(where)[0])
-        origins.append(str(where))
-    return banks, origins
-
-
-def _check_bank(where: Path, config: LearnConfig, data_key: dict) -> None:
-    """A bank left in OUT/banks is reused only if it was learned with these settings from this data."""
-    saved = read_json(where / CONFIG_FILE)
-    differ = settings_differ(saved.get("learn"), config)
-    if differ or normalised_data_key(saved.get("data")) != data_key:
-        what = differ or f"data {saved.get('data')}"
-        raise EdgehebbError(f"{where} was learned with other settings or data ({what}) than this run asks for; "
-                            f"delete it to learn it again, or choose another --out")
-
-
 # ----------------------------------------------------------------------------- edgehebb train
 
-def train_to_dir(spec: NetSpec, train: ImageSet, out: str | Path, *, fit: FitConfig | None = None,
+def training_config(baseline: bool, **given) -> TrainConfig:
+    """The settings of a run: the mode's defaults (the head's, or :data:`BASELINE_TRAINING` for a CONV twin)
+    with the ``given`` fields (None: not given) replacing them; checked."""
+    base = BASELINE_TRAINING if baseline else TrainConfig()
+    config = dataclasses.replace(base, **{k: v for k, v in given.items() if v is not None})
+    config.check()   # e.g. an unknown augment name, before any image is decoded
+    return config
+
+
+def check_request(spec: NetSpec, out: str | Path, *, filters_from: list[Path] = (), baseline: bool = False,
+                  baseline_only: list[str] = (), learning_only: list[str] = ()) -> None:
+    """Everything about a ``train`` run that can be refused before the data is decoded: ``out`` free and
+    writable, options that do not fit the mode (``baseline_only`` / ``learning_only``: the flags given that
+    apply only with / only without ``--baseline``), and a bank in ``filters_from`` for every block."""
+    out = Path(out)
+    if (out / CONFIG_FILE).exists():
+        raise EdgehebbError(f"{out} already holds a model; choose another --out")
+    check_writable_dir(out)
+    if baseline_only and not baseline:
+        raise EdgehebbError(f"{', '.join(baseline_only)} only apply with --baseline")
+    if baseline and learning_only:
+        raise EdgehebbError(f"{', '.join(learning_only)} do not apply with --baseline "
+                            f"(it learns no filter bank and caches no features)")
+    for i, block in enumerate(spec.blocks if filters_from else []):   # reads (and checks) the banks
+        if find_bank([Path(p) for p in filters_from], block, spec.input[0]) is None:
+            raise EdgehebbError(f"no filter bank in {', '.join(map(str, filters_from))} fits block {i} of "
+                                f"{spec.name} (K={block.filters}, W={block.kernel}, C={spec.input[0]}, "
+                                f"preprocess {block.preprocess})")
+
+
+def train_to_dir(spec: NetSpec, train: ImageSet, out: str | Path, *, training: TrainConfig | None = None,
                  filters_from: list[Path] = (), baseline: bool = False, conv_power: float = 1.0,
                  patch_norm: bool = False, learn: dict | None = None, backend: str = "auto", device: str = "auto",
-                 cache: str | None = None, progress: bool = True, log: Log = _stderr) -> dict:
+                 cache: str | None = None, progress: bool = True, log: Log = _stderr,
+                 extra: dict | None = None) -> dict:
     """Train a model of ``spec`` on ``train`` and write it to ``out``; return the record saved with it.
 
-    ``fit`` defaults to the head's settings (``FitConfig()``), or :data:`BASELINE_FIT` with ``baseline``.
+    ``training`` defaults to the head's settings (``TrainConfig()``), or :data:`BASELINE_TRAINING` with
+    ``baseline``. ``extra`` is added to the record (what the caller knows: threads, skipped files).
+    The record names the data by :func:`edgehebb.data.data_record` (name and fingerprint), never by a
+    path of the machine it was trained on.
     """
     out = Path(out)
-    fit = fit or (BASELINE_FIT if baseline else FitConfig())
+    cfg = training or (BASELINE_TRAINING if baseline else TrainConfig())
     device = resolve_device(device)
     if len(train.classes) != spec.classes:
         raise EdgehebbError(f"{spec.name} has {spec.classes} classes but the data has {len(train.classes)} "
@@ -313,26 +259,27 @@ def train_to_dir(spec: NetSpec, train: ImageSet, out: str | Path, *, fit: FitCon
     if tuple(train.x.shape[1:]) != (spec.input[1], spec.input[2], spec.input[0]):
         raise EdgehebbError(f"{spec.name} expects {spec.input[1]}x{spec.input[2]} images with {spec.input[0]} "
                             f"channels; {train.source} has {train.x.shape[1:]} (H, W, C)")
-    fit.check()
+    cfg.check()
     t0 = time.perf_counter()
-    x = training_images(train, fit)
-    record: dict = {"edgehebb_version": edgehebb.__version__, "fit": dataclasses.asdict(fit),
-                    "data": {"source": train.source, "images": len(train)}, "device": device}
+    x = training_images(train, cfg)
+    record: dict = {"edgehebb_version": edgehebb.__version__, "fit": dataclasses.asdict(cfg),
+                    "data": data_record(train), "device": device}
     if baseline:
-        torch.manual_seed(fit.seed)
+        torch.manual_seed(cfg.seed)
         net = ConvNet(spec, power=conv_power, patch_norm=patch_norm)
         log(f"training the CONV twin of {spec.name} end to end (n={conv_power}, patch norm {patch_norm})")
-        result = train_end_to_end(net, x, train.y, fit, device=device, progress=progress, log=log)
+        result = train_end_to_end(net, x, train.y, cfg, device=device, progress=progress, log=log)
     else:
-        learn = {"seed": fit.seed, **(learn or {})}
+        learn = {"seed": cfg.seed, **(learn or {})}
         banks, origins = filter_banks(spec, train, out, filters_from=[Path(p) for p in filters_from], learn=learn,
                                       backend=backend, device=device, progress=progress, log=log)
         net = NNLNet(spec, banks)
         feats = cached_features(net, x, device=device, cache=cache, progress=progress)
         log(f"features {feats.shape[1]} per image, {len(feats)} images")
-        result = train_head(net, feats, train.y, fit, device=device, progress=progress, log=log)
+        result = train_head(net, feats, train.y, cfg, device=device, progress=progress, log=log)
         record["filters"] = {"from": origins, "learn": [bank_learn_settings(Path(o)) for o in origins]}
     record["training"] = {**result, "seconds": time.perf_counter() - t0}
+    record.update(extra or {})
     save_model(out, net.cpu(), train.classes, record)
     log(f"wrote {out} (validation accuracy {result['val_accuracy']:.2%} at epoch {result['best_epoch']})")
     return record

@@ -23,9 +23,9 @@ from tqdm import tqdm
 
 from edgehebb.errors import EdgehebbError
 from edgehebb.io import atomic_write
-from edgehebb.model import model_kind
-from edgehebb import nnl
-from edgehebb.nnl import _Net
+from edgehebb.nnl.model import model_kind
+from edgehebb.nnl import layers as nnl
+from edgehebb.nnl.layers import Net
 from edgehebb.threads import ThreadTuner
 
 BATCH = 250   # images per forward pass: the fig. 2-middle blocks' maps take ~0.9 GB at this size
@@ -40,7 +40,7 @@ def images_to_tensor(images: np.ndarray, device: str | torch.device = "cpu") -> 
 
 
 @torch.no_grad()
-def compute_features(net: _Net, images: np.ndarray, *, device: str | torch.device = "cpu", batch: int = BATCH,
+def compute_features(net: Net, images: np.ndarray, *, device: str | torch.device = "cpu", batch: int = BATCH,
                      progress: bool = True, desc: str = "features", threads: int | None = None) -> np.ndarray:
     """(N, feature_dim) float32 numpy: ``net.features`` of uint8 NHWC ``images``.
 
@@ -67,7 +67,7 @@ def cache_dir() -> Path:
     return (Path(base).expanduser() if base else Path.home() / ".cache" / "edgehebb") / "features"
 
 
-def features_key(net: _Net, images: np.ndarray) -> str:
+def features_key(net: Net, images: np.ndarray) -> str:
     """Hex digest of the images, the blocks' tensors (not the head's), the spec, the kind of network
     (a CONV twin's power and patch norm change its features, not its tensors) and the layer's code
     (edgehebb/nnl.py: a change to its arithmetic must not reuse features computed before it)."""
@@ -83,7 +83,7 @@ def features_key(net: _Net, images: np.ndarray) -> str:
     return h.hexdigest()[:32]
 
 
-def cached_features(net: _Net, images: np.ndarray, *, device: str | torch.device = "cpu",
+def cached_features(net: Net, images: np.ndarray, *, device: str | torch.device = "cpu",
                     cache: str | os.PathLike | None = None, progress: bool = True,
                     desc: str = "features") -> np.ndarray:
     """:func:`compute_features`, read from / written to the cache folder (``cache=False``-like: pass ``""``)."""

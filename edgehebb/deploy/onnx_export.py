@@ -5,13 +5,13 @@ and the model carries a model-local ``FunctionProto`` of that name whose body us
 ops. ONNX Runtime inlines the body; TensorRT imports it as a local function or, from 10.7, runs a
 plugin registered under the same name and namespace instead. With ``standard_ops=True`` the file
 is instead the same graph with the functions inlined and constants folded
-(:mod:`edgehebb.onnx_standard`): standard ops only, for OpenCV DNN and other clients that ignore
+(:mod:`edgehebb.deploy.onnx_standard`): standard ops only, for OpenCV DNN and other clients that ignore
 local functions. Both forms carry every activation's shape (static but for the batch when the
 input size is fixed). The graph is built by hand with
 ``onnx.helper`` rather than traced from torch: node boundaries, names and attributes are the
 contract with the plugin and the runtime, and building them directly keeps them exactly so.
 
-Graph: [frames uint8 NHWC -> preprocessing, as :mod:`edgehebb.frames`] -> images float32 NCHW
+Graph: [frames uint8 NHWC -> preprocessing, as :mod:`edgehebb.deploy.frames`] -> images float32 NCHW
 -> [colour normalisation, standard ops, when the spec has one] -> blocks side by side -> Flatten, Concat = ``features`` -> (f - mean) * scale -> Gemm = ``logits``
 -> Softmax = ``probabilities``.
 """
@@ -25,150 +25,19 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
-from onnx import AttributeProto, TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper, numpy_helper
 
 from edgehebb import __version__
+from edgehebb.deploy import op
+from edgehebb.deploy.onnx_op import FLOAT, MIN_OPSET, op_function
 from edgehebb.errors import EdgehebbError
-from edgehebb.frames import CHANNEL_ORDERS, FITS, check_choice, crop_box
+from edgehebb.deploy.frames import CHANNEL_ORDERS, FITS, check_choice, crop_box
 from edgehebb.io import atomic_write
-from edgehebb.model import load_model, model_kind
-from edgehebb.nnl import COLOUR_EPS, ConvBlock, NNLConv, _Net
-from edgehebb.onnx_standard import activation_shapes, standard_ops as to_standard_ops
+from edgehebb.nnl.model import load_model, model_kind
+from edgehebb.nnl.layers import COLOUR_EPS, ConvBlock, NNLConv, Net
+from edgehebb.deploy.onnx_standard import activation_shapes, standard_ops as to_standard_ops
 
-OP_DOMAIN = "ai.edgehebb"
-OP_VERSION = 1          # what a model whose blocks all have sigma = 0 is written with: files exactly as before
-SIGMA_OP_VERSION = 2    # version 1 plus the attribute ``sigma`` (semi-saturation), written when a block uses it
-OP_VERSIONS = (OP_VERSION, SIGMA_OP_VERSION)
-OP_NAME = "PatchNormPowReLU"
-OP_ATTRIBUTES = ("strides", "padding", "pool_shape", "pool_strides", "power", "eps", "center")
-SIGMA_OP_ATTRIBUTES = OP_ATTRIBUTES + ("sigma",)
 PREPROCESS = ("none", "uint8-nhwc")
-# 17: Shape(start=), ReduceSum/Pad/Clip/Resize with tensor inputs in the forms used here; TensorRT 8.6+ reads it.
-MIN_OPSET = 17
-FLOAT = TensorProto.FLOAT
-
-
-# ----------------------------------------------------------------------------- the custom op's body
-
-def _ref(name: str, parent: str, attr_type: int) -> AttributeProto:
-    """Body-node attribute ``name`` taking its value from the calling node's attribute ``parent``."""
-    a = AttributeProto()
-    a.name, a.ref_attr_name, a.type = name, parent, attr_type
-    return a
-
-
-def _const(name: str, value) -> onnx.NodeProto:
-    """A Constant node: a float scalar, or a numpy array."""
-    if isinstance(value, float):
-        return helper.make_node("Constant", [], [name], value_float=value)
-    return helper.make_node("Constant", [], [name], value=numpy_helper.from_array(np.asarray(value)))
-
-
-def _n(op: str, inputs: list[str], output: str, refs: tuple = (), **attrs) -> onnx.NodeProto:
-    node = helper.make_node(op, inputs, [output], **attrs)
-    node.attribute.extend(refs)
-    return node
-
-
-def op_function(opset: int = MIN_OPSET, version: int = OP_VERSION) -> onnx.FunctionProto:
-    """The definition of ``PatchNormPowReLU``: Y = clip(maxpool(cos(X, M)), 0, 1) ^ power (OP_SPEC.md).
-
-    ``version`` 2 adds the attribute ``sigma``: the patch norm becomes sqrt(|d|^2 + sigma^2) (+ eps, as in
-    version 1); version 1's nodes are unchanged, so its files are exactly what they were.
-
-    Numerics. The patch variance is computed in two passes on the patches themselves, not as
-    s2 - s1^2 / N from two ones-convolutions: on a low-contrast patch (variance ~1e-4 beside
-    s2 ~ 12) that difference cancels to a few percent error in the cosine, which ^40 turns into a
-    factor ~2 (measured on CIFAR-10). So a convolution with one-hot kernels (the N x N identity,
-    N = C*W*W) lays each patch out along the channel axis (an exact copy: every output is one pixel
-    times 1 plus zeros), the mean is subtracted there, and both the variance and the dot product
-    with the filters are taken on the centred patches (a 1 x 1 convolution: the same multiply-adds
-    as the direct one). Float32 then stays within ~1e-5 of a float64 evaluation.
-
-    ``center`` (0 or 1) enters arithmetically (shift = 0.5 * center, D = P - center * mean, ...), so
-    one body serves both settings; center=0 pays only for a few unused elementwise ops. The filter
-    preprocessing depends on the initializer M alone: ONNX Runtime folds it into constants at load.
-    """
-    I, F, INTS = AttributeProto.INT, AttributeProto.FLOAT, AttributeProto.INTS
-    strides = (_ref("strides", "strides", INTS),)
-    nodes = [
-        # attributes that feed op inputs: Constant(value_* referring to the op's attribute)
-        _n("Constant", [], "p", (_ref("value_int", "padding", I),)),
-        _n("Constant", [], "center_i", (_ref("value_int", "center", I),)),
-        _n("Constant", [], "eps", (_ref("value_float", "eps", F),)),
-        _n("Constant", [], "n", (_ref("value_float", "power", F),)),
-        _const("pad_unit", np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64)),
-        _const("axes", np.array([1, 2, 3], np.int64)),
-        _const("channel", np.array([1], np.int64)),
-        _const("one_one", np.array([1, 1], np.int64)),
-        _const("half", 0.5), _const("zero", 0.0), _const("one", 1.0), _const("tiny", 1e-12),
-        _n("Cast", ["center_i"], "cf", to=FLOAT),
-        # zero padding in [0, 1] (black pixels), *then* the -0.5 shift: the order of nnl.NNLConv
-        _n("Mul", ["pad_unit", "p"], "pads"),
-        _n("Pad", ["X", "pads"], "Xp"),
-        _n("Mul", ["half", "cf"], "shift"),
-        _n("Sub", ["Xp", "shift"], "Xs"),
-        # filters to unit length, then (center) minus their mean
-        _n("Mul", ["M", "M"], "M2"),
-        _n("ReduceSum", ["M2", "axes"], "M2s", keepdims=1),
-        _n("Sqrt", ["M2s"], "Mnorm"),
-        _n("Max", ["Mnorm", "tiny"], "Mnorm_c"),
-        _n("Div", ["M", "Mnorm_c"], "U"),
-        _n("Shape", ["M"], "k", end=1),
-        _n("Shape", ["M"], "cww", start=1),
-        # N = C * W * W as int64 [1], by Gather and Mul: shape arithmetic that shape inference (and
-        # TensorRT's parser, whose EyeLike and computed-weight Conv need N at parse time) folds to a
-        # constant, which it does not for ReduceProd
-        _const("i0", np.array([0], np.int64)), _const("i1", np.array([1], np.int64)),
-        _const("i2", np.array([2], np.int64)),
-        _n("Gather", ["cww", "i0"], "c_i", axis=0),
-        _n("Gather", ["cww", "i1"], "h_i", axis=0),
-        _n("Gather", ["cww", "i2"], "w_i", axis=0),
-        _n("Mul", ["c_i", "h_i"], "ch_i"),
-        _n("Mul", ["ch_i", "w_i"], "N_i"),
-        _n("Cast", ["N_i"], "N", to=FLOAT),
-        _n("ReduceSum", ["U", "axes"], "Us", keepdims=1),
-        _n("Div", ["Us", "N"], "Umean"),
-        _n("Mul", ["Umean", "cf"], "Ushift"),
-        _n("Sub", ["U", "Ushift"], "Mc"),
-        _n("Concat", ["k", "N_i", "one_one"], "k_n_1_1", axis=0),
-        _n("Reshape", ["Mc", "k_n_1_1"], "Mflat"),                        # (K, N, 1, 1), N in M's (C, W, W) order
-        # one-hot kernels (N, C, W, W): P[:, j] = pixel j of each patch
-        _n("Concat", ["N_i", "N_i"], "n_n", axis=0),
-        _n("ConstantOfShape", ["n_n"], "zeros_nn", value=numpy_helper.from_array(np.zeros(1, np.float32))),
-        _n("EyeLike", ["zeros_nn"], "eye"),
-        _n("Concat", ["N_i", "cww"], "n_c_w_w", axis=0),
-        _n("Reshape", ["eye", "n_c_w_w"], "E"),
-        _n("Conv", ["Xs", "E"], "P", strides),
-        # centred patches D (center=1) or raw ones (center=0); variance and dot product on them
-        _n("ReduceSum", ["P", "channel"], "Psum", keepdims=1),
-        _n("Div", ["Psum", "N"], "Pmean"),
-        _n("Mul", ["Pmean", "cf"], "Pshift"),
-        _n("Sub", ["P", "Pshift"], "D"),
-        _n("Mul", ["D", "D"], "D2"),
-        _n("ReduceSum", ["D2", "channel"], "var", keepdims=1),            # |v - mean(v)|^2, never < 0
-        _n("Conv", ["D", "Mflat"], "dot"),                                 # <m - mean(m), v - mean(v)>
-        *([_n("Constant", [], "sigma", (_ref("value_float", "sigma", F),)),
-           _n("Mul", ["sigma", "sigma"], "sigma2"),
-           _n("Add", ["var", "sigma2"], "var_s")] if version == SIGMA_OP_VERSION else []),
-        _n("Sqrt", ["var_s" if version == SIGMA_OP_VERSION else "var"], "vnorm"),
-        _n("Add", ["vnorm", "eps"], "den"),
-        _n("Div", ["dot", "den"], "cos"),
-        # pool first, then the power: ReLU(x)^n is monotonic, so this is exact and far cheaper
-        _n("MaxPool", ["cos"], "pooled", (_ref("kernel_shape", "pool_shape", INTS),
-                                          _ref("strides", "pool_strides", INTS))),
-        # clip at 1: a cosine can round a hair above 1, and x^40 magnifies whatever is left there
-        _n("Clip", ["pooled", "zero", "one"], "clipped"),
-        _n("Pow", ["clipped", "n"], "Y"),
-    ]
-    if version not in OP_VERSIONS:
-        raise EdgehebbError(f"{OP_NAME} has versions {OP_VERSIONS}, not {version!r}")
-    return helper.make_function(
-        OP_DOMAIN, OP_NAME, inputs=["X", "M"], outputs=["Y"], nodes=nodes,
-        opset_imports=[helper.make_opsetid("", opset)],
-        attributes=list(SIGMA_OP_ATTRIBUTES if version == SIGMA_OP_VERSION else OP_ATTRIBUTES),
-        doc_string="edgehebb NNL-CONV block: patch-normalised cosine with unit filters, max-pool, "
-                   "clip to [0, 1], power. Specification: export/OP_SPEC.md.")
 
 
 # ----------------------------------------------------------------------------- graph building
@@ -196,9 +65,9 @@ class _Graph:
         return out
 
 
-def op_version(net: _Net) -> int:
+def op_version(net: Net) -> int:
     """The ``ai.edgehebb`` version ``net`` exports with: 2 if a block has sigma > 0, else 1."""
-    return SIGMA_OP_VERSION if any(getattr(b, "sigma", 0.0) for b in net.blocks) else OP_VERSION
+    return op.SIGMA_VERSION if any(getattr(b, "sigma", 0.0) for b in net.blocks) else op.VERSION
 
 
 def _colour_norm(g: _Graph, x: str, mode: str, size: tuple[int, int, int]) -> str:
@@ -219,12 +88,12 @@ def _colour_norm(g: _Graph, x: str, mode: str, size: tuple[int, int, int]) -> st
     return g.add("Mul", [x, gain], "colour_norm")
 
 
-def _nnl_block(g: _Graph, x: str, block: NNLConv, i: int, version: int = OP_VERSION) -> str:
+def _nnl_block(g: _Graph, x: str, block: NNLConv, i: int, version: int = op.VERSION) -> str:
     """One NNLConv block: the custom node (norm=True) or, for the norm=False ablation, standard ops."""
     if block.norm:
         m = g.init(f"block{i}.filters", block.weight)  # raw: the op normalises and centres them itself
-        extra = {"sigma": float(block.sigma)} if version == SIGMA_OP_VERSION else {}
-        return g.add(OP_NAME, [x, m], f"block{i}", domain=OP_DOMAIN,
+        extra = {"sigma": float(block.sigma)} if version == op.SIGMA_VERSION else {}
+        return g.add(op.NAME, [x, m], f"block{i}", domain=op.DOMAIN,
                      strides=[block.stride] * 2, padding=block.padding, pool_shape=[block.pool] * 2,
                      pool_strides=[block.pool_stride] * 2, power=block.power, eps=block.eps,
                      center=int(block.center), **extra)
@@ -261,7 +130,7 @@ def _conv_block(g: _Graph, x: str, block: ConvBlock, i: int) -> str:
 
 def _preprocess_frames(g: _Graph, frames: str, size: tuple[int, int], channel_order: str, fit: str,
                        frame_size: tuple[int, int] | None) -> str:
-    """uint8 NHWC frames -> float32 NCHW RGB in [0, 1] of the model's (H, W): edgehebb.frames' steps."""
+    """uint8 NHWC frames -> float32 NCHW RGB in [0, 1] of the model's (H, W): edgehebb.deploy.frames' steps."""
     th, tw = size
     # Cast first: TensorRT takes uint8 only at the network boundary and in Cast.
     x = g.add("Cast", [frames], "frames.float", to=FLOAT)
@@ -280,7 +149,7 @@ def _preprocess_frames(g: _Graph, frames: str, size: tuple[int, int], channel_or
             h, w = rows, cols
         if (h, w) == (th, tw):
             return x
-    elif fit == "center-crop":  # dynamic frame size: edgehebb.frames.crop_box in int64 graph arithmetic
+    elif fit == "center-crop":  # dynamic frame size: edgehebb.deploy.frames.crop_box in int64 graph arithmetic
         hw = g.add("Shape", [frames], "crop.hw", start=1, end=3)
         h = g.add("Slice", [hw, g.init("crop.i0", np.array([0], np.int64)),
                             g.init("crop.i1", np.array([1], np.int64))], "crop.h")
@@ -327,7 +196,7 @@ def _check_frame_size(frame_size) -> tuple[int, int] | None:
     return h, w
 
 
-def build_model_proto(net: _Net, classes: list[str], *, preprocess: str | None = None,
+def build_model_proto(net: Net, classes: list[str], *, preprocess: str | None = None,
                       channel_order: str = "rgb", frame_size: tuple[int, int] | None = None,
                       fit: str = "resize", opset: int = MIN_OPSET, standard_ops: bool = False) -> onnx.ModelProto:
     """The ONNX model of ``net`` (an NNLNet or ConvNet) with the input/output contract of export_onnx."""
@@ -385,10 +254,10 @@ def build_model_proto(net: _Net, classes: list[str], *, preprocess: str | None =
                helper.make_tensor_value_info("features", FLOAT, ["batch", d])]
     graph = helper.make_graph(g.nodes, spec.name, [graph_input], outputs, initializer=g.initializers,
                               value_info=g.shapes)
-    uses_op = any(n.domain == OP_DOMAIN for n in g.nodes)
+    uses_op = any(n.domain == op.DOMAIN for n in g.nodes)
     model = helper.make_model(
         graph, producer_name="edgehebb", producer_version=__version__,
-        opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(OP_DOMAIN, version)],
+        opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(op.DOMAIN, version)],
         functions=[op_function(opset, version)] if uses_op else [],
         # the lowest IR that holds this opset (8 for 17): older runtimes and TensorRT parsers read it
         ir_version=max(8, helper.find_min_ir_version_for([helper.make_opsetid("", opset)])))
@@ -399,20 +268,20 @@ def build_model_proto(net: _Net, classes: list[str], *, preprocess: str | None =
     if preprocess == "uint8-nhwc":
         input_meta["fit"] = fit
     helper.set_model_props(model, {
-        "edgehebb.classes": json.dumps(list(classes)),
-        "edgehebb.op_domain": OP_DOMAIN,
-        "edgehebb.op_version": str(version),
-        "edgehebb.op_name": OP_NAME,
+        op.META_CLASSES: json.dumps(list(classes)),
+        op.META_OP_DOMAIN: op.DOMAIN,
+        op.META_OP_VERSION: str(version),
+        op.META_OP_NAME: op.NAME,
         # custom: PatchNormPowReLU nodes with their function; standard: inlined and folded (onnx_standard)
-        "edgehebb.ops": "standard" if standard_ops else "custom",
-        "edgehebb.spec": json.dumps(spec.to_dict()),
-        "edgehebb.kind": kind,
-        "edgehebb.input": json.dumps(input_meta),
+        op.META_OPS: "standard" if standard_ops else "custom",
+        op.META_SPEC: json.dumps(spec.to_dict()),
+        op.META_KIND: kind,
+        op.META_INPUT: json.dumps(input_meta),
         # JSON object, so a runtime can tell which channel order / fit is baked in
-        "edgehebb.preprocess": json.dumps({"mode": preprocess} if preprocess == "none" else
+        op.META_PREPROCESS: json.dumps({"mode": preprocess} if preprocess == "none" else
                                           {"mode": preprocess, "channel_order": channel_order, "fit": fit,
                                            "frame_size": list(frame_size) if frame_size else None}),
-        "edgehebb.version": __version__,
+        op.META_VERSION: __version__,
     })
     if standard_ops:
         model = to_standard_ops(model)   # keeps the metadata, doc string and producer
@@ -430,13 +299,13 @@ def export_onnx(model, out: str | os.PathLike, *, preprocess: str | None = None,
     """Write ``model`` (model directory, shipped name, or a loaded ``(net, config)`` pair) as ONNX to ``out``.
 
     ``standard_ops``: no custom node and no function (for OpenCV DNN and other clients; see
-    :mod:`edgehebb.onnx_standard`) instead of the default custom-op file.
+    :mod:`edgehebb.deploy.onnx_standard`) instead of the default custom-op file.
 
     The file is checked with ``onnx.checker.check_model(full_check=True)`` before it is written,
     atomically. Returns ``out`` as a Path.
     """
     if isinstance(model, tuple):
-        if len(model) != 2 or not isinstance(model[0], _Net) or not isinstance(model[1], dict):
+        if len(model) != 2 or not isinstance(model[0], Net) or not isinstance(model[1], dict):
             raise EdgehebbError("model must be a model directory, a shipped model name or a (net, config) pair")
         net, config = model
     elif isinstance(model, (str, os.PathLike)):

@@ -23,10 +23,11 @@ from typing import Callable
 import torch
 
 import edgehebb
+from edgehebb.devices import resolve_device
 from edgehebb.errors import EdgehebbError
 from edgehebb.io import CHECKPOINT_FILE, FILTERS_FILE, check_writable_dir, load_tensors, save_filters, save_tensors
-from edgehebb.learn import EpochStats, LearnConfig, LearnState, learn, resolve_backend
-from edgehebb.patches import flat_cosines
+from edgehebb.learn.loop import EpochStats, LearnConfig, LearnState, learn, resolve_backend
+from edgehebb.learn.patches import flat_cosines
 from edgehebb.viz import colour_orientation_summary, save_filter_png
 
 # Below this median cosine between the rows and the flat patch, a bank learned from plain unit patches
@@ -44,14 +45,6 @@ class Interrupted(KeyboardInterrupt):
     def __init__(self, signum: int, message: str):
         super().__init__(message)
         self.signum = signum
-
-
-def resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise EdgehebbError(f"--device {device} asked for, but torch sees no CUDA GPU (torch {torch.__version__})")
-    return device
 
 
 def normalised_data_key(saved) -> dict | None:

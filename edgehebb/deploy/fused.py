@@ -32,7 +32,8 @@ import torch
 
 from edgehebb.cuda_driver import Active, compiled_module, context, driver
 from edgehebb.errors import EdgehebbError
-from edgehebb.nnl import BlockSpec, NNLConv, _Net, colour_normalise
+from edgehebb.nnl.spec import BlockSpec
+from edgehebb.nnl.layers import NNLConv, Net, colour_normalise
 from edgehebb.resources import cuda_source
 
 KERNEL_FILE = "nnl_forward.cu"
@@ -144,13 +145,13 @@ class BlockLaunch:
     width: int              # K * HP * WP columns
 
 
-def _check_blocks(net: _Net) -> None:
+def _check_blocks(net: Net) -> None:
     if not len(net.blocks) or not all(isinstance(b, NNLConv) for b in net.blocks):
         raise EdgehebbError("the fused kernel runs NNL-CONV blocks; this network has standard convolutions "
                             "(a CONV twin): run it with torch")
 
 
-def block_launches(net: _Net, shared_limit: int, *, kc: int | None = None, threads: int | None = None,
+def block_launches(net: Net, shared_limit: int, *, kc: int | None = None, threads: int | None = None,
                    nch: int | None = None) -> list[BlockLaunch]:
     """One :class:`BlockLaunch` per block of ``net`` (no pycuda needed: the host emulation uses it too)."""
     _check_blocks(net)
@@ -176,7 +177,7 @@ class FusedNet:
     allocator), so threads may share an instance.
     """
 
-    def __init__(self, net: _Net, *, kc: int | None = None, threads: int | None = None, nch: int | None = None):
+    def __init__(self, net: Net, *, kc: int | None = None, threads: int | None = None, nch: int | None = None):
         _check_blocks(net)
         cuda = driver(why="the fused NNL kernel is launched with pycuda")
         device = net.feature_mean.device
@@ -240,7 +241,7 @@ class FusedNet:
         return self.net.classify(self.features(x))
 
 
-def layer_eps(net: _Net) -> float:
+def layer_eps(net: Net) -> float:
     """The patch-norm epsilon of the network's blocks (one value: ``nnl.EPS`` unless changed)."""
     values = {float(b.eps) for b in net.blocks}
     if len(values) != 1:

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import click
 
+from edgehebb.cli.options import given
 from edgehebb.errors import EdgehebbError
 
-# edgehebb.tensorrt_engine.build_engine's default profile, repeated here so that --help shows it
+# edgehebb.deploy.tensorrt_engine.build_engine's default profile, repeated here so that --help shows it
 # without importing that module (a test keeps the two equal)
 TRT_BATCH = (1, 32, 256)
 
@@ -67,7 +68,8 @@ def parse_frame_size(text: str | None) -> tuple[int, int] | None:
 @click.option("--timing-cache", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="With --trt: timing cache file, read if present and updated (faster rebuilds).")
 @click.option("--json", "as_json", is_flag=True, help="Print what was written as JSON on stdout.")
-def export(model, out, preprocess, channel_order, frame_size, fit, opset, standard_ops, trt, fp16, batch,
+@click.pass_context
+def export(ctx, model, out, preprocess, channel_order, frame_size, fit, opset, standard_ops, trt, fp16, batch,
            workspace_mib, timing_cache, as_json):
     """Export MODEL (a model directory or shipped model name) to ONNX, optionally to a TensorRT engine.
 
@@ -81,10 +83,10 @@ def export(model, out, preprocess, channel_order, frame_size, fit, opset, standa
 
     check_writable(out)
     size = parse_frame_size(frame_size)
-    trt_only = {"--fp16": fp16, "--batch": batch is not None, "--workspace-mib": workspace_mib is not None,
-                "--timing-cache": timing_cache is not None}
-    if not trt and any(trt_only.values()):
-        raise EdgehebbError(f"{', '.join(k for k, v in trt_only.items() if v)} only apply with --trt")
+    trt_only = given(ctx, {"fp16": "--fp16", "batch": "--batch", "workspace_mib": "--workspace-mib",
+                           "timing_cache": "--timing-cache"})
+    if not trt and trt_only:
+        raise EdgehebbError(f"{', '.join(trt_only)} only apply with --trt")
     profile = parse_batch(batch) if batch is not None else None  # validated before the (slower) export
     if fp16 and standard_ops:   # tensorrt_engine finds the op's layers by the ai.edgehebb nodes, gone here
         raise EdgehebbError("--fp16 needs the default (custom-op) export: in a --standard-ops file TensorRT cannot "
@@ -93,11 +95,11 @@ def export(model, out, preprocess, channel_order, frame_size, fit, opset, standa
         if preprocess == "uint8-nhwc" and size is None:
             raise EdgehebbError("--trt with --preprocess uint8-nhwc needs --frame-size HxW: a TensorRT engine with "
                                 "baked-in preprocessing takes frames of one fixed size")
-        from edgehebb.tensorrt_engine import preflight
+        from edgehebb.deploy.tensorrt_engine import preflight
 
         preflight(fp16)
 
-    from edgehebb.onnx_export import export_onnx
+    from edgehebb.deploy.onnx_export import export_onnx
 
     path = export_onnx(model, out, preprocess=preprocess, channel_order=channel_order, frame_size=size,
                        fit=fit, opset=opset, standard_ops=standard_ops)
@@ -105,12 +107,13 @@ def export(model, out, preprocess, channel_order, frame_size, fit, opset, standa
               "ops": "standard" if standard_ops else "custom"}
     if trt:
         from edgehebb.io import read_json
-        from edgehebb.tensorrt_engine import build_engine, sidecar_path
+        from edgehebb.deploy.tensorrt_engine import build_engine
+        from edgehebb.deploy.tensorrt_plan import sidecar_path
 
         engine = path.with_suffix(".engine")
         # options left out keep build_engine's own defaults
-        given = {"batch": profile, "workspace_mib": workspace_mib, "timing_cache": timing_cache}
-        build_engine(path, engine, fp16=fp16, **{k: v for k, v in given.items() if v is not None})
+        chosen = {"batch": profile, "workspace_mib": workspace_mib, "timing_cache": timing_cache}
+        build_engine(path, engine, fp16=fp16, **{k: v for k, v in chosen.items() if v is not None})
         result["engine"] = str(engine)
         sidecar = read_json(sidecar_path(engine))
         result["trt"] = {"sidecar": str(sidecar_path(engine)),

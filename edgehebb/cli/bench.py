@@ -1,4 +1,4 @@
-"""``edgehebb bench``: accuracy and latency of one model on every backend (a thin command over edgehebb.bench).
+"""``edgehebb bench``: accuracy and latency of one model on every backend (a thin command over edgehebb.deploy.bench).
 
 Only click and the standard library load with this module, so ``edgehebb --help`` stays fast; cli.py
 registers the command with ``cli.add_command(bench)``.
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-BACKEND_NAMES = ("torch", "torch-cuda", "onnxruntime", "onnxruntime-cuda", "opencv", "tensorrt")   # = edgehebb.bench.BACKENDS
+BACKEND_NAMES = ("torch", "torch-cuda", "onnxruntime", "onnxruntime-cuda", "opencv", "tensorrt")   # = edgehebb.deploy.bench.BACKENDS
 
 
 def _backends(ctx, param, value: str) -> list[str]:
@@ -55,19 +55,20 @@ def bench(model, data, backends, batches, limit, warmup, iters, skip_bad, png, a
     TensorRT .engine file. Every backend runs through edgehebb.Runtime, the interface camera pipelines
     use. A model exported for one --frame-size gets the test images resized to that size.
     """
-    from edgehebb.bench import run_bench, save_bench_png
+    from edgehebb.deploy.bench import run_bench, save_bench_png
     from edgehebb.data import load_split, resolve_data_root
     from edgehebb.io import check_writable
-    from edgehebb.runtime import read_onnx_metadata, resolve_target
+    from edgehebb.deploy.op import read_metadata
+    from edgehebb.deploy.runtime import resolve_target
 
     # a wrong, corrupt or foreign MODEL, or an unwritable --png, fails before the test set is decoded
     kind, target = resolve_target(model)
     if kind == "model":
-        from edgehebb.model import load_model
+        from edgehebb.nnl.model import load_model
 
         load_model(target)   # config.json, the spec and the tensors' checksum
     elif kind == "onnx":
-        read_onnx_metadata(target)
+        read_metadata(target)
     check_writable(png)
     test = load_split(resolve_data_root(data), "test", limit=limit, skip_bad=skip_bad)
     click.echo(f"{len(test)} test images from {test.source}", err=True)

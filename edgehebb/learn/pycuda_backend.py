@@ -1,6 +1,6 @@
 """The PyCUDA learning backend: the rank-update rule as one persistent kernel (cuda/hebbian_step.cu).
 
-Same interface as ``learn_torch.TorchBackend``: the images (uint8, NHWC) and the weights live on the
+Same interface as ``learn_torch.TorchLearner``: the images (uint8, NHWC) and the weights live on the
 GPU; ``run(order, eps)`` does ``len(order) // batch`` minibatch steps in a few launches of a
 persistent kernel (each launch runs many steps, with grid-wide barriers between their phases) and
 returns the win counts; ``weights()`` copies M back. The kernel computes the same rule as
@@ -22,8 +22,8 @@ import torch
 from edgehebb.resources import cuda_source
 from edgehebb.cuda_driver import Active, available, compiled_module, context, driver  # noqa: F401 (available: learn.py)
 from edgehebb.errors import EdgehebbError
-from edgehebb.hebbian import PRECISION, RANK_BY, check_rule
-from edgehebb.patches import PREPROCESS, patch_grid
+from edgehebb.learn.hebbian import PRECISION, RANK_BY, check_rule
+from edgehebb.learn.patches import PREPROCESS, patch_grid
 
 KERNEL_FILE = "hebbian_step.cu"
 THREADS = 256  # 8 warps per block, one block per multiprocessor
@@ -201,7 +201,7 @@ def grid_barrier_seconds(blocks: int, iters: int = 20000, device: int = 0) -> fl
         return end.time_since(start) * 1e-3 / iters
 
 
-class PyCudaBackend:
+class PycudaLearner:
     """Images and weights on one GPU; each ``run`` is up to four launches of the persistent kernel."""
 
     name = "pycuda"

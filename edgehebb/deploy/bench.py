@@ -2,7 +2,7 @@
 
 Per backend (``torch``, ``torch-cuda``, ``onnxruntime``, ``onnxruntime-cuda``, ``opencv``, ``tensorrt``):
 
-- accuracy and error on the clean and the shadowed test images (:func:`edgehebb.shadow.apply_shadow`:
+- accuracy and error on the clean and the shadowed test images (:func:`edgehebb.camera.shadow.apply_shadow`:
   80% of each image times 0.3, seed 0 by default), per class, with :func:`accuracy_report`;
 - latency per batch size, after a warm-up, over ``iters`` timed iterations, as p50/p90/p99/mean ms per
   batch and images/s at the median, two ways (trtexec reports the same split):
@@ -45,10 +45,11 @@ import torch
 
 from edgehebb.data import ImageSet
 from edgehebb.errors import EdgehebbError
-from edgehebb.evaluate import accuracy_report, check_classes
-from edgehebb.frames import frames_to_tensor
-from edgehebb.runtime import Runtime, resolve_target
-from edgehebb.shadow import COVERAGE, INTENSITY, apply_shadow
+from edgehebb.evaluate.accuracy import accuracy_report, check_classes
+from edgehebb.deploy.frames import frames_to_tensor
+from edgehebb.deploy.backends import why_not
+from edgehebb.deploy.runtime import Runtime, resolve_target
+from edgehebb.camera.shadow import COVERAGE, INTENSITY, apply_shadow
 
 # name -> (Runtime backend, device)
 BACKENDS = {"torch": ("torch", "cpu"), "torch-cuda": ("torch", "cuda"), "onnxruntime": ("onnxruntime", "cpu"),
@@ -69,34 +70,10 @@ TIMING = {
 
 
 def why_skipped(name: str, kind: str) -> str | None:
-    """Why backend ``name`` cannot run on a ``kind`` ("model", "onnx", "engine") target here, or None."""
+    """Why bench backend ``name`` cannot run a ``kind`` ("model", "onnx", "engine") target here, or None
+    (:func:`edgehebb.deploy.backends.why_not`, the Runtime's own rules)."""
     backend, device = BACKENDS[name]
-    if backend == "torch" and kind != "model":
-        return f"the torch backend needs a model directory, not a .{'onnx' if kind == 'onnx' else 'engine'} file"
-    if backend == "tensorrt" and kind != "engine":
-        return "the tensorrt backend needs a .engine file (build one with `edgehebb export --trt`)"
-    if backend in ("onnxruntime", "opencv") and kind == "engine":
-        return f"{backend} cannot run a TensorRT engine"
-    if backend == "opencv" and importlib.util.find_spec("cv2") is None:
-        return "opencv-python-headless is not installed (pip install opencv-python-headless)"
-    if device == "cuda" and backend != "onnxruntime" and not torch.cuda.is_available():
-        return f"no CUDA GPU visible to torch {torch.__version__}"
-    if backend == "onnxruntime":
-        if importlib.util.find_spec("onnxruntime") is None:
-            return "onnxruntime is not installed (pip install onnxruntime)"
-        import onnxruntime
-
-        if device == "cuda" and "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
-            return (f"onnxruntime {onnxruntime.__version__} has no CUDAExecutionProvider "
-                    f"(install onnxruntime-gpu: pip install 'edgehebb[gpu]')")
-        if kind == "model":
-            try:
-                from edgehebb.onnx_export import export_onnx  # noqa: F401 (a model directory is exported first)
-            except ImportError as e:
-                return f"cannot export the model directory to ONNX ({e})"
-    if backend == "tensorrt" and importlib.util.find_spec("tensorrt") is None:
-        return "tensorrt is not installed (pip install 'edgehebb[gpu]')"
-    return None
+    return why_not(backend, kind, device)
 
 
 def summarise(times_ms: Sequence[float], batch: int) -> dict:
@@ -145,7 +122,7 @@ def time_device(rt: Runtime, frames: np.ndarray, warmup: int, iters: int) -> lis
 
 def camera_frames(images: np.ndarray, size: tuple[int, int] | None) -> np.ndarray:
     """uint8 ``images`` (N, h, w, 3) as a camera of ``size`` (H, W) would send them: resized the way
-    :func:`edgehebb.frames.frames_to_tensor` resizes (bilinear, half-pixel), rounded to uint8.
+    :func:`edgehebb.deploy.frames.frames_to_tensor` resizes (bilinear, half-pixel), rounded to uint8.
     Returned as they are when ``size`` is None or already theirs."""
     if size is None or tuple(images.shape[1:3]) == tuple(size):
         return images

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 
 from edgehebb.errors import EdgehebbError
-from edgehebb.hebbian import check_rule, init_weights
-from edgehebb.patches import PREPROCESS, patch_grid, sample_patches
+from edgehebb.learn.hebbian import check_rule, init_weights
+from edgehebb.learn.patches import PREPROCESS, patch_grid, sample_patches
 
 # Seconds per backend call. Between calls the progress bar moves, mid-epoch checkpoints are written
 # and Ctrl-C is honoured, so calls are short; long enough that a GPU backend keeps its launches back
@@ -130,18 +130,18 @@ def make_backend(name: str, images: np.ndarray, config: LearnConfig, weights: to
     ``threads`` fixes the CPU backend's thread count (None: measured, edgehebb.threads)."""
     name = resolve_backend(name, device, config)
     if name == "torch":
-        from edgehebb.learn_torch import TorchBackend
+        from edgehebb.learn.torch_backend import TorchLearner
 
-        return TorchBackend(images, config, weights, device, threads=threads)
+        return TorchLearner(images, config, weights, device, threads=threads)
     if name == "pycuda":
-        from edgehebb.learn_pycuda import PyCudaBackend
+        from edgehebb.learn.pycuda_backend import PycudaLearner
 
-        return PyCudaBackend(images, config, weights)
+        return PycudaLearner(images, config, weights)
 
 
 def _pycuda_usable() -> bool:
     try:
-        from edgehebb.learn_pycuda import available
+        from edgehebb.learn.pycuda_backend import available
     except ImportError:
         return False
     return available()

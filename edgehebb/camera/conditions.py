@@ -9,14 +9,14 @@ Light model shared by every condition except ``jpeg`` and ``shadow``: an encoded
 0..255 holds linear light ``L = (p / 255) ** 2.2`` (a display gamma of 2.2: the sRGB curve without
 its short linear toe). Gains, noise and falloff act on ``L``, where the sensor collects light; the
 result is clipped to [0, 1], encoded with the inverse power and rounded half up to uint8, as
-:mod:`edgehebb.shadow` rounds. Because the curve is a pure power, a gain ``g`` on ``L`` is a gain
+:mod:`edgehebb.camera.shadow` rounds. Because the curve is a pure power, a gain ``g`` on ``L`` is a gain
 ``g ** (1 / 2.2)`` on ``p`` wherever nothing clips. Colour gains use the linear sRGB primaries and
 keep the luminance of a grey (Rec. 709 weights 0.2126, 0.7152, 0.0722) unchanged.
 
 Randomness (sensor noise, lighting directions, shadow shapes) comes from one generator per image,
 seeded with ``(seed, condition tag, start + i)`` (``start``: index of the batch's first image), so
 an image gets the same draw whatever batch it comes in. The shadow condition is the paper's
-(:mod:`edgehebb.shadow`) with its own seeding, so ``shadow`` at severity 0.7 and seed s is exactly
+(:mod:`edgehebb.camera.shadow`) with its own seeding, so ``shadow`` at severity 0.7 and seed s is exactly
 ``edgehebb eval``'s shadowed set at ``--shadow-seed s``. JPEG goes through PIL's libjpeg, which is
 deterministic on one build; other builds (SIMD paths) may differ in the last bit of a few pixels.
 """
@@ -31,7 +31,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from edgehebb.errors import EdgehebbError
-from edgehebb.shadow import COVERAGE, darken, shadow_masks
+from edgehebb.camera.shadow import COVERAGE, darken, shadow_masks
 
 GAMMA = 2.2                                     # display transfer: L = (p / 255) ** GAMMA
 LUMA = np.array([0.2126, 0.7152, 0.0722])       # luminance of linear sRGB R, G, B
@@ -325,7 +325,7 @@ def _jpeg(images, s, seed, start):
 @_register("shadow", "1 - shadow intensity", (0, 0.3, 0.5, 0.7, 0.8, 0.9), 1,
            lambda s: {"intensity": round(1.0 - s, 6), "coverage": COVERAGE}, {"coverage": COVERAGE})
 def _shadow(images, s, seed, start):
-    """The paper's shadows (edgehebb.shadow): 80 % of each image, in a seeded irregular region with a
+    """The paper's shadows (edgehebb.camera.shadow): 80 % of each image, in a seeded irregular region with a
     sharp edge, multiplied by 1 - s on the encoded values. Severity 0.7 is the paper's 0.3 shadow.
     """
     n, h, w, _ = images.shape
@@ -429,31 +429,3 @@ def halving_severity(severities: Sequence[float], accuracies: Sequence[float], c
             s0, a0 = severities[i - 1], accuracies[i - 1]
             return float(s0 + (a0 - half) / (a0 - a) * (s - s0))
     return None
-
-
-
-def augment(images: np.ndarray, names: str | Sequence[str], fraction: float = 0.5, seed: int = 0,
-            start: int = 0) -> tuple[np.ndarray, list[tuple[str, float] | None]]:
-    """Train-time augmentation with the same conditions: each image, with probability ``fraction``, under
-    one of ``names`` at one of that condition's default non-zero severities, all drawn uniformly.
-
-    Deterministic for a seed, and image ``start + i`` gets the same draw and the same noise whatever
-    batch it comes in (as :func:`apply_condition`). Returns the images and, per image, the
-    ``(condition, severity)`` applied or None.
-    """
-    chosen = select(names)
-    if not 0.0 <= fraction <= 1.0:
-        raise EdgehebbError(f"augmentation fraction must be in [0, 1], got {fraction!r}")
-    images = np.asarray(images)
-    out, applied = np.array(images), []
-    for i in range(len(images)):
-        rng = np.random.default_rng((seed, zlib.crc32(b"augment"), start + i))
-        if rng.random() >= fraction:
-            applied.append(None)
-            continue
-        name = chosen[rng.integers(len(chosen))]
-        levels = [s for s in get(name).sweep if s > 0]
-        severity = float(levels[rng.integers(len(levels))])
-        out[i:i + 1] = apply_condition(images[i:i + 1], name, severity, seed=seed, start=start + i)
-        applied.append((name, severity))
-    return out, applied

@@ -1,0 +1,108 @@
+"""Filter banks for a network's blocks: found in bank or model directories, or learned with ``edgehebb learn``'s
+machinery (resumable, under ``OUT/banks/``) when none fits."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from edgehebb.data import ImageSet
+from edgehebb.errors import EdgehebbError
+from edgehebb.io import CHECKPOINT_FILE, CONFIG_FILE, FILTERS_FILE, load_filters, load_tensors, read_json
+from edgehebb.learn.directory import learn_to_dir, normalised_data_key, settings_differ
+from edgehebb.learn.loop import LearnConfig
+from edgehebb.nnl.model import MODEL_FORMAT, WEIGHTS_FILE
+from edgehebb.nnl.spec import BlockSpec, NetSpec, spec_from_dict
+
+Log = Callable[[str], None]
+
+
+def _bank_from_dir(path: Path, block: BlockSpec, channels: int) -> torch.Tensor | None:
+    """A (K, C, W, W) bank in ``path`` (a filter-bank or an NNL model directory) that fits ``block``."""
+    shape = (block.filters, channels, block.kernel, block.kernel)
+    if not (path / CONFIG_FILE).is_file():
+        return None
+    config = read_json(path / CONFIG_FILE)
+    fmt = config.get("format")
+    if fmt == MODEL_FORMAT:
+        if config.get("kind") != "nnl":
+            return None
+        if not isinstance(config.get("spec"), dict):
+            raise EdgehebbError(f"{path / CONFIG_FILE} is an NNL model without a 'spec': not a model edgehebb wrote")
+        spec = spec_from_dict(config["spec"], str(path / CONFIG_FILE))
+        tensors, _ = load_tensors(path / WEIGHTS_FILE)
+        for i, b in enumerate(spec.blocks):
+            w = tensors.get(f"blocks.{i}.weight")
+            if w is not None and tuple(w.shape) == shape and b.center == block.center:
+                return w
+        return None
+    if fmt is not None and str(fmt).startswith("edgehebb.filters") and (path / FILTERS_FILE).is_file():
+        filters, config = load_filters(path)
+        if tuple(filters.shape) == shape and config.get("learn", {}).get("preprocess") == block.preprocess:
+            return filters
+    return None
+
+
+def find_bank(sources: list[Path], block: BlockSpec, channels: int) -> tuple[torch.Tensor, Path] | None:
+    """The first bank fitting ``block`` in ``sources`` or their immediate subdirectories."""
+    for src in sources:
+        for path in [src, *sorted(p for p in src.iterdir() if p.is_dir())] if src.is_dir() else []:
+            bank = _bank_from_dir(path, block, channels)
+            if bank is not None:
+                return bank, path
+    return None
+
+
+def bank_learn_settings(path: Path) -> dict | None:
+    """How the bank in ``path`` (a filter-bank or model directory) was learned, as its config.json says."""
+    config = read_json(path / CONFIG_FILE)
+    if str(config.get("format", "")).startswith("edgehebb.filters"):
+        return config.get("learn")
+    return config.get("filters", {}).get("learn") if isinstance(config.get("filters"), dict) else None
+
+
+def bank_dir(out: Path, index: int, block: BlockSpec) -> Path:
+    return out / "banks" / f"block{index}-W{block.kernel}-K{block.filters}-{block.preprocess}"
+
+
+def filter_banks(spec: NetSpec, train: ImageSet, out: Path, *, filters_from: list[Path], learn: dict,
+                 backend: str, device: str, progress: bool, log: Log) -> tuple[list[torch.Tensor], list[str]]:
+    """One bank per block: found in ``filters_from`` (or ``out/banks`` from an earlier run), else learned."""
+    channels = spec.input[0]
+    banks, origins = [], []
+    for i, block in enumerate(spec.blocks):
+        if filters_from:
+            found = find_bank(filters_from, block, channels)
+            if found is None:
+                raise EdgehebbError(f"no filter bank in {', '.join(map(str, filters_from))} fits block {i} of "
+                                    f"{spec.name} (K={block.filters}, W={block.kernel}, C={channels}, preprocess "
+                                    f"{block.preprocess})")
+            banks.append(found[0].float())
+            origins.append(str(found[1]))
+            log(f"block {i}: filters from {found[1]}")
+            continue
+        where = bank_dir(out, i, block)
+        config = LearnConfig(filters=block.filters, kernel=block.kernel, preprocess=block.preprocess, **learn)
+        data_key = {"source": train.source, "split": "train", "images": len(train)}
+        if (where / FILTERS_FILE).is_file():  # finished by an earlier, interrupted `train` into this OUT
+            _check_bank(where, config, data_key)
+            log(f"block {i}: filters from {where} (learned by an earlier run)")
+        else:
+            log(f"block {i}: learning K={block.filters} W={block.kernel} filters into {where}")
+            learn_to_dir(train.x, config, where, data_key=data_key, backend=backend, device=device,
+                         resume=(where / CHECKPOINT_FILE).is_file(), progress=progress, log=log)
+        banks.append(load_filters(where)[0])
+        origins.append(str(where))
+    return banks, origins
+
+
+def _check_bank(where: Path, config: LearnConfig, data_key: dict) -> None:
+    """A bank left in OUT/banks is reused only if it was learned with these settings from this data."""
+    saved = read_json(where / CONFIG_FILE)
+    differ = settings_differ(saved.get("learn"), config)
+    if differ or normalised_data_key(saved.get("data")) != data_key:
+        what = differ or f"data {saved.get('data')}"
+        raise EdgehebbError(f"{where} was learned with other settings or data ({what}) than this run asks for; "
+                            f"delete it to learn it again, or choose another --out")

@@ -1,0 +1,122 @@
+"""models/MODEL_FORMAT.md is enough to run a model: its forward pass, written here in numpy from the
+document alone (the files read with the safetensors and json packages, no edgehebb code), gives the
+shipped model's logits as edgehebb.Runtime does, within OP_SPEC's tolerance."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+MODEL = Path(__file__).resolve().parents[1] / "models" / "fig2_left-cifar10"
+BLOCK_DEFAULTS = {"stride": 1, "padding": 0, "center": False, "norm": True, "sigma": 0.0}
+
+
+def document_forward(model_dir: Path, images: np.ndarray) -> np.ndarray:
+    """Logits of uint8 (N, H, W, 3) RGB images, step by step as MODEL_FORMAT.md says, in float64."""
+    config = json.loads((model_dir / "config.json").read_text())
+    assert config["format"] == "edgehebb.model/1" and config["kind"] == "nnl"
+    t = load_file(str(model_dir / "model.safetensors"))
+    spec = config["spec"]
+    x = images.astype(np.float64).transpose(0, 3, 1, 2) / 255.0                     # step 1: (N, C, H, W)
+    if spec.get("colour_norm", "none") == "gray-world":                               # step 2
+        mu = x.mean(axis=(2, 3), keepdims=True)
+        x = x * (mu.mean(axis=1, keepdims=True) / np.maximum(mu, 1e-3))
+    feats = []
+    for i, raw in enumerate(spec["blocks"]):                                          # step 3
+        b = {**BLOCK_DEFAULTS, "pool_stride": raw["pool"], **raw}
+        m = t[f"blocks.{i}.weight"].astype(np.float64)                                # (K, C, W, W), unit rows
+        k, c, w, _ = m.shape
+        p, s = b["padding"], b["stride"]
+        xp = np.pad(x, ((0, 0), (0, 0), (p, p), (p, p)))
+        rows, cols = (xp.shape[2] - w) // s + 1, (xp.shape[3] - w) // s + 1
+        # every patch as a vector in (c, y, x) order: (N, rows, cols, C*W*W)
+        win = np.lib.stride_tricks.sliding_window_view(xp, (w, w), axis=(2, 3))[:, :, ::s, ::s]
+        v = win.transpose(0, 2, 3, 1, 4, 5).reshape(len(x), rows, cols, c * w * w)
+        if b["center"]:
+            v = v - v.mean(axis=-1, keepdims=True)
+        dot = v @ m.reshape(k, -1).T                                                  # (N, rows, cols, K)
+        if b["norm"]:
+            dot = dot / (np.sqrt((v * v).sum(-1, keepdims=True) + b["sigma"] ** 2) + 1e-4)
+        P, Ps = b["pool"], b["pool_stride"]
+        hp, wp = (rows - P) // Ps + 1, (cols - P) // Ps + 1
+        pooled = np.empty((len(x), k, hp, wp))
+        for r in range(hp):
+            for q in range(wp):
+                pooled[:, :, r, q] = dot[:, r * Ps:r * Ps + P, q * Ps:q * Ps + P].max(axis=(1, 2))
+        y = np.clip(pooled, 0, 1 if b["norm"] else None) ** b["power"]
+        feats.append(y.reshape(len(x), -1))                                           # step 4: (k, row, col)
+    f = np.concatenate(feats, axis=1)
+    z = (f - t["feature_mean"]) * t["feature_scale"]                                  # step 5
+    return z @ t["head.weight"].T.astype(np.float64) + t["head.bias"]                 # step 6
+
+
+def _images(n: int = 24, seed: int = 0) -> np.ndarray:
+    """Natural-looking test images without the data set: smooth colour fields with edges and noise."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:32, 0:32] / 31.0
+    out = []
+    for _ in range(n):
+        base = rng.uniform(0.1, 0.9, 3)[:, None, None] + rng.normal(0, 0.25, (3, 1, 1)) * (xx - rng.uniform())
+        edge = (yy * rng.uniform(-1, 1) + xx * rng.uniform(-1, 1) > rng.uniform(-0.5, 0.5)) * rng.uniform(-0.4, 0.4, (3, 1, 1))
+        img = np.clip(base + edge + rng.normal(0, 0.03, (3, 32, 32)), 0, 1)
+        out.append((img.transpose(1, 2, 0) * 255).round().astype(np.uint8))
+    return np.stack(out)
+
+
+def test_the_document_computes_the_shipped_models_logits():
+    from edgehebb import Runtime
+    from edgehebb.deploy.op import PARITY_TOLERANCE, parity_error
+
+    images = _images()
+    want = document_forward(MODEL, images)
+    with Runtime(MODEL, backend="torch", device="cpu") as rt:
+        got = rt.predict(images)
+    # Runtime returns probabilities; the document's logits give them through a softmax
+    e = np.exp(want - want.max(1, keepdims=True))
+    assert np.abs(got.probabilities - e / e.sum(1, keepdims=True)).max() < 1e-4
+    assert (got.class_ids == want.argmax(1)).all()
+    # and the logits themselves, from the torch reference, within OP_SPEC's tolerance of the document's
+    import torch
+
+    from edgehebb.nnl import load_model
+
+    net, _ = load_model(MODEL)
+    with torch.no_grad():
+        logits = net(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0).numpy()
+    assert parity_error(logits, want).max() <= PARITY_TOLERANCE
+
+
+def test_a_misread_standardiser_is_caught():
+    # the other reading of the standardiser, (f - mean) / scale, must not pass the check above
+    t = load_file(str(MODEL / "model.safetensors"))
+    assert not np.allclose(t["feature_scale"], 1.0), "a scale of ones could not tell the two readings apart"
+
+
+def test_the_documented_checksum_is_the_files():
+    t = load_file(str(MODEL / "model.safetensors"))
+    h = hashlib.sha256()
+    for name in sorted(t):
+        h.update(json.dumps([name, "torch.float32", list(t[name].shape)]).encode())
+        h.update(np.ascontiguousarray(t[name]).tobytes())
+    header_len = int.from_bytes((MODEL / "model.safetensors").read_bytes()[:8], "little")
+    header = json.loads((MODEL / "model.safetensors").read_bytes()[8:8 + header_len])
+    assert header["__metadata__"]["edgehebb.sha256"] == h.hexdigest()
+
+
+@pytest.mark.parametrize("key", ["format", "kind", "spec", "classes", "input", "data"])
+def test_the_shipped_config_has_the_documented_keys(key):
+    config = json.loads((MODEL / "config.json").read_text())
+    assert key in config
+    assert f"`{key}`" in (MODEL.parent / "MODEL_FORMAT.md").read_text()
+
+
+def test_the_shipped_config_names_no_path_of_the_training_machine():
+    text = (MODEL / "config.json").read_text()
+    config = json.loads(text)
+    assert "/work/" not in text and "/home/" not in text and "/root/" not in text
+    assert config["data"]["name"] == "cifar10/train" and config["data"]["fingerprint"].startswith("sha256:")

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from edgehebb.deploy.backends import BACKENDS as BACKEND_CLASSES
 from edgehebb.deploy.bench import BACKENDS, camera_frames, run_bench, summarise, why_skipped
 from edgehebb.cli.bench import BACKEND_NAMES, bench
 from edgehebb.data import load_split
@@ -31,9 +32,13 @@ def test_bench_reports_every_backend(model_dir, image_tree):
     assert result["shadow"] == {"intensity": 0.3, "coverage": 0.8, "seed": 0}
     assert list(result["backends"]) == list(BACKENDS) and len(lines) == len(BACKENDS)
     for name, entry in result["backends"].items():
-        assert entry["status"] in ("ok", "skipped"), name
+        # every CPU backend is installed here (torch, onnxruntime and opencv are test dependencies) and must
+        # run; a GPU backend is skipped exactly when it cannot run here, with why
+        reason = why_skipped(name, "model")
+        assert (BACKENDS[name][1] == "cpu") <= (reason is None), (name, reason)
+        assert entry["status"] == ("skipped" if reason else "ok"), name
         if entry["status"] == "skipped":
-            assert set(entry) == {"status", "reason"} and entry["reason"], name
+            assert entry == {"status": "skipped", "reason": reason}, name
             continue
         assert {"clean", "shadowed", "latency", "device"} <= set(entry)
         assert [r["batch"] for r in entry["latency"]] == [1, 4]
@@ -124,11 +129,8 @@ def test_cli_module_loads_only_click():
 
 
 def test_onnx_file_runs_on_onnxruntime_only(model_dir, image_tree, tmp_path):
-    pytest.importorskip("onnxruntime")
-    try:
-        from edgehebb.deploy.onnx_export import export_onnx
-    except ImportError as e:
-        pytest.skip(f"edgehebb.deploy.onnx_export is not importable yet ({e})")
+    from edgehebb.deploy.onnx_export import export_onnx   # a dependency of the package: no skip
+
     onnx_file = export_onnx(str(model_dir), tmp_path / "tiny.onnx")
     test = load_split(image_tree, "test", progress=False)
     result = run_bench(onnx_file, test, backends=["torch", "onnxruntime"], batches=[2], warmup=0, iters=2)
@@ -168,7 +170,6 @@ def test_cli_checks_the_png_path_before_loading_data(model_dir, tmp_path):
 # ----------------------------------------------------------------------------- OpenCV and camera-sized frames
 
 def test_standard_ops_file_runs_on_onnxruntime_and_opencv(model_dir, image_tree, tmp_path):
-    pytest.importorskip("cv2")
     from edgehebb.deploy.onnx_export import export_onnx
 
     onnx_file = export_onnx(str(model_dir), tmp_path / "std.onnx", standard_ops=True)
@@ -177,7 +178,8 @@ def test_standard_ops_file_runs_on_onnxruntime_and_opencv(model_dir, image_tree,
     ref = run_bench(model_dir, test, backends=["torch"], batches=[2], warmup=0, iters=2)["backends"]["torch"]
     for name in ("onnxruntime", "opencv"):
         entry = result["backends"][name]
-        assert entry["status"] == "ok" and entry["device"] == "cpu" and entry["max_chunk"] == 64, name
+        assert entry["status"] == "ok" and entry["device"] == "cpu", name
+        assert entry["max_chunk"] == BACKEND_CLASSES[name].cpu_chunk, name
         assert entry["frames"] == {"size": [16, 16], "resized": False}
         for split in ("clean", "shadowed"):
             assert entry[split]["accuracy"] == pytest.approx(ref[split]["accuracy"]), (name, split)
@@ -187,7 +189,7 @@ def test_a_fixed_frame_size_export_gets_the_test_images_resized(model_dir, image
     from edgehebb.deploy.onnx_export import export_onnx
     from edgehebb.deploy.runtime import Runtime
 
-    backends = ["onnxruntime"] + (["opencv"] if importlib.util.find_spec("cv2") else [])
+    backends = ["onnxruntime", "opencv"]   # opencv-python-headless is a test dependency
     onnx_file = export_onnx(str(model_dir), tmp_path / "cam.onnx", preprocess="uint8-nhwc", frame_size=(48, 64))
     test = load_split(image_tree, "test", progress=False)
     lines = []
@@ -221,3 +223,20 @@ def test_opencv_is_skipped_with_a_reason(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "cv2" else real(name, *a))
     assert "pip install opencv-python-headless" in why_skipped("opencv", "onnx")
+
+
+def test_cli_shows_progress_bounds_its_timing_and_draws_nothing_unasked(model_dir, image_tree, tmp_path, monkeypatch):
+    here = tmp_path / "cwd"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    runner = CliRunner()
+    args = [str(model_dir), "--data", str(image_tree), "--backends", "torch", "--batch", "1,2", "--warmup", "0",
+            "--iters", "100000", "--seconds", "0.05", "--limit", "6", "--json"]
+    result = runner.invoke(bench, args)
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert out["settings"]["seconds"] == 0.05
+    for row in out["backends"]["torch"]["latency"]:   # stopped by the time bound, not by --iters
+        assert 3 <= len(row) and row["host"]["p50_ms"] > 0
+    assert "torch (cpu): accuracy on 6 clean" in result.stderr and "batch 2: p50" in result.stderr
+    assert list(here.iterdir()) == [], "no picture in the current folder without --png"

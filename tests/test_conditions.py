@@ -307,6 +307,18 @@ def test_cli_eval_conditions_json_png_and_text(model_dirs, tmp_path):
     assert (model_dirs[0] / "conditions.png").is_file()
 
 
+def test_cli_eval_draws_nothing_into_the_current_folder_unasked(model_dirs, tmp_path, monkeypatch):
+    data = _data_dir(tmp_path)
+    here = tmp_path / "cwd"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    for extra in (["--conditions", "gamma-low", "--severities", "gamma-low=1"], ["--limit", "6"]):
+        res = CliRunner().invoke(cli, ["eval", *map(str, model_dirs), "--data", str(data), "--device", "cpu", *extra])
+        assert res.exit_code == 0, res.output
+        assert "wrote" not in res.stderr
+    assert list(here.iterdir()) == [], "several models and no --png: no picture, and none in the current folder"
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--conditions", "fog"], "unknown camera condition 'fog'; expected one of: low-light"),
     (["--conditions", "jpeg", "--severities", "jpeg=101"], "jpeg severity must be a whole number in [0, 99]"),

@@ -483,7 +483,8 @@ def test_cpu_steps_do_not_fault_their_memory_back_in():
 
     from edgehebb.learn.hebbian import init_weights
     from edgehebb.learn.loop import epoch_order
-    from edgehebb.learn.torch_backend import TorchLearner, keep_freed_memory
+    from edgehebb.allocator import keep_freed_memory
+    from edgehebb.learn.torch_backend import TorchLearner
 
     if not keep_freed_memory():
         pytest.skip("not glibc: its trimming is what this guards against")

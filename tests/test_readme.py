@@ -40,3 +40,17 @@ def test_every_tool_answers_help():
     for tool in tools:
         done = subprocess.run([sys.executable, str(tool), "--help"], capture_output=True, text=True, timeout=120)
         assert done.returncode == 0 and "usage" in done.stdout.lower(), (tool.name, done.stderr[-500:])
+
+
+def test_readme_python_examples_run_as_written(tmp_path):
+    import subprocess
+    import sys
+
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    assert len(blocks) >= 2
+    outputs = []
+    for code in blocks:
+        done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, (code, done.stderr[-1500:])
+        outputs.append(done.stdout)
+    assert "fastest installed CPU backend" in outputs[0] and list(tmp_path.iterdir()) == []

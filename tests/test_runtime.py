@@ -18,7 +18,8 @@ from edgehebb.deploy.frames import frames_to_tensor
 from edgehebb.nnl.model import load_model, save_model
 from edgehebb.nnl import NNLNet, spec_from_dict
 from edgehebb.deploy.op import VERSIONS as OP_VERSIONS, read_metadata as read_onnx_metadata
-from edgehebb.deploy.runtime import DEFAULT_MAX_CHUNK, Prediction, Runtime, chunks
+from edgehebb.deploy.backends import BACKENDS, CPU_SPEED_ORDER
+from edgehebb.deploy.runtime import CUDA_MAX_CHUNK, Prediction, Runtime, chunks
 from tests.conftest import assert_close
 
 CLASSES = ["cat", "dog", "frog"]
@@ -43,7 +44,8 @@ def model_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def frames() -> np.ndarray:
-    return np.random.default_rng(0).integers(0, 256, (5, 24, 40, 3), dtype=np.uint8)
+    # larger than the model's 32 x 32 and of another aspect: every path resizes them down
+    return np.random.default_rng(0).integers(0, 256, (5, 48, 40, 3), dtype=np.uint8)
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +115,8 @@ def test_float_frames_are_rounded_to_uint8(rt, frames):
     (np.full((2, 32, 32, 3), np.nan, np.float32), "NaN"),
     (torch.full((2, 32, 32, 3), float("inf")), "NaN or infinite"),
     (np.full((2, 32, 32, 3), 200.0), "must be in [0, 1]"),
-    ([[0, 1, 2]], "numpy array or a torch tensor"),
+    ([[0, 1, 2]], "frames[0] must be one frame"),
+    ("frame.png", "numpy array, a torch tensor or a list of them"),
 ])
 def test_bad_frames_name_the_problem(rt, bad, message):
     with pytest.raises(EdgehebbError, match=message.replace("[", r"\[").replace("]", r"\]")):
@@ -201,12 +204,9 @@ def test_torch_cuda_steady_state_allocates_nothing(model_dir, frames):
 # ----------------------------------------------------------------------------- ONNX Runtime
 
 def _need_export():
-    if importlib.util.find_spec("onnxruntime") is None:
-        pytest.skip("onnxruntime is not installed")
-    try:
-        from edgehebb.deploy.onnx_export import export_onnx
-    except ImportError as e:
-        pytest.skip(f"edgehebb.deploy.onnx_export is not importable yet ({e})")
+    # onnx and onnxruntime are dependencies of the package: a failing import here is a failure, not a skip
+    from edgehebb.deploy.onnx_export import export_onnx
+
     return export_onnx
 
 
@@ -338,7 +338,7 @@ def test_onnxruntime_cuda_matches_torch(onnx_file, rt, frames):
 
 @pytest.fixture
 def cv2():
-    cv2 = pytest.importorskip("cv2")
+    import cv2   # opencv-python-headless is a test dependency: missing, it fails
     saved = cv2.getNumThreads()
     cv2.setNumThreads(1)   # tests share the machine; the numbers do not depend on it
     yield cv2
@@ -369,10 +369,10 @@ def test_opencv_with_baked_frames_and_a_model_dir(cv2, model_dir, rt, frames, tm
     fixed = _export(model_dir, tmp_path / "cam.onnx", preprocess="uint8-nhwc", frame_size=frames.shape[1:3],
                     channel_order="bgr", standard_ops=True)
     with Runtime(fixed, backend="opencv", channel_order="bgr") as cam:
-        assert cam.frame_size == (24, 40) and cam._backend.baked
+        assert cam.frame_size == (48, 40) and cam._backend.baked
         assert_close(cam.predict(frames[..., ::-1].copy()).probabilities, rt.predict(frames).probabilities,
                      rtol=1e-4, atol=1e-5, what="OpenCV, baked BGR preprocessing")
-        with pytest.raises(EdgehebbError, match="takes frames of 24x40"):
+        with pytest.raises(EdgehebbError, match="takes frames of 48x40"):
             cam.predict(frames[:, :20])
     with Runtime(model_dir, backend="opencv") as on_the_fly:   # exported (uint8 frames in), then converted
         assert on_the_fly._tmp is not None and on_the_fly.frame_size is None
@@ -406,28 +406,41 @@ def test_chunks_are_as_equal_as_possible():
             assert max(sizes) - min(sizes) <= 1 and (n == 1 or min(sizes) >= 2), (n, most, sizes)
 
 
-@pytest.mark.parametrize("backend", ["torch", "onnxruntime", "opencv"])
-def test_large_batches_are_split_with_the_same_results(model_dir, backend):
-    if backend == "opencv":
-        pytest.importorskip("cv2")
-    if backend != "torch":
-        _need_export()
+def _split_and_whole(model_dir, backend: str, threads: int | None):
     frames = np.random.default_rng(3).integers(0, 256, (23, 32, 32, 3), dtype=np.uint8)
-    with Runtime(model_dir, backend=backend, device="cpu", max_chunk=1000) as whole, \
-            Runtime(model_dir, backend=backend, device="cpu", max_chunk=5) as split:
+    with Runtime(model_dir, backend=backend, device="cpu", max_chunk=1000, threads=threads) as whole, \
+            Runtime(model_dir, backend=backend, device="cpu", max_chunk=5, threads=threads) as split:
         assert whole.max_chunk == 1000 and split.max_chunk == 5
         seen = []
         prepare = split._backend.prepare
         split._backend.prepare = lambda x: seen.append(len(x)) or prepare(x)
         got, want = split.predict(frames, features=True), whole.predict(frames, features=True)
         assert sorted(seen) == [4, 4, 5, 5, 5], "23 frames in five calls of at most 5, as equal as possible"
-        # bit for bit: these backends give a frame the same numbers in any batch of 2 or more
-        assert np.array_equal(got.probabilities, want.probabilities) and np.array_equal(got.features, want.features)
+    return got, want
+
+
+@pytest.mark.parametrize("backend, threads", [("torch", None), ("onnxruntime", None), ("opencv", 1)])
+def test_large_batches_are_split_with_the_same_results(model_dir, backend, threads):
+    # bit for bit: these backends give a frame the same numbers in any batch of 2 or more (OpenCV with one thread)
+    got, want = _split_and_whole(model_dir, backend, threads)
+    assert np.array_equal(got.probabilities, want.probabilities) and np.array_equal(got.features, want.features)
+
+
+def test_opencv_with_its_own_threads_splits_within_op_spec(model_dir):
+    # OpenCV DNN's own thread pool divides the work by the batch it is given, so with more than one
+    # thread a chunked call can differ from an unsplit one in the last bits: the Runtime promises OP_SPEC's
+    # tolerance there, and bits only with threads=1 (the module doc says so)
+    got, want = _split_and_whole(model_dir, "opencv", None)
+    assert np.abs(got.probabilities - want.probabilities).max() <= 1e-5
+    assert (got.class_ids == want.class_ids).all()
+    assert np.allclose(got.features, want.features, rtol=1e-4, atol=1e-6 * np.abs(want.features).max())
 
 
 def test_max_chunk_default_and_bad_values(model_dir):
-    with Runtime(model_dir, device="cpu") as runtime:
-        assert runtime.max_chunk == DEFAULT_MAX_CHUNK["cpu"] == 64
+    for name in ("torch", "onnxruntime", "opencv"):
+        with Runtime(model_dir, backend=name, device="cpu") as runtime:
+            assert runtime.max_chunk == BACKENDS[name].cpu_chunk
+    assert CUDA_MAX_CHUNK == 256
     for bad in (0, -1, 2.5, True, "64"):
         with pytest.raises(EdgehebbError, match="max_chunk must be an integer >= 1"):
             Runtime(model_dir, device="cpu", max_chunk=bad)
@@ -460,7 +473,9 @@ print(json.dumps(peaks))
 def test_peak_memory_of_a_large_batch_is_bounded(tmp_path):
     """1,024 frames through a model with a large activation map per frame (64 x 32 x 32 cosines, 256 KiB:
     256 MiB for the batch): unsplit, each backend peaked at 590-710 MiB above its baseline; split into
-    chunks of 64, at 46-88 MiB. Measured in a fresh process, where peak RSS is the process's own."""
+    chunks of 64, at 46-88 MiB (2026-12-03). The bound is not a machine's figure but the model's: a
+    chunked call must hold well under the unsplit batch's own activations (256 MiB), so at most 128 MiB.
+    Measured in a fresh process, where peak RSS is the process's own."""
     if not Path("/proc/self/clear_refs").exists():
         pytest.skip("needs Linux's /proc/self/clear_refs to reset the peak RSS between backends")
     spec = spec_from_dict({"name": "wide", "input": [3, 32, 32], "classes": 3,
@@ -474,7 +489,8 @@ def test_peak_memory_of_a_large_batch_is_bounded(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     peaks = json.loads(done.stdout.strip().splitlines()[-1])
     assert set(peaks) == set(backends)
-    assert all(mib < 200 for mib in peaks.values()), f"peak RSS above the baseline, MiB: {peaks}"
+    batch_activations_mib = 1024 * 64 * 32 * 32 * 4 / 2 ** 20
+    assert all(mib < batch_activations_mib / 2 for mib in peaks.values()), f"peak RSS above the baseline, MiB: {peaks}"
 
 
 # ----------------------------------------------------------------------------- TensorRT
@@ -531,3 +547,104 @@ def test_engine_source_metadata_from_the_sidecar_or_the_onnx_file(model_dir, tmp
     assert source_onnx_metadata(engine, sidecar) is None
     _export(model_dir, onnx_path, preprocess="uint8-nhwc")
     assert source_onnx_metadata(engine, sidecar) == exported
+
+
+# ----------------------------------------------------------------------------- camera frames as they come (issue 20)
+
+def test_a_list_of_frames_of_mixed_sizes_keeps_its_order(rt, frames):
+    small = np.random.default_rng(5).integers(0, 256, (2, 33, 61, 3), dtype=np.uint8)
+    mixed = [frames[0], small[0], frames[1], torch.from_numpy(small[1].copy()), frames[2]]
+    got = rt.predict(mixed, features=True)
+    one_by_one = [rt.predict(np.asarray(f), features=True) for f in mixed]
+    assert len(got) == 5 and got.names == [p.names[0] for p in one_by_one]
+    want = np.concatenate([p.probabilities for p in one_by_one])
+    assert_close(got.probabilities, want, rtol=1e-5, atol=1e-7, what="list vs one by one")
+    assert got.features.shape == (5, rt._backend.net.head.in_features)
+    # frames of one size go to the backend as one batch
+    seen = []
+    prepare = rt._backend.prepare
+    rt._backend.prepare = lambda x: seen.append(tuple(x.shape)) or prepare(x)
+    try:
+        rt.predict(list(frames[:3]) + [small[0]])
+    finally:
+        rt._backend.prepare = prepare
+    assert sorted(seen) == sorted([(3, 48, 40, 3), (1, 33, 61, 3)])
+
+
+@pytest.mark.parametrize("bad, message", [([], "empty list"), ([np.zeros((48, 40), np.uint8)], r"frames\[0\]"),
+                                          ([np.zeros((48, 40, 3), np.uint8), "x"], r"frames\[1\]"),
+                                          ([np.zeros((1, 48, 40, 3), np.uint8)], r"frames\[0\] must be one frame")])
+def test_bad_lists_name_the_frame(rt, bad, message):
+    with pytest.raises(EdgehebbError, match=message):
+        rt.predict(bad)
+
+
+def test_frames_smaller_than_the_model_are_refused_unless_upscaled(model_dir, rt):
+    tiny = np.full((2, 2, 2, 3), 200, np.uint8)
+    with pytest.raises(EdgehebbError, match="2x2 frame is smaller than the model's 32x32 input.*upscale=True"):
+        rt.predict(tiny)
+    with pytest.raises(EdgehebbError, match="31x64"):
+        rt.predict(np.zeros((31, 64, 3), np.uint8))
+    with Runtime(model_dir, device="cpu", upscale=True) as up:
+        assert up.predict(tiny).probabilities.shape == (2, len(CLASSES))
+    # with center-crop it is the crop that must be large enough: 40 x 90 crops to 40 x 40
+    with Runtime(model_dir, device="cpu", fit="center-crop") as crop:
+        crop.predict(np.zeros((40, 90, 3), np.uint8))
+        with pytest.raises(EdgehebbError, match=r"centred crop is 30x30"):
+            crop.predict(np.zeros((30, 90, 3), np.uint8))
+
+
+def test_center_crop_runs_the_centred_region(model_dir, frames):
+    wide = np.random.default_rng(7).integers(0, 256, (3, 40, 72, 3), dtype=np.uint8)
+    with Runtime(model_dir, device="cpu", fit="center-crop") as crop, Runtime(model_dir, device="cpu") as plain:
+        # the centred 40 x 40 region, given alone, is what center-crop sees
+        assert_close(crop.predict(wide).probabilities, plain.predict(wide[:, :, 16:56].copy()).probabilities,
+                     rtol=0, atol=0, what="center-crop vs the cut region")
+        assert not np.allclose(crop.predict(wide).probabilities, plain.predict(wide).probabilities)
+
+
+def test_a_fit_other_than_the_baked_one_is_refused(model_dir, tmp_path):
+    path = _export(model_dir, tmp_path / "crop.onnx", preprocess="uint8-nhwc", fit="center-crop")
+    with pytest.raises(EdgehebbError, match="fit='center-crop' baked in"):
+        Runtime(path, device="cpu", fit="resize")
+    with Runtime(path, device="cpu", fit="center-crop") as baked:
+        assert baked.predict(np.zeros((40, 72, 3), np.uint8)).probabilities.shape == (1, len(CLASSES))
+
+
+# ----------------------------------------------------------------------------- which backend, and threads
+
+def test_auto_runs_a_model_directory_on_the_fastest_installed_cpu_backend(model_dir, monkeypatch):
+    with Runtime(model_dir, device="cpu") as auto:
+        assert auto.backend == CPU_SPEED_ORDER[0] == "torch"
+        assert "fastest installed CPU backend" in repr(auto) and "backend='torch'" in repr(auto)
+        assert auto.why in repr(auto)
+    # the next one in the order when the fastest cannot run here
+    from edgehebb.deploy.backends import TorchBackend
+
+    monkeypatch.setattr(TorchBackend, "unavailable", classmethod(lambda cls, device: "pretend it is missing"))
+    with Runtime(model_dir, device="cpu") as auto:
+        assert auto.backend == CPU_SPEED_ORDER[1]
+    with Runtime(model_dir, backend="opencv") as asked:
+        assert asked.why == "asked for" and asked.device == "cpu"
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime", "opencv"])
+def test_threads_hold_for_a_call_and_are_given_back(model_dir, frames, backend):
+    import cv2
+
+    before = torch.get_num_threads(), cv2.getNumThreads()
+    with Runtime(model_dir, backend=backend, device="cpu", threads=1) as one:
+        seen = []
+        forward = one._backend.forward
+        one._backend.forward = lambda x: seen.append((torch.get_num_threads(), cv2.getNumThreads())) or forward(x)
+        one.predict(frames)
+        assert "threads=1" in repr(one)
+        if backend == "onnxruntime":
+            assert one._backend.session.get_session_options().intra_op_num_threads == 1
+    if backend == "torch":
+        assert seen[0][0] == 1
+    if backend == "opencv":
+        assert seen[0][1] == 1
+    assert (torch.get_num_threads(), cv2.getNumThreads()) == before
+    with pytest.raises(EdgehebbError, match="threads must be an integer >= 1"):
+        Runtime(model_dir, device="cpu", threads=0)

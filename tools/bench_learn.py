@@ -20,7 +20,7 @@ policy, and with the thread count fixed at 1 and at all cores) and of the anchor
 obvious dense way in torch (unfold every patch, then per minibatch: gather rows, centre and scale,
 matmul, topk, a dense g, the update; the unfold is timed), first on the machine as it is, then with
 --busy background processes spinning (python/numpy loops the tool starts and stops), side by side.
-Both run with the allocator setting of the CPU backend (edgehebb.learn.torch_backend.keep_freed_memory). The
+Both run with the allocator setting of the CPU backend (edgehebb.allocator.keep_freed_memory). The
 lines give patches/s, the 1-minute load average before each run and, for the CPU backend, the thread
 counts used; the last line has the ratios the targets are about (loaded / quiet >= 1/3, quiet
 CPU backend / quiet anchor >= 1).
@@ -337,7 +337,7 @@ def dense_anchor_epoch(images: np.ndarray, cfg: LearnConfig, order: torch.Tensor
 def quiet_vs_loaded(args) -> None:
     """The CPU backend and the dense anchor, one epoch each, quiet and then beside --busy spinning processes."""
     import edgehebb.learn.loop as L
-    from edgehebb.learn.torch_backend import keep_freed_memory
+    from edgehebb.allocator import keep_freed_memory
     from edgehebb.threads import cores
 
     keep_freed_memory()   # the backend sets it on first use; set first, the anchor runs with it too

@@ -43,12 +43,17 @@ def _batches(ctx, param, value: str) -> list[int]:
 @click.option("--batch", "batches", default="1,32,256", callback=_batches, help="Comma-separated batch sizes to time.")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Use a class-balanced subset of N test images.")
 @click.option("--warmup", type=click.IntRange(min=0), default=10, help="Untimed iterations per backend and batch.")
-@click.option("--iters", type=click.IntRange(min=1), default=50, help="Timed iterations per backend and batch.")
+@click.option("--iters", type=click.IntRange(min=1), default=50, help="Timed iterations per backend and batch (at most).")
+@click.option("--seconds", type=click.FloatRange(min=0, min_open=True), default=2.0,
+              help="Time bound of each timing loop: it stops after this once it has 3 timed calls.")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="Threads of every backend [default: each engine's own].")
 @click.option("--skip-bad", is_flag=True, help="Skip unreadable images (counted) instead of stopping.")
-@click.option("--png", type=click.Path(dir_okay=False, path_type=Path), default=Path("bench.png"),
-              help="Chart of latency per backend and batch, and clean vs shadowed accuracy.")
+@click.option("--png", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also draw latency per backend and batch, and clean vs shadowed accuracy, into this PNG "
+                   "[default: no picture].")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as one JSON object on stdout.")
-def bench(model, data, backends, batches, limit, warmup, iters, skip_bad, png, as_json):
+def bench(model, data, backends, batches, limit, warmup, iters, seconds, threads, skip_bad, png, as_json):
     """Accuracy (clean and shadowed) and latency of MODEL on each backend.
 
     MODEL is a model directory, a shipped model name, a .onnx file (custom-op or --standard-ops) or a
@@ -69,12 +74,15 @@ def bench(model, data, backends, batches, limit, warmup, iters, skip_bad, png, a
         load_model(target)   # config.json, the spec and the tensors' checksum
     elif kind == "onnx":
         read_metadata(target)
-    check_writable(png)
+    if png is not None:
+        check_writable(png)
     test = load_split(resolve_data_root(data), "test", limit=limit, skip_bad=skip_bad)
     click.echo(f"{len(test)} test images from {test.source}", err=True)
-    result = run_bench(model, test, backends=backends, batches=batches, warmup=warmup, iters=iters,
-                       log=lambda line: click.echo(line, err=True))
+    result = run_bench(model, test, backends=backends, batches=batches, warmup=warmup, iters=iters, seconds=seconds,
+                       threads=threads, log=lambda line: click.echo(line, err=True),
+                       progress=lambda line: click.echo(f"  {line}", err=True))
     if as_json:  # first: the numbers are the result, the chart only shows them
         click.echo(json.dumps(result, indent=2))
-    save_bench_png(result, png)
-    click.echo(f"wrote {png}", err=True)
+    if png is not None:
+        save_bench_png(result, png)
+        click.echo(f"wrote {png}", err=True)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from edgehebb.cli.options import CONDITION_NAMES, DEVICES, SEEDS, data_option, given
+from edgehebb.cli.options import CONDITION_NAMES, DEVICES, SEEDS, data_option, given, picture_path
 from edgehebb.errors import EdgehebbError
 
 @click.command(name="eval")
@@ -19,8 +19,9 @@ from edgehebb.errors import EdgehebbError
 @click.option("--shadow-seed", type=SEEDS, default=0, help="Seed of the shadow shapes.")
 @click.option("--sweep/--no-sweep", default=True, help="Also measure error at shadow intensities 0.1 ... 1.0.")
 @click.option("--png", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Error-vs-intensity plot of all MODELS [default: MODEL/eval.png for one model directory, else ./eval.png]; "
-                   "with --conditions, accuracy against severity [default: conditions.png in the same place].")
+              help="Error-vs-intensity plot of all MODELS [default: MODEL/eval.png for one model directory given by "
+                   "its path, else no picture]; with --conditions, accuracy against severity [default: "
+                   "MODEL/conditions.png likewise].")
 @click.option("--conditions", default=None, metavar="all|NAME,...",
               help="Instead of the shadow evaluation, measure accuracy against severity under camera conditions: "
                    f"all, or names separated by commas from: {', '.join(CONDITION_NAMES)} (edgehebb/conditions.py "
@@ -59,10 +60,8 @@ def eval_(ctx, models, data, limit, intensity, coverage, shadow_seed, sweep, png
     if png is not None and not sweep:
         raise EdgehebbError("--png draws the intensity sweep, which --no-sweep turns off")
     device = resolve_device(device)
-    one = Path(models[0])
-    # beside a model the user trained; a shipped model's folder may be read-only
-    where = png or (one / "eval.png" if len(models) == 1 and one.is_dir() else Path("eval.png"))
-    if sweep:
+    where = picture_path(png, models, "eval.png") if sweep else None
+    if where is not None:
         check_writable(where)  # before the evaluation, not after it
     loaded = {name: load_model(name, device) for name in models}   # a bad model fails before the data is decoded
     test = load_split(resolve_data_root(data), "test", limit=limit, skip_bad=skip_bad)
@@ -75,7 +74,7 @@ def eval_(ctx, models, data, limit, intensity, coverage, shadow_seed, sweep, png
         click.echo(f"{name}: clean accuracy {r['clean']['accuracy']:.2%}, shadowed ({coverage:.0%} x {intensity}) "
                    f"{r['shadowed']['accuracy']:.2%} on {len(test)} images", err=as_json)
         click.echo(per_class_table(r), err=as_json)
-    if sweep:
+    if where is not None:
         save_sweep_png(results, where)
         click.echo(f"wrote {where}", err=True)
     if as_json:
@@ -99,9 +98,9 @@ def _eval_conditions(models, data, limit, png, names, severity_specs, seed, per_
     sweeps = dict(conditions.parse_sweep(spec) for spec in severity_specs)
     conditions.plan(names, sweeps)   # names and severities checked before the models and data are read
     device = resolve_device(device)
-    one = Path(models[0])
-    where = png or (one / "conditions.png" if len(models) == 1 and one.is_dir() else Path("conditions.png"))
-    check_writable(where)
+    where = picture_path(png, models, "conditions.png")
+    if where is not None:
+        check_writable(where)
     loaded = {name: load_model(name, device) for name in models}
     test = load_split(resolve_data_root(data), "test", limit=limit, skip_bad=skip_bad)
     result = evaluate_conditions({name: (net, config["classes"]) for name, (net, config) in loaded.items()}, test,
@@ -109,8 +108,9 @@ def _eval_conditions(models, data, limit, png, names, severity_specs, seed, per_
     for name in models:
         click.echo(f"{name}: accuracy under camera conditions on {len(test)} images (seed {seed})", err=as_json)
         click.echo(conditions_table(result, name), err=as_json)
-    save_conditions_png(result, where)
-    click.echo(f"wrote {where}", err=True)
+    if where is not None:
+        save_conditions_png(result, where)
+        click.echo(f"wrote {where}", err=True)
     if as_json:
         click.echo(json.dumps(result, indent=2))
 

@@ -38,3 +38,12 @@ def given(ctx: click.Context, options: dict[str, str]) -> list[str]:
     """
     return [flag for param, flag in options.items()
             if ctx.get_parameter_source(param) is not click.core.ParameterSource.DEFAULT]
+
+
+def picture_path(png: Path | None, models: tuple[str, ...], name: str) -> Path | None:
+    """Where a command draws its picture: ``--png``, else beside the one model directory given by its path
+    (one the user trained), else nowhere: nothing is written into the current folder unasked."""
+    if png is not None:
+        return png
+    one = Path(models[0])   # a shipped model's bare name is no directory here: its folder may be read-only
+    return one / name if len(models) == 1 and one.is_dir() else None

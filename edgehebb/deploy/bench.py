@@ -83,19 +83,25 @@ def summarise(times_ms: Sequence[float], batch: int) -> dict:
             "min_ms": float(t.min()), "images_per_s": float(batch / (p50 / 1e3)) if p50 > 0 else None}
 
 
-def time_host(rt: Runtime, frames: np.ndarray, warmup: int, iters: int) -> list[float]:
+def _enough(times: list[float], t_start: float, iters: int, seconds: float | None) -> bool:
+    """A timing loop ends after ``iters`` calls, or after ``seconds`` once it has 3 (a bound, not a target)."""
+    return len(times) >= iters or (seconds is not None and len(times) >= 3
+                                   and time.perf_counter() - t_start >= seconds)
+
+
+def time_host(rt: Runtime, frames: np.ndarray, warmup: int, iters: int, seconds: float | None = None) -> list[float]:
     """ms per predict() call (returns host arrays, so every call is complete when it returns)."""
     for _ in range(warmup):
         rt.predict(frames)
-    times = []
-    for _ in range(iters):
+    times, t_start = [], time.perf_counter()
+    while not _enough(times, t_start, iters, seconds):
         t0 = time.perf_counter()
         rt.predict(frames)
         times.append((time.perf_counter() - t0) * 1e3)
     return times
 
 
-def time_device(rt: Runtime, frames: np.ndarray, warmup: int, iters: int) -> list[float]:
+def time_device(rt: Runtime, frames: np.ndarray, warmup: int, iters: int, seconds: float | None = None) -> list[float]:
     """ms per forward() on device-resident input: CUDA events for torch on CUDA, else wall clock."""
     x = rt.prepare(frames)
     for _ in range(warmup):
@@ -104,8 +110,8 @@ def time_device(rt: Runtime, frames: np.ndarray, warmup: int, iters: int) -> lis
     events = rt.backend == "torch" and rt.device.startswith("cuda")   # ORT and TensorRT use their own streams
     if events:
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(iters):
+    times, t_start = [], time.perf_counter()
+    while not _enough(times, t_start, iters, seconds):
         if events:
             start.record()
             rt.forward(x)
@@ -139,14 +145,17 @@ def predict_all(rt: Runtime, images: np.ndarray, batch: int = ACCURACY_BATCH) ->
 
 
 def bench_backend(rt: Runtime, test: ImageSet, shadowed: np.ndarray, batches: Sequence[int], warmup: int,
-                  iters: int) -> dict:
+                  iters: int, seconds: float | None = None, progress: Callable[[str], None] = lambda line: None) -> dict:
     check_classes(rt.classes, test)
     size = rt.frame_size or test.x.shape[1:3]
+    progress(f"{rt.backend} ({rt.device}): accuracy on {len(test)} clean and {len(test)} shadowed images")
     result = {"status": "ok", "backend": rt.backend, "device": rt.device, "providers": rt.providers,
-              "max_chunk": rt.max_chunk,
+              "max_chunk": rt.max_chunk, "threads": rt.threads,
               "frames": {"size": [int(v) for v in size], "resized": tuple(size) != tuple(test.x.shape[1:3])},
               "clean": accuracy_report(predict_all(rt, test.x), test.y, rt.classes),
               "shadowed": accuracy_report(predict_all(rt, shadowed), test.y, rt.classes), "latency": []}
+    progress(f"{rt.backend}: clean {result['clean']['accuracy']:.2%}, shadowed {result['shadowed']['accuracy']:.2%}; "
+             f"timing batches {', '.join(map(str, batches))}")
     for b in batches:
         if rt.max_batch is not None and b > rt.max_batch:
             result["latency"].append({"batch": b, "status": "skipped",
@@ -158,8 +167,11 @@ def bench_backend(rt: Runtime, test: ImageSet, shadowed: np.ndarray, batches: Se
             continue
         # the test images, repeated to fill b (resized for a fixed-frame model)
         frames = np.ascontiguousarray(camera_frames(test.x[np.arange(b) % len(test)], rt.frame_size))
-        result["latency"].append({"batch": b, "host": summarise(time_host(rt, frames, warmup, iters), b),
-                                  "device": summarise(time_device(rt, frames, warmup, iters), b)})
+        row = {"batch": b, "host": summarise(time_host(rt, frames, warmup, iters, seconds), b),
+               "device": summarise(time_device(rt, frames, warmup, iters, seconds), b)}
+        result["latency"].append(row)
+        progress(f"{rt.backend}: batch {b}: p50 {row['host']['p50_ms']:.3g} ms per call host-to-host, "
+            f"{row['device']['p50_ms']:.3g} ms device ({row['host']['images_per_s']:.0f} images/s)")
     return result
 
 
@@ -176,9 +188,14 @@ def machine() -> dict:
 
 
 def run_bench(model, test: ImageSet, *, backends: Sequence[str] = tuple(BACKENDS), batches: Sequence[int] = BATCHES,
-              warmup: int = 10, iters: int = 50, intensity: float = INTENSITY, coverage: float = COVERAGE,
-              seed: int = 0, log: Callable[[str], None] | None = None) -> dict:
-    """The bench result (one JSON-ready dict) of ``model`` (directory, shipped name, .onnx or .engine)."""
+              warmup: int = 10, iters: int = 50, seconds: float | None = 2.0, threads: int | None = None,
+              intensity: float = INTENSITY, coverage: float = COVERAGE, seed: int = 0,
+              log: Callable[[str], None] | None = None, progress: Callable[[str], None] | None = None) -> dict:
+    """The bench result (one JSON-ready dict) of ``model`` (directory, shipped name, .onnx or .engine).
+
+    Each timing loop runs ``iters`` calls, or stops after ``seconds`` once it has 3 (None: no time bound);
+    ``threads`` goes to every Runtime (None: each engine's own default). ``log`` gets one summary line per
+    backend, ``progress`` a line at each step as it goes (what the CLI shows on stderr)."""
     unknown = [b for b in backends if b not in BACKENDS]
     if unknown:
         raise EdgehebbError(f"unknown backend(s) {', '.join(unknown)}; choose from {', '.join(BACKENDS)}")
@@ -193,8 +210,8 @@ def run_bench(model, test: ImageSet, *, backends: Sequence[str] = tuple(BACKENDS
     result = {"model": str(model), "path": str(target), "kind": kind,
               "data": {"source": test.source, "images": len(test), "size": list(test.x.shape[1:3])},
               "shadow": {"intensity": intensity, "coverage": coverage, "seed": seed},
-              "settings": {"batches": list(batches), "warmup": warmup, "iters": iters,
-                           "accuracy_batch": ACCURACY_BATCH},
+              "settings": {"batches": list(batches), "warmup": warmup, "iters": iters, "seconds": seconds,
+                           "threads": threads, "accuracy_batch": ACCURACY_BATCH},
               "timing": TIMING, "machine": machine(), "backends": {}}
     for name in backends:
         reason = why_skipped(name, kind)
@@ -202,14 +219,15 @@ def run_bench(model, test: ImageSet, *, backends: Sequence[str] = tuple(BACKENDS
         if reason is None:
             backend, device = BACKENDS[name]
             try:
-                rt = Runtime(target, backend, device)
+                rt = Runtime(target, backend, device, threads=threads)
             except EdgehebbError as e:
                 if device != "cuda":  # a CPU backend that cannot load the model: the model is at fault
                     raise
                 entry["reason"] = str(e)  # installed, but its GPU stack cannot start on this machine
             else:
                 with rt:
-                    entry = bench_backend(rt, test, shadowed, batches, warmup, iters)
+                    entry = bench_backend(rt, test, shadowed, batches, warmup, iters, seconds,
+                                          progress=progress or (lambda line: None))
         result["backends"][name] = entry
         if log:
             log(describe(name, entry))

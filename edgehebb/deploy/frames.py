@@ -86,3 +86,94 @@ def frames_to_tensor(frames, size: tuple[int, int] | None = None, channel_order:
     if tuple(x.shape[2:]) != (th, tw):
         x = F.interpolate(x, size=(th, tw), mode="bilinear", align_corners=False, antialias=False)
     return x.contiguous()
+
+
+def check_frames(frames) -> np.ndarray | torch.Tensor:
+    """uint8 (N, H, W, 3) frames (numpy or torch, device kept) from one frame or a batch of one size.
+
+    Float frames in [0, 1] are rounded to uint8 (``round(x * 255)``, the quantisation a camera gives), so
+    every backend, baked-in preprocessing included, sees the same input; NaN, infinities and values outside
+    [0, 1] (a frame still in 0..255) raise."""
+    if not isinstance(frames, (np.ndarray, torch.Tensor)):
+        raise EdgehebbError(f"frames must be a numpy array, a torch tensor or a list of them, got "
+                            f"{type(frames).__name__}")
+    shape = tuple(frames.shape)
+    if frames.ndim not in (3, 4):
+        raise EdgehebbError(f"frames must be one frame (H, W, 3) or a batch (N, H, W, 3), got ndim {frames.ndim} "
+                            f"(shape {shape})")
+    if shape[-1] != 3:
+        hint = " (channels first? transpose to (..., H, W, 3))" if shape[-3] == 3 else ""
+        raise EdgehebbError(f"frames must have 3 colour channels in the last axis, got {shape[-1]} "
+                            f"(shape {shape}){hint}")
+    if frames.ndim == 3:
+        frames = frames[None]
+    if frames.shape[0] == 0:
+        raise EdgehebbError(f"empty batch: frames of shape {shape} hold no frame")
+    if frames.shape[1] == 0 or frames.shape[2] == 0:
+        raise EdgehebbError(f"frames have no pixels (shape {shape})")
+    dtype = frames.dtype
+    if isinstance(frames, np.ndarray):
+        is_uint8, is_float = dtype == np.uint8, dtype.kind == "f"
+    else:
+        is_uint8, is_float = dtype == torch.uint8, dtype.is_floating_point
+    if is_uint8:
+        return frames
+    if is_float:
+        return _quantise(frames, shape)
+    raise EdgehebbError(f"frames must be uint8 (0..255) or float in [0, 1], got dtype {dtype}")
+
+
+def _quantise(frames, shape) -> np.ndarray | torch.Tensor:
+    """Float frames in [0, 1] -> uint8, rounded; NaN, inf and out-of-range values raise."""
+    if isinstance(frames, np.ndarray):
+        finite, lo, hi = bool(np.isfinite(frames).all()), float(frames.min()), float(frames.max())
+    else:
+        finite, lo, hi = bool(torch.isfinite(frames).all()), float(frames.min()), float(frames.max())
+    if not finite:
+        raise EdgehebbError(f"float frames of shape {shape} contain NaN or infinite values")
+    if lo < 0.0 or hi > 1.0:
+        raise EdgehebbError(f"float frames must be in [0, 1], got values in [{lo:g}, {hi:g}] "
+                            f"(0..255 floats: divide by 255 or pass uint8)")
+    if isinstance(frames, np.ndarray):
+        return np.rint(frames.astype(np.float32) * 255).astype(np.uint8)
+    return (frames.float() * 255).round_().to(torch.uint8)
+
+
+def group_frames(frames) -> list[tuple[list[int], np.ndarray | torch.Tensor]]:
+    """A list (or tuple) of frames as batches of one size: [(positions in the list, (n, H, W, 3) batch)],
+    each frame checked as :func:`check_frames` does; a single array or tensor is one batch."""
+    if not isinstance(frames, (list, tuple)):
+        batch = check_frames(frames)
+        return [(list(range(len(batch))), batch)]
+    if not frames:
+        raise EdgehebbError("empty list: no frame to predict")
+    checked = []
+    for i, f in enumerate(frames):
+        if isinstance(f, (list, tuple)) or getattr(f, "ndim", None) != 3:
+            raise EdgehebbError(f"frames[{i}] must be one frame (H, W, 3), got "
+                                f"{getattr(f, 'shape', type(f).__name__)}")
+        try:
+            checked.append(check_frames(f))
+        except EdgehebbError as e:
+            raise EdgehebbError(f"frames[{i}]: {e}") from None
+    groups: dict[tuple, list[int]] = {}
+    for i, f in enumerate(checked):
+        key = (type(f), tuple(f.shape), str(getattr(f, "device", "cpu")))
+        groups.setdefault(key, []).append(i)
+    out = []
+    for idx in groups.values():
+        parts = [checked[i] for i in idx]
+        batch = np.concatenate(parts) if isinstance(parts[0], np.ndarray) else torch.cat(parts)
+        out.append((idx, batch))
+    return out
+
+
+def check_not_upscaled(shape: tuple[int, ...], size: tuple[int, int], fit: str) -> None:
+    """Refuse frames of ``shape`` (N, h, w, 3) whose region that reaches the model (the whole frame, or
+    the centred crop) is smaller than the model's ``size``: they would be stretched up, silently."""
+    h, w = int(shape[1]), int(shape[2])
+    rows, cols = crop_box(h, w, size)[2:] if fit == "center-crop" else (h, w)
+    if rows < size[0] or cols < size[1]:
+        region = "" if fit == "resize" else f" (its centred crop is {rows}x{cols})"
+        raise EdgehebbError(f"a {h}x{w} frame{region} is smaller than the model's {size[0]}x{size[1]} input: it "
+                            f"would be stretched up; pass upscale=True to Runtime to allow it")

@@ -3,39 +3,46 @@
     from edgehebb import Runtime
 
     with Runtime("fig2_left-cifar10", channel_order="bgr") as rt:   # OpenCV frames are BGR
-        pred = rt.predict(frame)           # uint8 (H, W, 3), or a batch (N, H, W, 3); numpy or torch
+        pred = rt.predict(frame)           # uint8 (H, W, 3), a batch (N, H, W, 3) or a list of frames
         print(pred.names[0], pred.probabilities[0].max())
 
-What ``path`` is picks the backend with ``backend="auto"``: a model directory (or the bare name of a
-shipped model) runs on torch (CUDA when torch sees a GPU), a ``.onnx`` file on ONNX Runtime, a
-``.engine`` / ``.plan`` file on TensorRT. ``backend="onnxruntime"`` also takes a model directory and
-exports it to a temporary ONNX file first. ``backend="opencv"`` runs a ``.onnx`` file (or a model
-directory, exported likewise) with OpenCV DNN on the CPU: a custom-op file is converted to standard
-ops in memory first (:mod:`edgehebb.deploy.onnx_standard`), a ``--standard-ops`` export is read as it is.
+Which backend. ``backend="auto"`` takes the fastest that can run ``path`` here: a model directory (or
+a shipped model's name) runs on torch on a CUDA GPU, and on the CPU on the fastest installed CPU
+backend (:data:`edgehebb.deploy.backends.CPU_SPEED_ORDER`, measured by ``tools/bench_runtime.py``:
+torch, then ONNX Runtime, then OpenCV); a ``.onnx`` file runs on ONNX Runtime (CUDA when
+onnxruntime-gpu sees a GPU); a ``.engine`` / ``.plan`` file on TensorRT. ``repr(runtime)`` and
+:attr:`Runtime.why` say which was picked and why. ``backend="onnxruntime"`` or ``"opencv"`` also take a
+model directory and export it to a temporary ONNX file with the preprocessing baked in; OpenCV DNN
+converts a custom-op file to standard ops in memory (:mod:`edgehebb.deploy.onnx_standard`).
 
-Large batches are split: :meth:`Runtime.predict` hands the backend at most ``max_chunk`` frames at a
-time (64 on the CPU, 256 on a GPU by default), so memory stays bounded whatever the batch (fig2_left
-needs ~3 MB of activations per 32 x 32 frame: 2,048 frames in one call peaked 5.4 GB above the
-loaded model with torch, 0.23 GB in chunks of 64). The chunks are as equal as possible, so with
-``max_chunk`` >= 3 none is a lone frame: for one row torch's CPU head and ONNX Runtime's convolution
-take other kernels, whose last bits differ. With 2 or more frames per chunk each frame's result is
-bit for bit the one an unsplit call gives, on torch, ONNX Runtime and OpenCV on the CPU (tested).
+Batches are split: :meth:`Runtime.predict` hands the backend at most ``max_chunk`` frames at a time, by
+default the size that measured fastest per frame for that backend on the CPU (the cosine map of
+fig2_left is 1.3 MB per 32 x 32 frame, and a batch whose maps leave the cache runs up to 3x slower per
+frame) and 256 on a GPU. Memory stays bounded whatever the batch. The chunks are as equal as possible,
+so with ``max_chunk`` >= 3 none is a lone frame: for one row torch's CPU head and ONNX Runtime's
+convolution take other kernels, whose last bits differ. With 2 or more frames per chunk each frame's
+result is bit for bit the one an unsplit call gives on torch and ONNX Runtime; OpenCV DNN gives the same
+bits only with one thread (``threads=1``): with several, its split of the work depends on the batch
+size and the last bits can differ (within OP_SPEC's tolerance; tests/test_runtime.py says so).
 
-Frames of any size are resized (``fit="resize"``) or centre-cropped to the model's aspect and then
-resized (``fit="center-crop"``) to the model's input by :func:`edgehebb.deploy.frames.frames_to_tensor`, the same
-code for every backend; an ONNX file exported with the preprocessing baked in
-(``preprocess="uint8-nhwc"``, the graph's twin of that function) gets the uint8 frames themselves,
-and so does a model directory run on ONNX Runtime, which is exported that way.
+Frames. One frame (H, W, 3), a batch (N, H, W, 3), or a list of frames (frames of one size are
+batched together, each size goes through the fit policy on its own), uint8 or float in [0, 1] (rounded
+to uint8), numpy or torch: :mod:`edgehebb.deploy.frames`. They are resized (``fit="resize"``) or
+centre-cropped to the model's aspect and then resized (``fit="center-crop"``) to the model's input, the
+same code for every backend (baked into the graph for an ONNX file exported with ``uint8-nhwc``). A
+frame smaller than the model's input would be stretched up; it is refused unless ``upscale=True``.
 
-Float frames are accepted too, if they are in [0, 1]: they are rounded to uint8 (``round(x * 255)``,
-the quantisation a camera gives) so that every backend, baked-in preprocessing included, sees the
-same input. NaN, infinities and values outside [0, 1] (a frame still in 0..255) raise.
+Threads. ``threads=None`` leaves each engine's own thread count (torch's and OpenCV's process-wide
+settings, ONNX Runtime's default of one per core). ``threads=N`` runs this Runtime's work on N threads:
+ONNX Runtime's session gets N intra-op threads; torch's and OpenCV's counts are process-wide, so they
+are set to N for the length of each call and set back after it.
 
 pycuda, tensorrt, onnxruntime and cv2 are imported only when a backend needs them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import re
 import shutil
 import tempfile
@@ -49,79 +56,33 @@ import numpy as np
 import torch
 
 from edgehebb.deploy.backends import BACKENDS as BACKEND_CLASSES
-from edgehebb.deploy.backends import NoCudaProvider, mismatch
+from edgehebb.deploy.backends import NoCudaProvider, choose, mismatch
 from edgehebb.deploy.backends.onnxruntime_backend import import_onnxruntime
-from edgehebb.deploy.frames import CHANNEL_ORDERS, FITS, check_choice
+from edgehebb.deploy.frames import (CHANNEL_ORDERS, FITS, check_choice, check_frames, check_not_upscaled,
+                                    group_frames)
 from edgehebb.errors import EdgehebbError
 from edgehebb.io import CONFIG_FILE
 
 BACKENDS = ("auto", *BACKEND_CLASSES)
-# Frames per backend call when Runtime(max_chunk=None). CPU: ~3 MB of activations per frame for
-# fig2_left makes 64 frames ~0.2 GB, and per-frame throughput on the CPU is flat from ~16 frames up.
-# GPU: larger batches keep it busy, and 256 is the top of the default TensorRT profile.
-DEFAULT_MAX_CHUNK = {"cpu": 64, "cuda": 256}
+# Frames per backend call on CUDA when Runtime(max_chunk=None): larger batches keep a GPU busy, and 256
+# is the top of the default TensorRT profile. On the CPU each backend's own measured size (cpu_chunk).
+CUDA_MAX_CHUNK = 256
 ENGINE_SUFFIXES = (".engine", ".plan")
 
 
 @dataclass
 class Prediction:
-    """What :meth:`Runtime.predict` returns for N frames (numpy arrays on the host)."""
+    """What :meth:`Runtime.predict` returns for N frames, in the order they were given (host numpy arrays,
+    the caller's own: never views of the Runtime's buffers)."""
 
-    class_ids: np.ndarray             # int64 (N,)
-    probabilities: np.ndarray         # float32 (N, classes), softmax of the logits
-    names: list[str]                  # class name of each frame's prediction
-    features: np.ndarray | None = None  # float32 (N, D) pooled block outputs, with features=True
+    class_ids: np.ndarray             # int64 (N,): argmax of each frame's probabilities, index into names
+    probabilities: np.ndarray         # float32 (N, classes): softmax of the logits, each row sums to 1
+    names: list[str]                  # the class name of each frame's prediction (Runtime.classes[id])
+    features: np.ndarray | None = None  # float32 (N, D): the pooled block outputs before the head
+                                        # (models/MODEL_FORMAT.md step 4), only with predict(features=True)
 
     def __len__(self) -> int:
         return len(self.class_ids)
-
-
-# ----------------------------------------------------------------------------- frames
-
-def check_frames(frames) -> np.ndarray | torch.Tensor:
-    """uint8 (N, H, W, 3) frames (numpy or torch, device kept) from one frame or a batch; see the module doc."""
-    if not isinstance(frames, (np.ndarray, torch.Tensor)):
-        raise EdgehebbError(f"frames must be a numpy array or a torch tensor, got {type(frames).__name__}")
-    shape = tuple(frames.shape)
-    if frames.ndim not in (3, 4):
-        raise EdgehebbError(f"frames must be one frame (H, W, 3) or a batch (N, H, W, 3), got ndim {frames.ndim} "
-                            f"(shape {shape})")
-    if shape[-1] != 3:
-        hint = " (channels first? transpose to (..., H, W, 3))" if shape[-3] == 3 else ""
-        raise EdgehebbError(f"frames must have 3 colour channels in the last axis, got {shape[-1]} "
-                            f"(shape {shape}){hint}")
-    if frames.ndim == 3:
-        frames = frames[None]
-    if frames.shape[0] == 0:
-        raise EdgehebbError(f"empty batch: frames of shape {shape} hold no frame")
-    if frames.shape[1] == 0 or frames.shape[2] == 0:
-        raise EdgehebbError(f"frames have no pixels (shape {shape})")
-    dtype = frames.dtype
-    if isinstance(frames, np.ndarray):
-        is_uint8, is_float = dtype == np.uint8, dtype.kind == "f"
-    else:
-        is_uint8, is_float = dtype == torch.uint8, dtype.is_floating_point
-    if is_uint8:
-        return frames
-    if is_float:
-        return _quantise(frames, shape)
-    raise EdgehebbError(f"frames must be uint8 (0..255) or float in [0, 1], got dtype {dtype}")
-
-
-def _quantise(frames, shape) -> np.ndarray | torch.Tensor:
-    """Float frames in [0, 1] -> uint8, rounded; NaN, inf and out-of-range values raise."""
-    if isinstance(frames, np.ndarray):
-        finite, lo, hi = bool(np.isfinite(frames).all()), float(frames.min()), float(frames.max())
-    else:
-        finite, lo, hi = bool(torch.isfinite(frames).all()), float(frames.min()), float(frames.max())
-    if not finite:
-        raise EdgehebbError(f"float frames of shape {shape} contain NaN or infinite values")
-    if lo < 0.0 or hi > 1.0:
-        raise EdgehebbError(f"float frames must be in [0, 1], got values in [{lo:g}, {hi:g}] "
-                            f"(0..255 floats: divide by 255 or pass uint8)")
-    if isinstance(frames, np.ndarray):
-        return np.rint(frames.astype(np.float32) * 255).astype(np.uint8)
-    return (frames.float() * 255).round_().to(torch.uint8)
 
 
 # ----------------------------------------------------------------------------- the runtime
@@ -189,40 +150,46 @@ class Runtime:
     """Run an edgehebb model on camera frames with torch, ONNX Runtime, OpenCV DNN or TensorRT; see the module doc.
 
     ``path``: a model directory or shipped model name, a ``.onnx`` file, or a ``.engine`` / ``.plan``
-    file. ``backend``: ``auto`` (chosen from ``path``), ``torch``, ``onnxruntime``, ``opencv`` or ``tensorrt``.
-    ``device``: ``None`` (CUDA when the backend can use it), ``"cpu"``, ``"cuda"`` (``"cuda:N"`` for torch).
-    ``channel_order``: ``"rgb"`` or ``"bgr"`` (OpenCV). ``fit``: how frames meet the model's aspect
-    ratio, ``"resize"`` (stretch) or ``"center-crop"`` (see :func:`edgehebb.deploy.frames.frames_to_tensor`).
-    ``max_chunk``: the most frames one backend call gets; :meth:`predict` splits larger batches
-    (``None``: 64 on the CPU, 256 on CUDA, ``DEFAULT_MAX_CHUNK``). Peak memory grows with it, by
-    ~3 MB per 32 x 32 frame for fig2_left.
+    file. ``backend``: ``auto`` (the fastest that can run ``path`` here), ``torch``, ``onnxruntime``,
+    ``opencv`` or ``tensorrt``. ``device``: ``None`` (CUDA when the backend can use it), ``"cpu"``,
+    ``"cuda"`` (``"cuda:N"`` for torch). ``channel_order``: ``"rgb"`` or ``"bgr"`` (OpenCV's frames are
+    BGR: without it they are misread, silently). ``fit``: how frames meet the model's aspect ratio,
+    ``"resize"`` (stretch) or ``"center-crop"`` (see :func:`edgehebb.deploy.frames.frames_to_tensor`).
+    ``upscale``: accept frames smaller than the model's input (stretched up); refused by default.
+    ``max_chunk``: the most frames one backend call gets (``None``: the backend's measured best on the
+    CPU, 256 on CUDA); :meth:`predict` splits larger batches. ``threads``: see the module doc.
 
     Steady-state inference allocates no new input buffers: each backend keeps one input buffer per
     frame shape (torch: a pinned host copy and a device copy on CUDA; ONNX Runtime: an IOBinding
-    whose input lives on the GPU with CUDA), for the last few shapes seen.
+    whose input lives on the GPU with CUDA), for the last few shapes seen. Memory above the loaded
+    model grows with ``max_chunk``, by ~3 MB per 32 x 32 frame for fig2_left.
 
     Thread safety: those buffers are shared state, so :meth:`predict` holds a per-instance lock;
     sharing one Runtime between threads is safe but runs their calls one at a time. For parallel
     inference use one Runtime per thread (each has its own buffers; on CUDA they share the GPU).
     :meth:`prepare` / :meth:`forward` (for benchmarks) take no lock: call them from one thread.
-    The returned :class:`Prediction` arrays are the caller's own (never views of the buffers).
     """
 
     def __init__(self, path, backend: str = "auto", device: str | None = None, *,
-                 channel_order: str = "rgb", fit: str = "resize", max_chunk: int | None = None):
+                 channel_order: str = "rgb", fit: str = "resize", max_chunk: int | None = None,
+                 upscale: bool = False, threads: int | None = None):
         if backend not in BACKENDS:
             raise EdgehebbError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
         check_choice(channel_order, CHANNEL_ORDERS, "channel order")
         check_choice(fit, FITS, "fit")
-        if max_chunk is not None and (isinstance(max_chunk, bool) or not isinstance(max_chunk, int) or max_chunk < 1):
-            raise EdgehebbError(f"max_chunk must be an integer >= 1 (frames per backend call), got {max_chunk!r}")
+        for name, value in (("max_chunk", max_chunk), ("threads", threads)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise EdgehebbError(f"{name} must be an integer >= 1, got {value!r}")
         kind, target = resolve_target(path)
         if backend == "auto":
-            backend = {"model": "torch", "onnx": "onnxruntime", "engine": "tensorrt"}[kind]
+            backend, self.why = choose(kind, device)
+        else:
+            self.why = "asked for"
         reason = mismatch(backend, kind)
         if reason is not None:
             raise EdgehebbError(f"{target}: {reason}")
         self.path, self.backend, self.channel_order, self.fit = target, backend, channel_order, fit
+        self.upscale, self.threads = bool(upscale), threads
         self.device = _resolve_device(backend, device)
         self._lock = threading.Lock()
         self._tmp: Path | None = None
@@ -231,13 +198,13 @@ class Runtime:
             if backend in ("onnxruntime", "opencv") and kind == "model":
                 target = self._export(target, channel_order, fit)
             try:
-                self._backend = make(target, self.device, channel_order, fit)
+                self._backend = make(target, self.device, channel_order, fit, threads=threads)
             except NoCudaProvider as e:
                 if device not in (None, "auto"):  # asked for CUDA: say why it cannot have it
                     raise
                 warnings.warn(f"{e}; running on the CPU", stacklevel=2)
                 self.device = "cpu"
-                self._backend = make(target, self.device, channel_order, fit)
+                self._backend = make(target, self.device, channel_order, fit, threads=threads)
         except BaseException:
             self.close()
             raise
@@ -248,7 +215,7 @@ class Runtime:
         # (H, W) of the only frames the model takes (a file with preprocessing baked in at a fixed
         # --frame-size); None: frames of any size, resized or cropped to input_size
         self.frame_size: tuple[int, int] | None = self._backend.frame_size
-        self.max_chunk: int = max_chunk or DEFAULT_MAX_CHUNK["cuda" if self.device.startswith("cuda") else "cpu"]
+        self.max_chunk: int = max_chunk or (CUDA_MAX_CHUNK if self.device.startswith("cuda") else make.cpu_chunk)
 
     def _export(self, model_dir: Path, channel_order: str, fit: str) -> Path:
         """The model exported to a temporary .onnx, removed by close() (or when the Runtime is collected).
@@ -271,20 +238,42 @@ class Runtime:
         return list(getattr(self._backend, "providers", []))
 
     def predict(self, frames, *, features: bool = False) -> Prediction:
-        """Class ids, probabilities and names (and, with ``features``, pooled features) of 1 or N frames.
+        """Class ids, probabilities and names (and, with ``features``, pooled features) of 1 or N frames, or of
+        a list of frames (in its order).
 
         More than ``max_chunk`` frames (or than a TensorRT profile's largest batch) run as several
         backend calls of equal size: see the module doc.
         """
-        frames = check_frames(frames)
+        groups = group_frames(frames)
+        for _, batch in groups:
+            self._check_size(batch)
         most = min(self.max_chunk, self.max_batch or self.max_chunk)
-        with self._lock:
+        n = sum(len(idx) for idx, _ in groups)
+        # results go straight into arrays made once: small per-chunk arrays kept alive between the chunks'
+        # large transient ones fragment the heap (1,024 frames in chunks of 4 grew it by 240 MiB)
+        probs = np.empty((n, len(self.classes)), np.float32)
+        feats = None
+        with self._lock, self._threads():
             backend = self._open()
-            parts = [self._run(backend, frames[lo:hi], features) for lo, hi in chunks(len(frames), most)]
-        probs = np.concatenate([p for p, _ in parts])
-        feats = np.concatenate([f for _, f in parts]) if features else None
+            for idx, batch in groups:
+                for lo, hi in chunks(len(batch), most):
+                    p, f = self._run(backend, batch[lo:hi], features)
+                    probs[idx[lo:hi]] = p
+                    if features:
+                        if feats is None:
+                            feats = np.empty((n, f.shape[1]), np.float32)
+                        feats[idx[lo:hi]] = f
         ids = probs.argmax(1).astype(np.int64)
         return Prediction(ids, probs, [self.classes[i] for i in ids], feats)
+
+    def _check_size(self, batch) -> None:
+        """Frames the model would stretch up are refused unless ``upscale``; a baked-in file checks its own size."""
+        if not self.upscale and self.frame_size is None:
+            check_not_upscaled(tuple(batch.shape), self.input_size, self.fit)
+
+    def _threads(self):
+        """``threads`` for the length of a call (torch's and OpenCV's counts are process-wide)."""
+        return self._open().threads_scope(self.threads) if self.threads is not None else contextlib.nullcontext()
 
     def _run(self, backend, frames, features: bool):
         n = len(frames)
@@ -301,11 +290,15 @@ class Runtime:
         The result lives in this Runtime's reused input buffers: it is valid until the next
         ``prepare`` or ``predict`` call, which overwrites it.
         """
-        return self._open().prepare(check_frames(frames))
+        frames = check_frames(frames)
+        self._check_size(frames)
+        with self._threads():
+            return self._open().prepare(frames)
 
     def forward(self, prepared):
         """For benchmarks: run the model on :meth:`prepare` output; outputs stay on the device (not synchronised)."""
-        return self._open().forward(prepared)
+        with self._threads():
+            return self._open().forward(prepared)
 
     def synchronize(self) -> None:
         """Wait for queued device work (a no-op on the CPU)."""
@@ -332,4 +325,6 @@ class Runtime:
         self.close()
 
     def __repr__(self) -> str:
-        return f"Runtime({str(self.path)!r}, backend={self.backend!r}, device={self.device!r})"
+        threads = "" if self.threads is None else f", threads={self.threads}"
+        return (f"Runtime({str(self.path)!r}, backend={self.backend!r}, device={self.device!r}, "
+                f"max_chunk={self.max_chunk}{threads})  # backend: {self.why}")

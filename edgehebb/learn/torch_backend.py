@@ -11,9 +11,6 @@ reference (tests/test_learn.py).
 
 from __future__ import annotations
 
-import ctypes
-import functools
-import sys
 import time
 
 import numpy as np
@@ -21,30 +18,11 @@ import torch
 
 from edgehebb.learn.hebbian import apply_update, currents, rank_update, ranking_scores
 from edgehebb.learn.patches import PatchSampler, preprocess
+from edgehebb.allocator import keep_freed_memory
 from edgehebb.threads import ThreadTuner
 
 # Ranks up to this are found by masking and repeating argmax; beyond, one topk is cheaper.
 ARGMAX_RANKS = 8
-
-
-@functools.cache
-def keep_freed_memory() -> bool:
-    """Stop glibc from handing each step's freed blocks back to the kernel (once per process; glibc only).
-
-    A CPU step allocates and frees a few blocks of 0.2-1.6 MB. glibc trims the freed top of the heap
-    above 2x its mmap threshold and the next step faults the pages back in: ~800 page faults a step,
-    a third of the CPU time in the kernel, 5 ms instead of 9 ms a step on a shared core (measured
-    with getrusage). Blocks below 32 MB now come from the heap, and up to 64 MB of free heap is kept.
-    """
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):   # musl and other C libraries: nothing to tune
-        return False
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-    return bool(mallopt(M_MMAP_THRESHOLD, 32 << 20)) and bool(mallopt(M_TRIM_THRESHOLD, 64 << 20))
 
 
 def top_units(h: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:

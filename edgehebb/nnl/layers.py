@@ -70,7 +70,15 @@ def _ieee_fp32(x: torch.Tensor):
 def _conv_ieee(x: torch.Tensor, m: torch.Tensor, stride: int) -> torch.Tensor:
     """The block's convolution in IEEE FP32. Kept out of torch.compile: dynamo traces through the
     flag switch of :func:`_ieee_fp32` without keeping it, and the compiled convolution would then
-    run with the global TF32 default."""
+    run with the global TF32 default.
+
+    On the CPU the image goes in channels-last, and so the cosine map comes out channels-last, (B, H, W,
+    K) in memory: oneDNN's direct convolution for that layout took 0.21 ms for one 32 x 32 image and 400
+    filters of 4 x 4 x 3 against 1.3 ms in NCHW, and a max-pool then runs along contiguous channels
+    (0.07 ms against 0.74 ms for fig2_left's 11 / 6 pool; one thread, 2-core CPU, BENCHMARKS.md). The
+    numbers are the NCHW ones bit for bit (tests/test_nnl.py), and downstream ops keep the layout."""
+    if not x.is_cuda:
+        x = x.contiguous(memory_format=torch.channels_last)
     with _ieee_fp32(x):
         return F.conv2d(x, m, stride=stride)
 
@@ -206,7 +214,10 @@ class NNLConv(nn.Module):
         # patches can push it ~0.4% above, which x^40 would turn into +17%: clip at 1 (exact no-op).
         c, upper = self.cosines(x), (1.0 if self.norm else None)
         if self.pool_first:  # exact: ReLU(x)^n is monotonic, so it commutes with max
-            return _relu_pow(F.max_pool2d(c, self.pool, self.pool_stride), self.power, upper)
+            # contiguous (NCHW) before the power: on a channels-last map torch's pow takes its scalar tail
+            # for some elements depending on the batch, which changed their last bit with the chunking
+            pooled = F.max_pool2d(c, self.pool, self.pool_stride).contiguous()
+            return _relu_pow(pooled, self.power, upper)
         return F.max_pool2d(_relu_pow(c, self.power, upper), self.pool, self.pool_stride)
 
 

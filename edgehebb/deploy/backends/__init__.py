@@ -15,9 +15,12 @@ from edgehebb.deploy.backends.torch_backend import TorchBackend
 
 BACKENDS: dict[str, type[Backend]] = {b.name: b for b in (TorchBackend, OrtBackend, OpenCVBackend, TrtBackend)}
 TARGET_WORDS = {"model": "a model directory", "onnx": "a .onnx file", "engine": "a TensorRT engine"}
+# The CPU backends, fastest first per frame at every batch size, each at its cpu_chunk, one thread
+# (tools/bench_runtime.py on fig2_left-cifar10; BENCHMARKS.md, "The runtime on the CPU").
+CPU_SPEED_ORDER = ("torch", "onnxruntime", "opencv")
 
-__all__ = ["BACKENDS", "Backend", "NoCudaProvider", "OpenCVBackend", "OrtBackend", "TorchBackend", "TrtBackend",
-           "mismatch", "why_not"]
+__all__ = ["BACKENDS", "CPU_SPEED_ORDER", "Backend", "NoCudaProvider", "OpenCVBackend", "OrtBackend", "TorchBackend",
+           "TrtBackend", "choose", "mismatch", "why_not"]
 
 
 def mismatch(name: str, kind: str) -> str | None:
@@ -40,3 +43,19 @@ def why_not(name: str, kind: str, device: str) -> str | None:
     if reason is None and device.split(":")[0] not in cls.devices:
         reason = f"the {name} backend runs on {' or '.join(d.upper() for d in cls.devices)} only, not {device}"
     return reason or cls.unavailable(device)
+
+
+def choose(kind: str, device: str | None) -> tuple[str, str]:
+    """The backend ``Runtime(backend="auto")`` runs a ``kind`` target with, and why (for ``repr``)."""
+    if kind == "engine":
+        return "tensorrt", "a TensorRT engine runs on TensorRT"
+    if kind == "onnx":
+        return "onnxruntime", "an ONNX file runs on ONNX Runtime"
+    cuda = device not in (None, "auto", "cpu") or (device in (None, "auto") and TorchBackend.unavailable("cuda") is None)
+    if cuda:
+        return "torch", "a model directory on a CUDA GPU runs on torch"
+    for name in CPU_SPEED_ORDER:
+        if why_not(name, kind, "cpu") is None:
+            return name, (f"the fastest installed CPU backend for a model directory (fastest first: "
+                          f"{', '.join(CPU_SPEED_ORDER)}; tools/bench_runtime.py)")
+    raise AssertionError("torch is a dependency: it can always run a model directory")

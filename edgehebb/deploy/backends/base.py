@@ -15,6 +15,7 @@ model directory; ``onnx``; ``engine``: a TensorRT engine), the ``devices`` they 
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
 from collections import OrderedDict
 from pathlib import Path
@@ -97,6 +98,9 @@ class Backend(ABC):
     min_batch: int = 1
     max_batch: int | None = None         # a TensorRT profile's limit; None: any
     frame_size: tuple[int, int] | None = None
+    # Frames per call on the CPU that ran fastest per frame (tools/bench_runtime.py, BENCHMARKS.md):
+    # Runtime(max_chunk=None) splits batches into chunks of at most this
+    cpu_chunk: int = 64
 
     classes: list[str]
     input_size: tuple[int, int]
@@ -122,6 +126,12 @@ class Backend(ABC):
 
     def synchronize(self) -> None:
         """Wait for queued device work; the CPU backends return finished results, so nothing to wait for."""
+
+    def threads_scope(self, threads: int):
+        """A context in which this backend computes on ``threads`` threads: process-wide settings (torch's,
+        OpenCV's) are set on entry and restored on exit; a backend with a per-session count (ONNX Runtime)
+        has set it when it was built and needs nothing here."""
+        return contextlib.nullcontext()
 
     def close(self) -> None:
         staging = getattr(self, "_staging", None)

@@ -35,6 +35,7 @@ class NoCudaProvider(EdgehebbError):
 class OrtBackend(OnnxFileBackend):
     name = "onnxruntime"
     devices = ("cpu", "cuda")
+    cpu_chunk = 8
 
     @classmethod
     def unavailable(cls, device: str) -> str | None:
@@ -47,7 +48,7 @@ class OrtBackend(OnnxFileBackend):
                         f"(install onnxruntime-gpu: pip install 'edgehebb[gpu]')")
         return None
 
-    def __init__(self, onnx_path: Path, device: str, channel_order: str, fit: str):
+    def __init__(self, onnx_path: Path, device: str, channel_order: str, fit: str, *, threads: int | None = None):
         ort = import_onnxruntime()
         self._ort = ort
         meta = op.read_metadata(onnx_path)
@@ -58,6 +59,8 @@ class OrtBackend(OnnxFileBackend):
                      else ["CPUExecutionProvider"])
         options = ort.SessionOptions()
         options.log_severity_level = 3   # ORT's warnings (e.g. unused initialisers) are not the user's business
+        if threads is not None:
+            options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
         try:
             self.session = ort.InferenceSession(str(onnx_path), options, providers=providers)
         except Exception as e:  # ORT raises its own pybind exception types

@@ -3,6 +3,7 @@ run by ``cv2.dnn`` on the CPU."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 from pathlib import Path
 
@@ -24,6 +25,7 @@ class OpenCVBackend(OnnxFileBackend):
     the whole process (on cores shared with other jobs, fewer threads are often faster)."""
 
     name = "opencv"
+    cpu_chunk = 64
 
     @classmethod
     def unavailable(cls, device: str) -> str | None:
@@ -31,7 +33,7 @@ class OpenCVBackend(OnnxFileBackend):
             return "opencv-python-headless is not installed (pip install opencv-python-headless)"
         return None
 
-    def __init__(self, onnx_path: Path, device: str, channel_order: str, fit: str):
+    def __init__(self, onnx_path: Path, device: str, channel_order: str, fit: str, *, threads: int | None = None):
         cv2 = import_cv2()
         from edgehebb.deploy.onnx_standard import standard_ops, uses_custom_ops
 
@@ -63,6 +65,15 @@ class OpenCVBackend(OnnxFileBackend):
         return dict(zip(self.output_names, outs))
 
     # synchronize: nothing to wait for, forward() returns finished host arrays
+
+    @contextlib.contextmanager
+    def threads_scope(self, threads: int):
+        saved = self._cv2.getNumThreads()
+        self._cv2.setNumThreads(threads)
+        try:
+            yield
+        finally:
+            self._cv2.setNumThreads(saved)
 
     def close(self) -> None:
         super().close()

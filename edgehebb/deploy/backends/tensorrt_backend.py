@@ -28,7 +28,7 @@ class TrtBackend(Backend):
             return f"no CUDA GPU visible to torch {torch.__version__}"
         return None
 
-    def __init__(self, engine: Path, device: str, channel_order: str, fit: str):
+    def __init__(self, engine: Path, device: str, channel_order: str, fit: str, *, threads: int | None = None):
         require("tensorrt", extra="gpu", why="the tensorrt backend runs .engine files")
         from edgehebb.deploy.tensorrt_engine import TrtRunner
         from edgehebb.deploy.tensorrt_plan import sidecar_path

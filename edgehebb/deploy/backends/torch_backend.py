@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
 
+from edgehebb.allocator import keep_freed_memory
 from edgehebb.deploy.backends.base import Backend, Staging
 from edgehebb.deploy.frames import frames_to_tensor
 
@@ -14,6 +16,7 @@ class TorchBackend(Backend):
     name = "torch"
     targets = ("model",)
     devices = ("cpu", "cuda")
+    cpu_chunk = 4
 
     @classmethod
     def unavailable(cls, device: str) -> str | None:
@@ -21,10 +24,12 @@ class TorchBackend(Backend):
             return f"no CUDA GPU visible to torch {torch.__version__}"
         return None
 
-    def __init__(self, model_dir: Path, device: str, channel_order: str, fit: str):
+    def __init__(self, model_dir: Path, device: str, channel_order: str, fit: str, *, threads: int | None = None):
         from edgehebb.nnl.model import load_model
 
         self.device = torch.device(device)
+        if self.device.type == "cpu":
+            keep_freed_memory()   # the cosine maps' pages are not faulted back in on every call
         self.net, config = load_model(model_dir, self.device)
         self.classes = [str(c) for c in config["classes"]]
         _, h, w = config["spec"]["input"]
@@ -45,6 +50,15 @@ class TorchBackend(Backend):
     def synchronize(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+    @contextlib.contextmanager
+    def threads_scope(self, threads: int):
+        saved = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(saved)
 
     def close(self) -> None:
         super().close()

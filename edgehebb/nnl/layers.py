@@ -230,7 +230,12 @@ class ConvBlock(nn.Module):
         self.power, self.pool, self.pool_stride = float(power), block.pool, block.pool_stride
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _relu_pow(F.max_pool2d(self.conv(x), self.pool, self.pool_stride), self.power)
+        if not x.is_cuda:   # channels-last on the CPU, as NNLConv's convolution (see _conv_ieee): a training
+            x = x.contiguous(memory_format=torch.channels_last)   # step of fig2_left's twin 0.71 -> 0.47 s
+        pooled = F.max_pool2d(self.conv(x), self.pool, self.pool_stride)
+        if not self.training:   # bits independent of the chunking at inference (NNLConv.forward); in
+            pooled = pooled.contiguous()   # training the copy's backward cost 80 % more per step
+        return _relu_pow(pooled, self.power)
 
 
 # ----------------------------------------------------------------------------- networks

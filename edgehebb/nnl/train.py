@@ -60,12 +60,16 @@ class TrainConfig:
                                 # steep n of the paper's ablation then also scales the classifier's input)
     augment: str = ""           # camera conditions (edgehebb.camera.conditions names, comma-separated) applied to a
     augment_fraction: float = 0.5   # share of the training images (edgehebb.camera.augment.augment); "" = none
+    flip: bool = False          # the head also trains on each training image mirrored left-right (its features)
+    dropout: float = 0.0        # dropout on the standardised features while the head trains (none at inference)
 
     def check(self) -> None:
         if self.epochs < 1 or self.batch < 1 or not self.lr > 0 or self.weight_decay < 0:
             raise EdgehebbError(f"invalid training settings {self}")
         if not 0 < self.val_fraction < 1:
             raise EdgehebbError(f"validation fraction must be in (0, 1), got {self.val_fraction}")
+        if not 0 <= self.dropout < 1:
+            raise EdgehebbError(f"dropout must be in [0, 1), got {self.dropout}")
         check_seed(self.seed)
         if self.augment:
             from edgehebb.camera.conditions import select
@@ -108,16 +112,21 @@ def validation_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
 
 
-def fit_standardiser(net: Net, feats: np.ndarray, chunk: int = 4096) -> None:
-    """Set ``net.feature_mean`` / ``feature_scale`` from training features (float64 sums)."""
-    s1 = np.zeros(feats.shape[1])
-    s2 = np.zeros(feats.shape[1])
-    for lo in range(0, len(feats), chunk):
-        f = np.asarray(feats[lo:lo + chunk], np.float64)
-        s1 += f.sum(0)
-        s2 += (f * f).sum(0)
-    mean = s1 / len(feats)
-    std = np.sqrt(np.maximum(s2 / len(feats) - mean * mean, 0))
+def fit_standardiser(net: Net, *sources: np.ndarray, rows: np.ndarray | None = None, chunk: int = 4096) -> None:
+    """Set ``net.feature_mean`` / ``feature_scale`` from training features (float64 sums): the ``rows`` (all
+    if None) of every array in ``sources`` (the features of the images, and of their mirror images),
+    read a chunk at a time, so a memory-mapped cache is never copied whole."""
+    d = sources[0].shape[1]
+    s1, s2, count = np.zeros(d), np.zeros(d), 0
+    for feats in sources:
+        picks = np.arange(len(feats)) if rows is None else rows
+        for lo in range(0, len(picks), chunk):
+            f = np.asarray(feats[picks[lo:lo + chunk]], np.float64)
+            s1 += f.sum(0)
+            s2 += (f * f).sum(0)
+            count += len(f)
+    mean = s1 / count
+    std = np.sqrt(np.maximum(s2 / count - mean * mean, 0))
     # A feature that never varies carries nothing: scale 0 instead of 1 / 0 (1e-30: far below any
     # informative spread, far above float32's denormals).
     scale = np.where(std > 1e-30, 1.0 / np.maximum(std, 1e-30), 0.0)
@@ -171,27 +180,41 @@ def _fit(params, logits_of: Callable[[torch.Tensor], torch.Tensor], labels: torc
 
 
 def train_head(net: Net, feats: np.ndarray, labels: np.ndarray, cfg: TrainConfig, *, device: str = "cpu",
-               progress: bool = True, log: Log = _stderr) -> dict:
-    """Fit ``net``'s standardiser and softmax head on frozen ``feats`` (N, D); the blocks are untouched."""
+               flipped: np.ndarray | None = None, progress: bool = True, log: Log = _stderr) -> dict:
+    """Fit ``net``'s standardiser and softmax head on frozen ``feats`` (N, D); the blocks are untouched.
+
+    ``flipped``: the features of the same N images mirrored left-right (``cfg.flip``); the rows of the
+    training split join the training set, the validation split stays the unflipped images."""
     cfg.check()
     train_idx, val_idx = validation_split(labels, cfg.val_fraction, cfg.seed)
+    sources = [feats] if flipped is None else [feats, flipped]
     if cfg.standardise:
-        fit_standardiser(net, feats[train_idx])
+        fit_standardiser(net, *sources, rows=train_idx)
     else:
         net.feature_mean.zero_()
         net.feature_scale.fill_(1.0)
     net.to(device)
     torch.manual_seed(cfg.seed)
     net.head.reset_parameters()
-    # Standardise once; ~3.6 GB for the fig. 2-middle features of 50k images (float32).
-    x = torch.empty(feats.shape, dtype=torch.float32, device=device)
-    for lo in range(0, len(feats), 4096):
-        chunk = torch.from_numpy(np.array(feats[lo:lo + 4096], np.float32)).to(device)   # a copy: feats may be a read-only memmap
-        x[lo:lo + 4096] = (chunk - net.feature_mean) * net.feature_scale
-    y = torch.from_numpy(labels).to(device)
-    result = _fit(net.head.parameters(), lambda idx: net.head(x[idx]), y, train_idx, val_idx, cfg, net,
-                  progress=progress, log=log, what="head")
-    return {**result, "train_images": len(train_idx), "val_images": len(val_idx)}
+    # Standardise once; ~3.6 GB for the fig. 2-middle features of 50k images (float32). A matrix above 4 GB
+    # is kept in float16 (z-scores, ~5e-4 relative), each batch widened to float32 for the head.
+    n, d = len(feats), feats.shape[1]
+    rows = np.concatenate([train_idx + k * n for k in range(len(sources))])
+    store = torch.float16 if len(sources) * n * d * 4 > 4e9 else torch.float32
+    x = torch.empty((len(sources) * n, d), dtype=store, device=device)
+    for k, src in enumerate(sources):
+        for lo in range(0, n, 4096):
+            chunk = torch.from_numpy(np.array(src[lo:lo + 4096], np.float32)).to(device)   # a copy: may be a memmap
+            x[k * n + lo:k * n + lo + len(chunk)] = (chunk - net.feature_mean) * net.feature_scale
+    y = torch.from_numpy(np.concatenate([labels] * len(sources))).to(device)
+
+    def logits_of(idx: torch.Tensor) -> torch.Tensor:
+        z = x[idx].float()
+        return net.head(F.dropout(z, cfg.dropout, net.training) if cfg.dropout else z)
+
+    result = _fit(net.head.parameters(), logits_of, y, rows, val_idx, cfg, net, progress=progress, log=log,
+                  what="head")
+    return {**result, "train_images": len(rows), "val_images": len(val_idx)}
 
 
 def train_end_to_end(net: Net, images: np.ndarray, labels: np.ndarray, cfg: TrainConfig, *, device: str = "cpu",
@@ -204,8 +227,18 @@ def train_end_to_end(net: Net, images: np.ndarray, labels: np.ndarray, cfg: Trai
         keep_freed_memory()   # each step's maps come and go: 0.47 instead of 0.6 s a step for fig2_left's twin
     x = torch.from_numpy(np.array(images)).to(device)     # uint8 NHWC (copied: may be a read-only memmap) stays small on the device
     y = torch.from_numpy(labels).to(device)
-    result = _fit(net.parameters(), lambda idx: net(x[idx].permute(0, 3, 1, 2).float().div_(255.0)), y,
-                  train_idx, val_idx, cfg, net, progress=progress, log=log, what="end-to-end")
+    mirror = torch.Generator().manual_seed(cfg.seed * 7919 + 1)   # which training images a step mirrors (cfg.flip)
+
+    def logits_of(idx: torch.Tensor) -> torch.Tensor:
+        batch = x[idx].permute(0, 3, 1, 2).float().div_(255.0)
+        if cfg.flip and net.training:   # each image mirrored left-right with probability 1/2
+            flip = (torch.rand(len(batch), generator=mirror) < 0.5).to(batch.device)
+            batch = torch.where(flip[:, None, None, None], batch.flip(-1), batch)
+        feats = net.features(batch)
+        return net.classify(F.dropout(feats, cfg.dropout, net.training) if cfg.dropout else feats)
+
+    result = _fit(net.parameters(), logits_of, y, train_idx, val_idx, cfg, net, progress=progress, log=log,
+                  what="end-to-end")
     return {**result, "train_images": len(train_idx), "val_images": len(val_idx)}
 
 
@@ -278,8 +311,10 @@ def train_to_dir(spec: NetSpec, train: ImageSet, out: str | Path, *, training: T
                                       backend=backend, device=device, progress=progress, log=log)
         net = NNLNet(spec, banks)
         feats = cached_features(net, x, device=device, cache=cache, progress=progress)
-        log(f"features {feats.shape[1]} per image, {len(feats)} images")
-        result = train_head(net, feats, train.y, cfg, device=device, progress=progress, log=log)
+        flipped = (cached_features(net, np.ascontiguousarray(x[:, :, ::-1]), device=device, cache=cache,
+                                   progress=progress, desc="features, mirrored") if cfg.flip else None)
+        log(f"features {feats.shape[1]} per image, {len(feats)} images" + (" and their mirror images" if cfg.flip else ""))
+        result = train_head(net, feats, train.y, cfg, device=device, flipped=flipped, progress=progress, log=log)
         record["filters"] = {"from": origins, "learn": [bank_learn_settings(Path(o)) for o in origins]}
     record["training"] = {**result, "seconds": time.perf_counter() - t0}
     record.update(extra or {})

@@ -14,7 +14,7 @@ import edgehebb.nnl.train as train_module
 from edgehebb.cli import cli
 from edgehebb.errors import EdgehebbError
 from edgehebb.nnl import NNLNet, spec_from_dict
-from edgehebb.nnl.train import TrainConfig, train_head, train_to_dir, validation_split
+from edgehebb.nnl.train import train_head, train_to_dir, validation_split
 from tests.test_train import FAST, SPEC, _gratings, _npz, bank_dir  # noqa: F401 (bank_dir: a fixture)
 
 QUIET = {"device": "cpu", "progress": False, "log": lambda line: None, "cache": ""}

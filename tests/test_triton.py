@@ -290,6 +290,19 @@ def test_the_wheel_server_refuses_an_onnxruntime_repository_before_starting(tmp_
         TritonServer(tmp_path / "r", binary=find_server(which=lambda name: None))
 
 
+def test_a_port_in_use_is_one_line_naming_it(python_repo):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(EdgehebbError) as e:
+            TritonServer(python_repo, grpc_port=port).start(timeout=WAIT_S)
+    assert str(e.value) == (f"127.0.0.1:{port} is already in use (another server?): choose another --grpc-port, "
+                            f"or 0 for any free one")
+
+
 def test_real_server_reads_the_onnxruntime_config_up_to_the_missing_backend(tmp_path):
     # the wheel's server has no onnxruntime backend: it gets as far as looking for one, past the config
     write_repository(MODEL, tmp_path / "r", frame_size=(32, 32), tensorrt=True)

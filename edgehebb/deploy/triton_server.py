@@ -101,6 +101,17 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def port_is_free(host: str, port: int) -> bool:
+    """Whether ``port`` can be bound on ``host`` now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # as servers bind: a closing socket is no obstacle
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
 def repository_backends(repo: Path) -> dict[str, str]:
     """{model name: backend or platform} named by each ``REPO/<model>/config.pbtxt``."""
     found = {}
@@ -223,6 +234,10 @@ class TritonServer:
         if self.process is not None:
             raise EdgehebbError("this Triton server has already been started")
         env = self._environment()
+        for what, port in zip(("http", "grpc", "metrics"), self.wanted):
+            if port and not port_is_free(self.host, port):
+                raise EdgehebbError(f"{self.host}:{port} is already in use (another server?): choose another "
+                                    f"--{what}-port, or 0 for any free one")
         self._tmp = Path(tempfile.mkdtemp(prefix="edgehebb-triton-"))
         try:
             backends = self._backend_folder()
@@ -241,7 +256,7 @@ class TritonServer:
                     return self
                 tail, errors = self.log_tail(), self.log_errors()
                 self._terminate()
-                if not (_PORT_IN_USE.search(tail) and 0 in self.wanted and attempt < 2):
+                if not (_PORT_IN_USE.search(tail) and attempt < 2):   # only auto-chosen ports can be taken now
                     raise EdgehebbError(f"Triton did not start ({problem}): {errors}")
             raise AssertionError("unreachable")
         except BaseException:
@@ -256,6 +271,7 @@ class TritonServer:
             code = self.process.poll()
             if code is not None:
                 return f"tritonserver exited with status {code}"
+            self._stubs |= set(child_processes(self.process.pid))   # a stub outlives a server that fails later
             try:
                 with urllib.request.urlopen(url, timeout=1.0) as r:
                     if r.status == 200:

@@ -17,6 +17,7 @@ from edgehebb.cli.bench import bench
 from edgehebb.cli.eval import eval_
 from edgehebb.cli.export import export
 from edgehebb.cli.learn import learn, show
+from edgehebb.cli.serve import serve
 from edgehebb.cli.train import train
 from edgehebb.errors import EdgehebbError
 
@@ -52,7 +53,7 @@ def cli(ctx: click.Context, debug: bool) -> None:
 
 
 
-for _command in (learn, show, train, eval_, export, bench):
+for _command in (learn, show, train, eval_, export, bench, serve):
     cli.add_command(_command)
 
 

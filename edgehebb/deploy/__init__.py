@@ -10,7 +10,10 @@
 - :mod:`~edgehebb.deploy.runtime` and :mod:`edgehebb.deploy.backends`: ``edgehebb.Runtime`` and one module
   per inference backend;
 - :mod:`~edgehebb.deploy.fused`: the fused NNL inference kernel's host side (PyCUDA);
-- :mod:`~edgehebb.deploy.bench`: accuracy and latency per backend (``edgehebb bench``).
+- :mod:`~edgehebb.deploy.bench`: accuracy and latency per backend (``edgehebb bench``);
+- :mod:`~edgehebb.deploy.triton_repo` / :mod:`~edgehebb.deploy.triton_server`: Triton Inference Server model
+  repositories (``edgehebb export --triton``) and a real server over one (``edgehebb serve``), with
+  :mod:`~edgehebb.deploy.triton_python_model`, the python backend's ``model.py``.
 
 Heavy optional dependencies (onnxruntime, cv2, tensorrt, pycuda) are imported only where used.
 """

@@ -21,6 +21,7 @@ import types
 import click
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 import torch
 from click.testing import CliRunner
@@ -35,8 +36,6 @@ from edgehebb.deploy.onnx_export import build_model_proto, export_onnx
 from edgehebb.nnl.train import fit_standardiser
 from edgehebb.deploy.op import PARITY_TOLERANCE, parity_error
 from tests.conftest import assert_close
-
-ort = pytest.importorskip("onnxruntime")
 
 SPEC = NetSpec("tiny", (BlockSpec(kernel=3, filters=8, power=40.0, pool=4, pool_stride=3),
                         BlockSpec(kernel=4, filters=8, power=10.0, pool=3, pool_stride=2, stride=2, padding=1,

@@ -183,7 +183,7 @@ def test_contract_with_the_onnx_exporter():
     """What build_engine reads, from a model edgehebb.deploy.onnx_export actually writes."""
     import torch
 
-    export = pytest.importorskip("edgehebb.deploy.onnx_export")
+    from edgehebb.deploy import onnx_export as export
     from edgehebb.nnl import BlockSpec, NetSpec, NNLNet
 
     spec = NetSpec("tiny", (BlockSpec(kernel=3, filters=4, power=40.0, pool=4, pool_stride=3),), input=(3, 16, 16),

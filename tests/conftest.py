@@ -18,6 +18,8 @@ import numpy as np
 import onnxruntime  # noqa: F401  (a package dependency; imported here so its absence fails collection)
 import pytest
 import torch
+import torch._dynamo  # noqa: F401  (edgehebb.nnl's @torch.compiler.disable imports it, and its first import
+                      # sets TORCHINDUCTOR_CACHE_DIR in os.environ: done here, before the guard below looks)
 
 
 def _global_state() -> dict:

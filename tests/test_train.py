@@ -256,21 +256,27 @@ def test_cli_train_bad_options(tmp_path, args, message):
     assert res.exit_code != 0 and message in str(res.exception)
 
 
+# measured 2026-12-04 (1 and 2 torch threads alike) by the test below: accuracy on its 1,000 test images
+REAL_DATA_MEASURED = {"clean": 0.548, "shadowed": 0.511}
+REAL_DATA_TEST_IMAGES = 1000
+
+
 @pytest.mark.data
 def test_real_data_train_eval_beats_floor(cifar_root, tmp_path):
-    """fig2_left on 2,000 CIFAR-10 training images (filters learned here, B=100): the head must reach 45%
-    on 1,000 test images (chance 10%; measured 0.548 clean, 0.511 shadowed with today's defaults; the
-    centred recipe before 2026-12-01 reached 0.41). Shadowed accuracy is reported, not bounded."""
+    """fig2_left on 2,000 CIFAR-10 training images (filters learned here, B=100), 10 head epochs, on 1,000
+    test images (chance 10%; the centred recipe before 2026-12-01 reached 0.41 clean). Each floor is 2
+    standard errors below the measured figure: 0.517 clean, 0.479 shadowed."""
     from edgehebb.nnl import load_spec
 
     train = load_split(cifar_root, "train", limit=2000, progress=False)
-    test = load_split(cifar_root, "test", limit=1000, progress=False)
+    test = load_split(cifar_root, "test", limit=REAL_DATA_TEST_IMAGES, progress=False)
     train_to_dir(load_spec("fig2_left"), train, tmp_path / "m", training=TrainConfig(epochs=10), backend="torch",
                  device="cpu", learn={"batch": 100}, cache="", progress=False, log=lambda s: None)
     net, config = load_model(tmp_path / "m")
     r = evaluate(net, test, config["classes"], sweep=None, progress=False)
-    assert r["clean"]["accuracy"] > 0.45, r["clean"]
-    assert 0 <= r["shadowed"]["accuracy"] <= r["clean"]["accuracy"] + 0.05
+    for figure, p in REAL_DATA_MEASURED.items():
+        floor = p - 2 * (p * (1 - p) / REAL_DATA_TEST_IMAGES) ** 0.5
+        assert r[figure]["accuracy"] >= floor, (figure, r[figure]["accuracy"], p, floor)
 
 
 def test_cli_eval_png_needs_the_sweep_and_a_writable_path(bank_dir, tmp_path):

@@ -19,6 +19,16 @@ def test_ci_runs_the_readme_test_command():
     assert commands[1] in ci_lines
 
 
+def test_ci_runs_the_tests_in_a_random_order_it_prints_and_lists_the_skips():
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert any(dep.startswith("pytest-randomly") for dep in project["project"]["optional-dependencies"]["test"])
+    assert "-ra" in project["tool"]["pytest"]["ini_options"]["addopts"].split()   # the skips and their reasons
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "--randomly-seed=$seed" in ci and 'echo "tests in random order, seed $seed' in ci
+
+
 def test_readme_main_job_uses_real_options():
     from click.testing import CliRunner
 

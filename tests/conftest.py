@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import sys
 from collections import Counter
 from pathlib import Path
@@ -21,17 +22,25 @@ import torch
 import torch._dynamo  # noqa: F401  (edgehebb.nnl's @torch.compiler.disable imports it, and its first import
                       # sets TORCHINDUCTOR_CACHE_DIR in os.environ: done here, before the guard below looks)
 
+from edgehebb import threads as thread_policy
+
 
 def _global_state() -> dict:
-    """What one test may not leave changed for the next: thread pools, the environment, cwd, sys.path."""
+    """What one test may not leave changed for the next: thread pools and edgehebb's thread policy, the
+    environment, cwd, sys.path and the SIGINT/SIGTERM handlers."""
     env = {k: v for k, v in os.environ.items() if k != "PYTEST_CURRENT_TEST"}   # pytest's own, per phase
     return {"torch threads": torch.get_num_threads(), "OpenCV threads": cv2.getNumThreads(),
-            "environment": env, "cwd": os.getcwd(), "sys.path": list(sys.path)}
+            "edgehebb --threads": thread_policy.requested(), "environment": env, "cwd": os.getcwd(),
+            "sys.path": list(sys.path),
+            "signal handlers": {s.name: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}}
 
 
 def _restore(state: dict) -> None:
     torch.set_num_threads(state["torch threads"])
     cv2.setNumThreads(state["OpenCV threads"])
+    thread_policy.configure(state["edgehebb --threads"])
+    for name, handler in state["signal handlers"].items():
+        signal.signal(signal.Signals[name], handler)
     for key in set(os.environ) - set(state["environment"]) - {"PYTEST_CURRENT_TEST"}:
         del os.environ[key]
     os.environ.update(state["environment"])
@@ -41,10 +50,10 @@ def _restore(state: dict) -> None:
 
 @pytest.fixture(autouse=True)
 def leaves_no_global_state_changed():
-    """Fails (at teardown) a test that changes torch's or OpenCV's thread count, os.environ, the working
-    directory or sys.path and does not put it back; it restores them first, so the next test starts clean.
-    monkeypatch's changes are undone before this runs. Warning filters need no guard: pytest restores
-    them around every test."""
+    """Fails (at teardown) a test that changes torch's or OpenCV's thread count, edgehebb's --threads
+    policy, os.environ, the working directory, sys.path or the SIGINT/SIGTERM handlers and does not put
+    it back; it restores them first, so the next test starts clean. monkeypatch's changes are undone
+    before this runs. Warning filters need no guard: pytest restores them around every test."""
     before = _global_state()
     yield
     after = _global_state()

@@ -44,9 +44,14 @@ def test_every_tool_answers_help():
     # tools/README.md: each script runs with --help (and prints JSON when run for real)
     import subprocess
     import sys
+    from concurrent.futures import ThreadPoolExecutor
 
     tools = sorted((ROOT / "tools").glob("*.py"))
     assert len(tools) >= 6
-    for tool in tools:
-        done = subprocess.run([sys.executable, str(tool), "--help"], capture_output=True, text=True, timeout=120)
-        assert done.returncode == 0 and "usage" in done.stdout.lower(), (tool.name, done.stderr[-500:])
+
+    def help_of(tool):   # each a fresh process importing torch: four at a time
+        return subprocess.run([sys.executable, str(tool), "--help"], capture_output=True, text=True, timeout=120)
+
+    with ThreadPoolExecutor(4) as pool:
+        for tool, done in zip(tools, pool.map(help_of, tools)):
+            assert done.returncode == 0 and "usage" in done.stdout.lower(), (tool.name, done.stderr[-500:])

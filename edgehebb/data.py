@@ -359,9 +359,9 @@ def _load_image_tree(split_dir: Path, root: Path, skip_bad: bool, cache_dir, pro
             raise _bad_image(message)
         meta = None  # it decodes now (rewritten with the same mtime and size): decode the tree again
     if meta is not None:
-        with contextlib.suppress(OSError, ValueError):
+        with contextlib.suppress(OSError, ValueError, EOFError):   # damaged (EOFError: empty): decode again
             x = np.load(npy, mmap_mode="r")
-            if list(x.shape) == meta["shape"]:
+            if list(x.shape) == meta["shape"] and x.dtype == np.uint8:
                 _report_skipped(meta["skipped"], split_dir, log)
                 return ImageSet(x, np.asarray(meta["y"], np.int64), classes, source, list(meta["skipped"]))
 

@@ -1,14 +1,86 @@
-"""Shared fixtures: synthetic image folders, the optional real CIFAR-10 copy, and assert_close."""
+"""Shared fixtures: synthetic image folders, the optional real CIFAR-10 copy, assert_close, and a guard
+that fails any test leaving process-wide state changed.
+
+Every declared test dependency (pyproject's ``test`` extra) is imported here, so a missing one fails
+the whole run at collection instead of skipping the tests that need it.
+"""
 
 from __future__ import annotations
 
 import os
 import re
+import signal
+import sys
+from collections import Counter
 from pathlib import Path
 
+import cv2   # the test extra's opencv-python-headless: Runtime's OpenCV backend, the standard-ops export
 import numpy as np
+import onnxruntime  # noqa: F401  (a package dependency; imported here so its absence fails collection)
 import pytest
 import torch
+import torch._dynamo  # noqa: F401  (edgehebb.nnl's @torch.compiler.disable imports it, and its first import
+                      # sets TORCHINDUCTOR_CACHE_DIR in os.environ: done here, before the guard below looks)
+
+from edgehebb import threads as thread_policy
+
+
+def _global_state() -> dict:
+    """What one test may not leave changed for the next: thread pools and edgehebb's thread policy, the
+    environment, cwd, sys.path and the SIGINT/SIGTERM handlers."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTEST_CURRENT_TEST"}   # pytest's own, per phase
+    return {"torch threads": torch.get_num_threads(), "OpenCV threads": cv2.getNumThreads(),
+            "edgehebb --threads": thread_policy.requested(), "environment": env, "cwd": os.getcwd(),
+            "sys.path": list(sys.path),
+            "signal handlers": {s.name: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}}
+
+
+def _restore(state: dict) -> None:
+    torch.set_num_threads(state["torch threads"])
+    cv2.setNumThreads(state["OpenCV threads"])
+    thread_policy.configure(state["edgehebb --threads"])
+    for name, handler in state["signal handlers"].items():
+        signal.signal(signal.Signals[name], handler)
+    for key in set(os.environ) - set(state["environment"]) - {"PYTEST_CURRENT_TEST"}:
+        del os.environ[key]
+    os.environ.update(state["environment"])
+    os.chdir(state["cwd"])
+    sys.path[:] = state["sys.path"]
+
+
+@pytest.fixture(autouse=True)
+def leaves_no_global_state_changed():
+    """Fails (at teardown) a test that changes torch's or OpenCV's thread count, edgehebb's --threads
+    policy, os.environ, the working directory, sys.path or the SIGINT/SIGTERM handlers and does not put
+    it back; it restores them first, so the next test starts clean. monkeypatch's changes are undone
+    before this runs. Warning filters need no guard: pytest restores them around every test."""
+    before = _global_state()
+    yield
+    after = _global_state()
+    changed = {k: (before[k], after[k]) for k in before if before[k] != after[k]}
+    if changed:
+        _restore(before)
+        lines = []
+        for what, (was, now) in changed.items():
+            if isinstance(was, dict):
+                keys = sorted(k for k in was.keys() | now.keys() if was.get(k) != now.get(k))
+                lines.append(f"{what}: {', '.join(f'{k}={was.get(k)!r}->{now.get(k)!r}' for k in keys)}")
+            elif isinstance(was, list):
+                added, removed = Counter(now) - Counter(was), Counter(was) - Counter(now)
+                lines.append(f"{what}: added {list(added.elements())}, removed {list(removed.elements())}")
+            else:
+                lines.append(f"{what}: {was!r} -> {now!r}")
+        pytest.fail("the test left process-wide state changed (restore it, e.g. with monkeypatch or a "
+                    "fixture):\n  " + "\n  ".join(lines), pytrace=False)
+
+
+@pytest.fixture
+def one_opencv_thread():
+    """OpenCV DNN on one thread for this test (the machine is shared), set back afterwards."""
+    saved = cv2.getNumThreads()
+    cv2.setNumThreads(1)
+    yield
+    cv2.setNumThreads(saved)
 
 
 def assert_close(actual, expected, rtol: float, atol: float, what: str = "values") -> None:

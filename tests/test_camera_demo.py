@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -17,15 +18,20 @@ TOOL = Path(__file__).resolve().parent.parent / "tools" / "camera_demo.py"
 
 
 def load_tool():
+    """tools/camera_demo.py as a module (it puts the clone on sys.path when it is not there: put it back)."""
     spec = importlib.util.spec_from_file_location("camera_demo", TOOL)
     module = importlib.util.module_from_spec(spec)
+    saved = list(sys.path)
     spec.loader.exec_module(module)
+    sys.path[:] = saved
     return module
 
 
 @pytest.fixture(scope="module")
 def cv2():
-    return pytest.importorskip("cv2", reason="OpenCV is not installed (pip install opencv-python-headless)")
+    import cv2   # the test extra's opencv-python-headless: without it these tests fail, they do not skip
+
+    return cv2
 
 
 def count_frames(cv2, path: Path) -> int:
@@ -52,15 +58,38 @@ def video(cv2, tmp_path) -> Path:
     return path
 
 
+def read_frames(cv2, path: Path) -> list[np.ndarray]:
+    cap = cv2.VideoCapture(str(path))
+    frames = []
+    while (got := cap.read())[0]:
+        frames.append(got[1])
+    cap.release()
+    return frames
+
+
 @pytest.mark.parametrize("suffix,backend", [(".avi", "auto"), (".mp4", "auto"), (".avi", "opencv")])
-def test_demo_writes_every_frame(cv2, video, tmp_path, capsys, suffix, backend):
+def test_demo_writes_every_frame(cv2, video, tmp_path, capsys, monkeypatch, suffix, backend):
+    from edgehebb.deploy.runtime import Runtime
+
     model = tiny_model(tmp_path / "tiny")
     out = tmp_path / f"annotated{suffix}"
+    drawn = []   # every text the demo draws, in order (OpenCV's own putText still draws it)
+    put_text = cv2.putText
+    monkeypatch.setattr(cv2, "putText", lambda img, text, *a, **k: (drawn.append(text), put_text(img, text, *a, **k))[1])
     rc = load_tool().main(["--source", str(video), "--out", str(out), "--model", str(model), "--device", "cpu",
                            "--backend", backend])
     assert rc == 0, capsys.readouterr().err
     summary = json.loads(capsys.readouterr().out)
     assert summary["frames"] == 12 and summary["model_ms_p50"] > 0
+    # two lines a frame: the class and probability the model gives that frame (BGR, as OpenCV decodes it),
+    # then both frame rates with the backend that ran
+    with Runtime(model, summary["backend"], "cpu", channel_order="bgr") as rt:
+        preds = [rt.predict(frame) for frame in read_frames(cv2, video)]
+    assert drawn[0::2] == [f"{p.names[0]} {p.probabilities[0].max():.0%}" for p in preds]
+    assert len({text.split()[0] for text in drawn[0::2]}) > 1, "the clip should show more than one class"
+    rates = rf"\d+ FPS model, \d+ FPS loop \({summary['backend']} cpu\)"
+    assert len(drawn) == 24 and all(re.fullmatch(rates, text) for text in drawn[1::2]), drawn[1::2]
+    assert summary["backend"] == ("opencv" if backend == "opencv" else "torch")
     assert count_frames(cv2, out) == 12
     cap = cv2.VideoCapture(str(out))
     ok, frame = cap.read()

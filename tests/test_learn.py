@@ -388,43 +388,57 @@ def test_periodic_checkpoints_survive_a_crash(images, tmp_path, monkeypatch):
     assert torch.equal(load_filters(tmp_path / "cut")[0], reference_weights(images, cfg).reshape(16, 3, 4, 4))
 
 
+# The CLI in a child process that sends itself SIGINT as the first epoch's line is written: the signal a
+# Ctrl-C delivers, at a known point of the run (a parent reacting to the line raced a fast machine, which
+# could finish every epoch before the signal arrived).
+_SIGINT_AFTER_FIRST_EPOCH = """
+import os, signal, sys
+
+class Tap:
+    def __init__(self, stream):
+        self.stream, self.fired = stream, False
+
+    def write(self, text):
+        n = self.stream.write(text)
+        if not self.fired and text.startswith("epoch 1/") and "  eps " in text:   # the epoch line, not the bar
+            self.fired = True
+            self.stream.flush()
+            os.kill(os.getpid(), signal.SIGINT)
+        return n
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+sys.stderr = Tap(sys.stderr)
+from edgehebb.cli import main
+main(sys.argv[1:])
+"""
+
+
 def test_sigint_to_the_cli_then_resume_gives_the_same_filters(tmp_path):
     import os
     import signal
-    import threading
 
     rng = np.random.default_rng(3)
     x = rng.integers(0, 256, (100, 16, 16, 3), dtype=np.uint8)   # 16,900 patches: 338 steps an epoch
     np.savez(tmp_path / "set.npz", x=x, y=np.arange(100) % 3)
-    args = ["--data", str(tmp_path / "set.npz"), "-K", "32", "-B", "50", "--epochs", "12", "--device", "cpu",
-            "--threads", "1"]
-    cmd = [sys.executable, "-m", "edgehebb.cli", "learn", *args, "--out", str(tmp_path / "cut")]
+    args = ["learn", "--data", str(tmp_path / "set.npz"), "-K", "32", "-B", "50", "--epochs", "3", "--device", "cpu",
+            "--threads", "1", "--out", str(tmp_path / "cut")]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env)
-    err, seen = [], threading.Event()
-
-    def read():
-        for line in proc.stderr:
-            err.append(line)
-            if "epoch 1/12  eps" in line:   # the first epoch's checkpoint line
-                seen.set()
-
-    reader = threading.Thread(target=read)
-    reader.start()
-    assert seen.wait(120), "".join(err)
-    proc.send_signal(signal.SIGINT)
-    assert proc.wait(60) == 130
-    reader.join()
-    assert "checkpoint written" in "".join(err) and "Traceback" not in "".join(err), "".join(err)
-    meta = _checkpoint_meta(tmp_path / "cut")
-    assert 1 <= meta["epochs_done"] < 12
+    cut = subprocess.run([sys.executable, "-c", _SIGINT_AFTER_FIRST_EPOCH, *args], capture_output=True, text=True,
+                         env=env, timeout=300)
+    assert cut.returncode == 128 + signal.SIGINT, cut.stderr
+    assert "SIGINT: stopped in epoch 2/3" in cut.stderr and "checkpoint written" in cut.stderr, cut.stderr
+    assert "Traceback" not in cut.stderr, cut.stderr
+    assert _checkpoint_meta(tmp_path / "cut")["epochs_done"] == 1
     assert not (tmp_path / "cut" / "filters.safetensors").exists()   # stopped mid-run: no final bank yet
-    done = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, env=env)
+    done = subprocess.run([sys.executable, "-m", "edgehebb.cli", *args, "--resume"], capture_output=True, text=True,
+                          env=env, timeout=300)
     assert done.returncode == 0, done.stderr
     from edgehebb.data import load_split
 
     data = load_split(tmp_path / "set.npz", progress=False)
-    cfg = LearnConfig(filters=32, batch=50, epochs=12)
+    cfg = LearnConfig(filters=32, batch=50, epochs=3)
     learn_to_dir(data.x, cfg, tmp_path / "full", data_key={}, progress=False, log=lambda s: None)
     assert torch.equal(load_filters(tmp_path / "cut")[0], load_filters(tmp_path / "full")[0])
 
@@ -478,24 +492,49 @@ def test_top_level_help_shows_whole_command_descriptions():
         assert first_sentence in described, name
 
 
+# Minor page faults per CPU step of the learner, in a fresh process; argv[1] "glibc-defaults" puts glibc's
+# initial thresholds (128 KiB) back after the learner has tuned them, i.e. the same steps without the tuning.
+_FAULTS_PER_STEP = """
+import ctypes, resource, sys
+import numpy as np
+from edgehebb.learn.hebbian import init_weights
+from edgehebb.learn.loop import LearnConfig, epoch_order
+from edgehebb.learn.torch_backend import TorchLearner
+
+images = np.random.default_rng(0).integers(0, 256, (60, 32, 32, 3), dtype=np.uint8)
+runner = TorchLearner(images, LearnConfig(), init_weights(400, 48, 0), threads=1)
+if sys.argv[1] == "glibc-defaults":
+    libc = ctypes.CDLL("libc.so.6")
+    assert libc.mallopt(-1, 128 << 10) and libc.mallopt(-3, 128 << 10)   # M_TRIM_THRESHOLD, M_MMAP_THRESHOLD
+order = epoch_order(60 * 29 * 29, 0, 0)
+runner.run(order[:5000], 0.01)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+runner.run(order[:40_000], 0.01)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 40)
+"""
+
+
 def test_cpu_steps_do_not_fault_their_memory_back_in():
-    import resource
+    """glibc trims each step's freed blocks and the next step faults them back in; keep_freed_memory stops
+    it. Measured 2026-12-04 on this machine: 0 faults a step tuned, 1,173 with glibc's defaults. The bound
+    is a ratio of the two on the same machine (page size and glibc decide the absolute counts)."""
+    import os
+    import platform
 
-    from edgehebb.learn.hebbian import init_weights
-    from edgehebb.learn.loop import epoch_order
     from edgehebb.allocator import keep_freed_memory
-    from edgehebb.learn.torch_backend import TorchLearner
 
-    if not keep_freed_memory():
-        pytest.skip("not glibc: its trimming is what this guards against")
-    images = np.random.default_rng(0).integers(0, 256, (60, 32, 32, 3), dtype=np.uint8)
-    runner = TorchLearner(images, LearnConfig(), init_weights(400, 48, 0), threads=1)
-    order = epoch_order(60 * 29 * 29, 0, 0)
-    runner.run(order[:5000], 0.01)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    runner.run(order[:40_000], 0.01)
-    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 40
-    assert faults < 50, f"{faults:.0f} page faults per step (glibc trimmed the heap: ~800 without the tuning)"
+    if platform.libc_ver()[0] != "glibc":
+        assert not keep_freed_memory()   # other C libraries: nothing to tune, and nothing is tried
+        return
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    runs = {mode: subprocess.Popen([sys.executable, "-c", _FAULTS_PER_STEP, mode], stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True, env=env) for mode in ("tuned", "glibc-defaults")}
+    faults = {}
+    for mode, proc in runs.items():
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err
+        faults[mode] = float(out)
+    assert faults["glibc-defaults"] >= 10 * max(faults["tuned"], 1.0), faults
 
 
 def test_patch_init_starts_every_unit_on_a_distinct_unit_data_patch(images):

@@ -21,6 +21,7 @@ import types
 import click
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 import torch
 from click.testing import CliRunner
@@ -35,8 +36,6 @@ from edgehebb.deploy.onnx_export import build_model_proto, export_onnx
 from edgehebb.nnl.train import fit_standardiser
 from edgehebb.deploy.op import PARITY_TOLERANCE, parity_error
 from tests.conftest import assert_close
-
-ort = pytest.importorskip("onnxruntime")
 
 SPEC = NetSpec("tiny", (BlockSpec(kernel=3, filters=8, power=40.0, pool=4, pool_stride=3),
                         BlockSpec(kernel=4, filters=8, power=10.0, pool=3, pool_stride=2, stride=2, padding=1,
@@ -305,32 +304,33 @@ def test_cli_export(cli, net, tmp_path, monkeypatch):
     model = onnx.load(tmp_path / "m.onnx")
     assert [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim][1:] == [24, 32, 3]
 
-    # --trt: build_engine gets the ONNX file, OUT.engine and the options (a stand-in: no TensorRT here)
+    # --trt: the real build_engine, on the ONNX file export has just written, over a stand-in for TensorRT
+    # (tests/test_tensorrt_engine.py: TensorRT's documented calls with a fixed parsed network; there is no
+    # TensorRT here). What it can check: the CLI's options reach the builder, and the sidecar beside the
+    # engine carries this ONNX file's hash, metadata and classes
+    import hashlib
+
     from edgehebb.deploy.tensorrt_plan import sidecar_path
+    from tests.test_tensorrt_engine import fake_tensorrt
 
-    calls = []
-
-    def build_engine(onnx_path, engine_path, **kw):
-        assert onnx_path.is_file()
-        calls.append((onnx_path, engine_path, kw))
-        engine_path.write_bytes(b"PLAN")
-        sidecar_path(engine_path).write_text(json.dumps({"tensorrt": "10.8.0", "precision": "fp16",
-                                                         "profile": {"min": [1, 3, 16, 16]}, "device": "GPU"}))
-        return engine_path
-
-    fake = types.ModuleType("edgehebb.deploy.tensorrt_engine")
-    fake.build_engine, fake.sidecar_path = build_engine, sidecar_path
-    fake.preflight = lambda fp16: calls.append(("preflight", fp16))
-    monkeypatch.setitem(sys.modules, "edgehebb.deploy.tensorrt_engine", fake)
+    trt = fake_tensorrt("10.8.0.43", side=True)   # side: a float layer beside the op, so FP16 changes something
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
     res = CliRunner().invoke(cli, ["export", str(tmp_path / "m"), "--out", str(tmp_path / "t.onnx"), "--trt",
                                    "--fp16", "--batch", "1,2,4", "--workspace-mib", "256", "--json"])
     assert res.exit_code == 0, res.output
-    assert calls == [("preflight", True), (tmp_path / "t.onnx", tmp_path / "t.engine",
-                                           {"fp16": True, "batch": (1, 2, 4), "workspace_mib": 256})]
-    info = json.loads(res.output)
-    assert info["engine"] == str(tmp_path / "t.engine")
-    assert info["trt"] == {"sidecar": str(tmp_path / "t.engine.json"), "tensorrt": "10.8.0", "precision": "fp16",
-                           "profile": {"min": [1, 3, 16, 16]}, "device": "GPU"}
+    engine, onnx_file = tmp_path / "t.engine", tmp_path / "t.onnx"
+    shapes = {"min": (1, 3, 16, 16), "opt": (2, 3, 16, 16), "max": (4, 3, 16, 16)}
+    assert {("set", trt.BuilderFlag.FP16), ("workspace", 256 << 20),
+            ("profile", ("images", shapes["min"], shapes["opt"], shapes["max"]))} <= set(trt.calls)
+    info = json.loads(res.stdout)
+    assert info["engine"] == str(engine) and engine.read_bytes() == b"PLAN"
+    assert info["trt"] == {"sidecar": str(sidecar_path(engine)), "tensorrt": "10.8.0.43", "precision": "fp16",
+                           "profile": {k: list(v) for k, v in shapes.items()}, "device": None}
+    sidecar = json.loads(sidecar_path(engine).read_text())
+    exported = {p.key: p.value for p in onnx.load(onnx_file).metadata_props if p.key.startswith("edgehebb.")}
+    assert sidecar["onnx"] == {"file": "t.onnx", "sha256": hashlib.sha256(onnx_file.read_bytes()).hexdigest(),
+                               "metadata": exported}
+    assert sidecar["classes"] == CLASSES and sidecar["custom_op"]["nodes"] == ["block0", "block1"]
 
 
 def test_cli_export_standard_ops(cli, net, tmp_path):

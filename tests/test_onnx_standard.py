@@ -14,6 +14,7 @@ import json
 import os
 from pathlib import Path
 
+import cv2
 import numpy as np
 import onnx
 import pytest
@@ -28,8 +29,6 @@ from edgehebb.deploy.onnx_export import build_model_proto, export_onnx
 from edgehebb.deploy.onnx_standard import standard_ops, uses_custom_ops
 from edgehebb.deploy.op import PARITY_TOLERANCE, parity_error
 from tests.test_onnx_export import CLASSES, SPEC, assert_matches, frames_of, patch_filters, ready, run
-
-cv2 = pytest.importorskip("cv2")
 
 SHIPPED = "fig2_left-cifar10"
 
@@ -192,8 +191,11 @@ def test_standard_ops_of_a_custom_file_equals_the_standard_export(net):
     converted = standard_ops(build_model_proto(net, CLASSES))
     assert [(n.op_type, list(n.input)) for n in converted.graph.node] == \
         [(n.op_type, list(n.input)) for n in direct.graph.node]
-    for a, b in zip(converted.graph.initializer, direct.graph.initializer):
-        assert a.name == b.name and np.array_equal(onnx.numpy_helper.to_array(a), onnx.numpy_helper.to_array(b))
+    assert list(converted.graph.node) == list(direct.graph.node)             # attributes and outputs too
+    assert [t.name for t in converted.graph.initializer] == [t.name for t in direct.graph.initializer]
+    for a, b in zip(converted.graph.initializer, direct.graph.initializer, strict=True):
+        assert a.data_type == b.data_type and list(a.dims) == list(b.dims), a.name
+        assert np.array_equal(onnx.numpy_helper.to_array(a), onnx.numpy_helper.to_array(b)), a.name
 
 
 # ----------------------------------------------------------------------------- the shipped model, real images

@@ -19,6 +19,16 @@ def test_ci_runs_the_readme_test_command():
     assert commands[1] in ci_lines
 
 
+def test_ci_runs_the_tests_in_a_random_order_it_prints_and_lists_the_skips():
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert any(dep.startswith("pytest-randomly") for dep in project["project"]["optional-dependencies"]["test"])
+    assert "-ra" in project["tool"]["pytest"]["ini_options"]["addopts"].split()   # the skips and their reasons
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "--randomly-seed=$seed" in ci and 'echo "tests in random order, seed $seed' in ci
+
+
 def test_readme_main_job_uses_real_options():
     from click.testing import CliRunner
 
@@ -34,12 +44,17 @@ def test_every_tool_answers_help():
     # tools/README.md: each script runs with --help (and prints JSON when run for real)
     import subprocess
     import sys
+    from concurrent.futures import ThreadPoolExecutor
 
     tools = sorted((ROOT / "tools").glob("*.py"))
     assert len(tools) >= 6
-    for tool in tools:
-        done = subprocess.run([sys.executable, str(tool), "--help"], capture_output=True, text=True, timeout=120)
-        assert done.returncode == 0 and "usage" in done.stdout.lower(), (tool.name, done.stderr[-500:])
+
+    def help_of(tool):   # each a fresh process importing torch: four at a time
+        return subprocess.run([sys.executable, str(tool), "--help"], capture_output=True, text=True, timeout=120)
+
+    with ThreadPoolExecutor(4) as pool:
+        for tool, done in zip(tools, pool.map(help_of, tools)):
+            assert done.returncode == 0 and "usage" in done.stdout.lower(), (tool.name, done.stderr[-500:])
 
 
 def test_readme_python_examples_run_as_written(tmp_path):

@@ -1,8 +1,18 @@
 """The real CIFAR-10 copy: learned rows are unit-norm and beat random filters; the shipped model keeps
 its accuracy.
 
-Skipped with a reason when EDGEHEBB_DATA does not point at the data. About 1 min on 2 CPU cores.
+Skipped with a reason when EDGEHEBB_DATA does not point at the data.
+
+Floors. Each accuracy floor is 2 standard errors below what was measured on the same images
+(SE = sqrt(p (1 - p) / n) for accuracy p on n images), so a regression of a few points fails while
+the test stays deterministic here (the same images, model and seed give the same figure). Every figure
+lives in ``MEASURED`` below with its date; ``python -m tests.test_real_data`` (EDGEHEBB_DATA set,
+OMP_NUM_THREADS=1) measures them again and prints the table to paste, e.g. for a new shipped model.
 """
+
+from __future__ import annotations
+
+import math
 
 import numpy as np
 import pytest
@@ -15,83 +25,146 @@ from tests.ridge_probe import ridge_probe
 
 pytestmark = [pytest.mark.data, pytest.mark.slow]
 
+SHIPPED = "fig2_left-cifar10"
+CONDITIONS = [("wb-warm", 241.0), ("wb-cool", 91.0), ("low-light", 6.5)]
+# figure -> (measured accuracy, images). Measured 2026-12-04 with OMP_NUM_THREADS=1 by
+# `python -m tests.test_real_data` on the JPEG CIFAR-10 copy; the first n class-balanced test images.
+MEASURED = {
+    # the shipped model (gray-world, head trained with --augment); floors 0.661 and 0.581
+    "clean": (0.6815, 2000),
+    "shadowed": (0.6025, 2000),
+    # the same model on the first 1,000, clean and under each condition; share floors 0.951, 0.962, 0.810
+    # of the clean accuracy (measured shares 0.994, 1.004, 0.855)
+    "clean@1000": (0.685, 1000),
+    "wb-warm@241": (0.681, 1000),
+    "wb-cool@91": (0.688, 1000),
+    "low-light@6.5": (0.586, 1000),
+    # the ridge probe of a bank learned from 2,000 training images, and of random filters: floor 0.348 on
+    # the learned bank, 0.020 on the gap (measured 0.062)
+    "probe learned": (0.379, 1000),
+    "probe random": (0.317, 1000),
+}
 
-def test_learned_filters_are_unit_norm_and_beat_random(cifar_root, tmp_path):
-    torch.manual_seed(0)
-    train = load_split(cifar_root, "train", limit=2000, cache_dir=tmp_path, progress=False)
-    test = load_split(cifar_root, "test", limit=1000, cache_dir=tmp_path, progress=False)
-    cfg = LearnConfig(filters=400, kernel=4, batch=100, epochs=1, seed=0)
-    state = learn(train.x, cfg, progress=False)
-    norms = state.weights.norm(dim=1)
-    assert (norms - 1).abs().max() < 0.05, f"row norms in [{norms.min():.3f}, {norms.max():.3f}]"
+
+def standard_error(figure: str) -> float:
+    p, n = MEASURED[figure]
+    return math.sqrt(p * (1 - p) / n)
+
+
+def floor(figure: str) -> float:
+    """The measured accuracy less 2 standard errors."""
+    return MEASURED[figure][0] - 2 * standard_error(figure)
+
+
+def probe_accuracies(root, cache) -> tuple[float, float, torch.Tensor]:
+    """Ridge-probe accuracy on 1,000 test images of a bank learned from 2,000 training images (K=400, W=4,
+    one epoch, B=100, seed 0) and of random filters; and the learned rows."""
+    train = load_split(root, "train", limit=2000, cache_dir=cache, progress=False)
+    test = load_split(root, "test", limit=1000, cache_dir=cache, progress=False)
+    state = learn(train.x, LearnConfig(filters=400, kernel=4, batch=100, epochs=1, seed=0), progress=False)
     learned = state.weights.reshape(400, 3, 4, 4)
     random = init_weights(400, 48, seed=123).reshape(400, 3, 4, 4)
-    acc_learned = ridge_probe(train.x, train.y, test.x, test.y, learned)
-    acc_random = ridge_probe(train.x, train.y, test.x, test.y, random)
-    # measured 0.33 vs 0.26 (10 classes, chance 0.10); a 3-point margin leaves room for noise
-    assert acc_learned > acc_random + 0.03, (acc_learned, acc_random)
+    return (ridge_probe(train.x, train.y, test.x, test.y, learned),
+            ridge_probe(train.x, train.y, test.x, test.y, random), state.weights)
 
 
-def test_shipped_model_keeps_its_accuracy(cifar_root, tmp_path):
-    """The embedded fig2_left-cifar10 on 2,000 class-balanced test images: measured 0.6815 clean and
-    0.6025 shadowed (all 10,000: 0.6815 / 0.6094); the floors sit 3 points below (standard error ~1 point)
-    and fail for the centred model shipped until 2026-12-01 (0.555 / 0.470)."""
+def shipped_accuracy(root, cache) -> dict:
+    """The shipped model's clean and shadowed accuracy on 2,000 test images (evaluate's default shadows)."""
     from edgehebb.evaluate.accuracy import evaluate
     from edgehebb.nnl.model import load_model
 
-    test = load_split(cifar_root, "test", limit=2000, cache_dir=tmp_path, progress=False)
-    net, config = load_model("fig2_left-cifar10")
+    test = load_split(root, "test", limit=2000, cache_dir=cache, progress=False)
+    net, config = load_model(SHIPPED)
     r = evaluate(net, test, config["classes"], sweep=None, progress=False)
-    assert r["clean"]["accuracy"] >= 0.65, r["clean"]["accuracy"]
-    assert r["shadowed"]["accuracy"] >= 0.57, r["shadowed"]["accuracy"]
+    return {"clean": r["clean"]["accuracy"], "shadowed": r["shadowed"]["accuracy"]}
 
 
-@pytest.mark.parametrize("condition, severity, share", [("wb-warm", 241, 0.85), ("wb-cool", 91, 0.85),
-                                                        ("low-light", 6.5, 0.82)])
-def test_shipped_model_holds_up_under_colour_casts_and_sensor_noise(cifar_root, tmp_path, condition, severity, share):
-    """Issue 15, on 1,000 test images, at the severities where the centred model of 2026-11-23 lost half
-    its accuracy. The shipped model (gray-world, head trained with --augment) measured 99.4 % (warm),
-    100.4 % (cool) and 85.5 % (low light) of its clean accuracy; the plain model before issue 15 kept
-    39.8 %, 84.5 % and 79.5 %, and gray-world without augmentation 79.0 % under low light."""
+def condition_accuracy(root, cache, condition: str | None = None, severity: float = 0.0) -> float:
+    """The shipped model's accuracy on 1,000 test images, clean or under one camera condition (seed 0)."""
     from edgehebb.camera.conditions import apply_condition
     from edgehebb.evaluate.accuracy import predict
     from edgehebb.nnl.model import load_model
 
-    test = load_split(cifar_root, "test", limit=1000, cache_dir=tmp_path, progress=False)
-    net, _ = load_model("fig2_left-cifar10")
+    test = load_split(root, "test", limit=1000, cache_dir=cache, progress=False)
+    net, _ = load_model(SHIPPED)
     images, labels = np.asarray(test.x), np.asarray(test.y)
-    clean = (predict(net, images) == labels).mean()
-    hit = (predict(net, apply_condition(images, condition, severity)) == labels).mean()
-    assert hit >= share * clean, (hit, clean)
+    if condition is not None:
+        images = apply_condition(images, condition, severity)
+    return float((predict(net, images) == labels).mean())
 
 
-def test_onnx_parity_tool_reports_every_client_within_the_op_spec(cifar_root, capsys):
-    """tools/onnx_parity.py (OP_SPEC.md's table) on 20 test images: one JSON row per (client, file)."""
+def test_learned_filters_are_unit_norm_and_beat_random(cifar_root, tmp_path):
+    acc_learned, acc_random, weights = probe_accuracies(cifar_root, tmp_path)
+    norms = weights.norm(dim=1)
+    assert (norms - 1).abs().max() < 0.05, f"row norms in [{norms.min():.3f}, {norms.max():.3f}]"
+    # chance is 0.10; the gap must stay within 2 SE (of a difference of two accuracies) of the measured gap
+    gap = MEASURED["probe learned"][0] - MEASURED["probe random"][0]
+    gap_floor = gap - 2 * math.hypot(standard_error("probe learned"), standard_error("probe random"))
+    assert acc_learned >= floor("probe learned"), (acc_learned, MEASURED["probe learned"])
+    assert acc_learned - acc_random >= gap_floor, (acc_learned, acc_random, gap_floor)
+
+
+def test_shipped_model_keeps_its_accuracy(cifar_root, tmp_path):
+    """The embedded model on 2,000 class-balanced test images, clean and under the paper's shadows. The
+    centred model shipped until 2026-12-01 (0.555 / 0.470) fails both floors."""
+    got = shipped_accuracy(cifar_root, tmp_path)
+    for figure in ("clean", "shadowed"):
+        assert got[figure] >= floor(figure), (figure, got[figure], MEASURED[figure], floor(figure))
+
+
+@pytest.fixture(scope="module")
+def clean_at_1000(cifar_root, tmp_path_factory) -> float:
+    return condition_accuracy(cifar_root, tmp_path_factory.mktemp("decoded"))
+
+
+@pytest.mark.parametrize("condition, severity", CONDITIONS)
+def test_shipped_model_holds_up_under_colour_casts_and_sensor_noise(cifar_root, tmp_path, clean_at_1000, condition,
+                                                                   severity):
+    """Issue 15, on 1,000 test images, at the severities where the centred model of 2026-11-23 lost half
+    its accuracy. The floor on the share of clean accuracy kept is 2 SE of the accuracy under the
+    condition below the measured share. Before issue 15 the plain model kept 39.8 % (warm), 84.5 % (cool)
+    and 79.5 % (low light) of its clean accuracy, and gray-world without augmentation 79.0 % under low light."""
+    figure = f"{condition}@{severity:g}"
+    hit = condition_accuracy(cifar_root, tmp_path, condition, severity)
+    share_floor = floor(figure) / MEASURED["clean@1000"][0]
+    assert hit >= share_floor * clean_at_1000, (hit, clean_at_1000, share_floor)
+
+
+def test_onnx_parity_tool_reports_every_client_within_the_op_spec(cifar_root, capsys, monkeypatch):
+    """tools/onnx_parity.py (OP_SPEC.md's table) on 20 test images: one JSON row per (client, file), every
+    client present (the test extra brings OpenCV) and within OP_SPEC's tolerance."""
     import json
-    import sys
     from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    from edgehebb.deploy.op import PARITY_TOLERANCE
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "tools"))
     import onnx_parity
 
     rows = onnx_parity.main(["--data", str(cifar_root), "--limit", "20", "--ref-limit", "2"])
     assert [json.loads(line) for line in capsys.readouterr().out.splitlines()] == rows
-    assert {(r["client"], r["file"]) for r in rows} == {
-        ("onnxruntime", "default"), ("onnxruntime", "standard-ops"), ("opencv-dnn", "standard-ops"),
-        ("onnx-reference", "default"), ("onnx-reference", "standard-ops")}
+    assert [(r["client"], r["file"], r["images"]) for r in rows] == [
+        ("onnxruntime", "default", 20), ("onnxruntime", "standard-ops", 20), ("opencv-dnn", "standard-ops", 20),
+        ("onnx-reference", "default", 2), ("onnx-reference", "standard-ops", 2)]
     for r in rows:
-        if "skipped" not in r:
-            assert r["max_rel_of_row_max"] <= 1e-4 and r["top1_agreement"] == 1.0, r
+        assert r["max_rel_of_row_max"] <= PARITY_TOLERANCE and r["top1_agreement"] == 1.0, r
 
 
-def test_screen_robustness_tool_runs_and_resumes(cifar_root, tmp_path, capsys):
+def test_screen_robustness_tool_runs_and_resumes(cifar_root, tmp_path, capsys, monkeypatch):
     """tools/screen_robustness.py on 200 training images: one row per (colour norm, sigma, augment), every
-    asked condition scored on the clean validation images, and a rerun reads the rows back."""
+    asked condition scored on the clean validation images, and a rerun reads the rows back. Each row's
+    figures are those of its saved head in a whole NNLNet on the same validation images."""
     import json
-    import sys
     from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    from edgehebb.camera.conditions import apply_condition
+    from edgehebb.evaluate.accuracy import predict
+    from edgehebb.io import load_tensors
+    from edgehebb.nnl import NNLNet, with_options
+    from edgehebb.nnl.model import load_model
+    from edgehebb.nnl.train import TrainConfig, validation_split
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "tools"))
     import screen_robustness
 
     args = ["--data", str(cifar_root), "--out", str(tmp_path / "screen"), "--train-limit", "200", "--sigmas", "0,0.2",
@@ -100,9 +173,44 @@ def test_screen_robustness_tool_runs_and_resumes(cifar_root, tmp_path, capsys):
     rows = json.loads(capsys.readouterr().out)
     assert [(r["colour_norm"], r["sigma"], r["augment"]["conditions"]) for r in rows] == [
         ("gray-world", 0.0, "low-light,wb-warm"), ("gray-world", 0.2, "low-light,wb-warm")]
-    assert all(0.0 <= r["val_wb-warm@241"] <= 1.0 and 0.0 <= r["val_clean"] <= 1.0 for r in rows)
     assert sorted(p.name for p in (tmp_path / "screen" / "rows").iterdir()) == [
         "gray-world-s0-aug.json", "gray-world-s0-aug.safetensors", "gray-world-s0.2-aug.json",
         "gray-world-s0.2-aug.safetensors"]
+    base, _ = load_model(SHIPPED)
+    data = load_split(cifar_root, "train", limit=200, progress=False)
+    _, val = validation_split(data.y, TrainConfig().val_fraction, TrainConfig().seed)
+    val_x, val_y = np.asarray(data.x[val]), np.asarray(data.y[val])
+    for r in rows:
+        net = NNLNet(with_options(base.spec, sigma=r["sigma"], colour_norm="gray-world"), [base.blocks[0].weight])
+        head, _ = load_tensors(tmp_path / "screen" / "rows" / f"gray-world-s{r['sigma']:g}-aug.safetensors")
+        net.load_state_dict({**net.state_dict(), **head})
+        assert r["val_clean"] == float((predict(net, val_x) == val_y).mean()), r
+        assert r["val_wb-warm@241"] == float((predict(net, apply_condition(val_x, "wb-warm", 241)) == val_y).mean()), r
+        # 20 validation images, chance 0.10: measured 0.45 (sigma 0) and 0.40 (sigma 0.2) on 2026-12-04, and
+        # the floor is 2 SE below the lower (0.40 - 2 x 0.11)
+        assert r["val_clean"] >= 0.18, r
     assert screen_robustness.main(args) == 0
     assert json.loads(capsys.readouterr().out) == rows
+
+
+def measure(root) -> dict:
+    """Every figure of MEASURED, as the tests above compute it."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as cache:
+        learned, random, _ = probe_accuracies(root, cache)
+        out = {**shipped_accuracy(root, cache), "clean@1000": condition_accuracy(root, cache)}
+        for condition, severity in CONDITIONS:
+            out[f"{condition}@{severity:g}"] = condition_accuracy(root, cache, condition, severity)
+        out.update({"probe learned": learned, "probe random": random})
+    return {k: (round(v, 4), MEASURED[k][1]) for k, v in out.items()}
+
+
+if __name__ == "__main__":
+    import os
+    import time
+
+    t0 = time.perf_counter()
+    for key, value in measure(os.environ["EDGEHEBB_DATA"]).items():
+        print(f"    {key!r}: {value},")
+    print(f"# {time.perf_counter() - t0:.0f} s, torch threads {torch.get_num_threads()}")

@@ -183,7 +183,7 @@ def test_contract_with_the_onnx_exporter():
     """What build_engine reads, from a model edgehebb.deploy.onnx_export actually writes."""
     import torch
 
-    export = pytest.importorskip("edgehebb.deploy.onnx_export")
+    from edgehebb.deploy import onnx_export as export
     from edgehebb.nnl import BlockSpec, NetSpec, NNLNet
 
     spec = NetSpec("tiny", (BlockSpec(kernel=3, filters=4, power=40.0, pool=4, pool_stride=3),), input=(3, 16, 16),
@@ -532,6 +532,23 @@ def fake_runtime_tensorrt(version="10.8.0.43"):
 
     trt.Logger, trt.Runtime = FakeLogger, Runtime
     return trt
+
+
+def test_runner_refuses_a_missing_engine_and_a_machine_without_a_gpu(tmp_path, monkeypatch):
+    """TrtRunner over the stand-in, as on a CPU machine (CI): each refusal is one line. Running an engine
+    needs CUDA buffers and streams, so the runner's run is the GPU test below."""
+    import torch
+
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_runtime_tensorrt())
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)   # as on a machine without a GPU, also on one
+    with pytest.raises(EdgehebbError, match="missing.engine does not exist"):
+        TrtRunner(tmp_path / "missing.engine")
+    engine = tmp_path / "m.engine"
+    engine.write_bytes(b"PLAN")
+    sidecar_path(engine).write_text(json.dumps({"tensorrt": "10.8.0.43", "classes": ["a", "b"]}))
+    with pytest.raises(EdgehebbError) as e:
+        TrtRunner(engine)
+    assert "TrtRunner needs a CUDA GPU" in str(e.value) and "\n" not in str(e.value)
 
 
 @pytest.mark.gpu

@@ -251,8 +251,9 @@ def test_export_cli_writes_repositories_and_keeps_its_flags_apart(tmp_path):
     assert list(parse_config(repo / "cam" / "config.pbtxt").dynamic_batching.preferred_batch_size) == [4, 8]
     r = runner.invoke(export, [MODEL, "--triton", str(repo), "--out", str(tmp_path / "m.onnx")])
     assert r.exit_code == 0 and (tmp_path / "m.onnx").is_file() and (repo / MODEL / "config.pbtxt").is_file()
-    for args, message in [([], "--out FILE.onnx, --triton REPO"),
-                          (["--out", str(tmp_path / "x.onnx"), "--name", "a"], "--name only apply with --triton"),
+    nowhere = runner.invoke(export, [MODEL])   # a required option missing: click's usage error, exit 2
+    assert nowhere.exit_code == 2 and "--out FILE.onnx, --triton REPO" in nowhere.output
+    for args, message in [(["--out", str(tmp_path / "x.onnx"), "--name", "a"], "--name only apply with --triton"),
                           (["--triton", str(repo), "--standard-ops"], "--standard-ops apply to the ONNX file"),
                           (["--triton", str(repo), "--preferred-batch-sizes", "8,x"], "--preferred-batch-sizes"),
                           (["--triton", str(repo), "--tensorrt-accelerator"], "fixed frame size")]:

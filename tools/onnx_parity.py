@@ -5,8 +5,12 @@ Exports MODEL twice (the default custom-op file and ``--standard-ops``) into a t
 the first LIMIT class-balanced CIFAR-10 test images through every client that is installed, and
 compares the logits with the model evaluated in float64 torch: the worst |difference| as a fraction of
 its row's largest |logit| (the acceptance of OP_SPEC.md is 1e-4), and top-1 agreement. onnx's
-reference evaluator is slow in pure numpy, so it sees only the first REF_LIMIT images. Each client
-that is missing gives a row saying what to install. Prints one JSON line per (client, file).
+reference evaluator is slow in pure numpy, so it sees only the first REF_LIMIT images. Prints one
+JSON line per (client, file).
+
+Every client in --clients (default: all three) must be importable: a missing one stops the tool
+before any work with one line naming what to install (or to leave it out of --clients), never a
+half-empty table. onnxruntime and onnx come with edgehebb; OpenCV with its demo and test extras.
 
   python tools/onnx_parity.py --data $EDGEHEBB_DATA --limit 1000
 """
@@ -17,6 +21,7 @@ import argparse
 import copy
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -28,6 +33,7 @@ from edgehebb.deploy.frames import frames_to_tensor
 from edgehebb.nnl.model import load_model
 from edgehebb.deploy.onnx_export import export_onnx
 from edgehebb.deploy.op import parity
+from edgehebb.errors import EdgehebbError, require
 
 
 def compare(got: np.ndarray, ref: torch.Tensor) -> dict:
@@ -46,12 +52,16 @@ def run_ort(path: Path, x: np.ndarray) -> np.ndarray:
 def run_opencv(path: Path, x: np.ndarray) -> np.ndarray:
     import cv2
 
+    saved = cv2.getNumThreads()
     cv2.setNumThreads(torch.get_num_threads())
-    net = cv2.dnn.readNetFromONNX(str(path))
-    out = []
-    for i in range(0, len(x), 256):
-        net.setInput(x[i:i + 256])
-        out.append(net.forward("logits"))
+    try:
+        net = cv2.dnn.readNetFromONNX(str(path))
+        out = []
+        for i in range(0, len(x), 256):
+            net.setInput(x[i:i + 256])
+            out.append(net.forward("logits"))
+    finally:
+        cv2.setNumThreads(saved)   # a caller's own OpenCV setting (main() is also called from Python)
     return np.concatenate(out)
 
 
@@ -61,16 +71,26 @@ def run_reference(path: Path, x: np.ndarray) -> np.ndarray:
     return ReferenceEvaluator(str(path)).run(["logits"], {"images": x})[0]
 
 
-CLIENTS = {  # client -> (runner, files it can run, what to install when it is missing)
-    "onnxruntime": (run_ort, ("default", "standard-ops"), "onnxruntime"),
-    "opencv-dnn": (run_opencv, ("standard-ops",), "opencv-python-headless>=5.0"),
-    "onnx-reference": (run_reference, ("default", "standard-ops"), "onnx"),
+CLIENTS = {  # client -> (runner, files it can run, module, what pip installs)
+    "onnxruntime": (run_ort, ("default", "standard-ops"), "onnxruntime", "onnxruntime"),
+    "opencv-dnn": (run_opencv, ("standard-ops",), "cv2", "opencv-python-headless>=5.0"),
+    "onnx-reference": (run_reference, ("default", "standard-ops"), "onnx", "onnx"),
 }
 
 
-def version(client: str) -> str:
-    module = {"onnxruntime": "onnxruntime", "opencv-dnn": "cv2", "onnx-reference": "onnx"}[client]
-    return __import__(module).__version__
+def clients(text: str) -> dict[str, str]:
+    """The clients named in --clients, each imported: {client: version}; a missing one is an error."""
+    names = [c.strip() for c in text.split(",") if c.strip()]
+    unknown = [c for c in names if c not in CLIENTS]
+    if unknown or not names:
+        raise EdgehebbError(f"--clients {text!r}: choose from {', '.join(CLIENTS)}")
+    versions = {}
+    for name in names:
+        _, _, module, package = CLIENTS[name]
+        others = ",".join(c for c in names if c != name)
+        why = f"for the {name} rows; leave it out with --clients {others}" if others else f"for the {name} rows"
+        versions[name] = require(module, package=package, why=why).__version__
+    return versions
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -80,9 +100,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--limit", type=int, default=1000, help="Test images for ONNX Runtime and OpenCV.")
     ap.add_argument("--ref-limit", type=int, default=20, help="Test images for onnx's reference evaluator.")
     ap.add_argument("--threads", type=int, default=1, help="CPU threads for torch, ORT and OpenCV.")
+    ap.add_argument("--clients", default=",".join(CLIENTS), help="Comma-separated clients to compare, each of which "
+                    f"must be installed [default: {','.join(CLIENTS)}].")
     args = ap.parse_args(argv)
+    versions = clients(args.clients)   # before any work: a missing client costs nothing
+    saved = torch.get_num_threads()
     torch.set_num_threads(args.threads)
+    try:
+        return _compare(args, versions)
+    finally:
+        torch.set_num_threads(saved)   # main() is also called from Python (tests/test_real_data.py)
 
+
+def _compare(args: argparse.Namespace, versions: dict[str, str]) -> list[dict]:
     net, _ = load_model(args.model)   # the model first: a bad file fails before any image is decoded
     reference = copy.deepcopy(net).double().eval()
     test = load_split(resolve_data_root(args.data, download=False), "test", limit=args.limit, progress=False)
@@ -93,21 +123,20 @@ def main(argv: list[str] | None = None) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         files = {"default": export_onnx(args.model, Path(tmp) / "default.onnx"),
                  "standard-ops": export_onnx(args.model, Path(tmp) / "standard.onnx", standard_ops=True)}
-        for client, (runner, forms, package) in CLIENTS.items():
+        for client, version in versions.items():
+            runner, forms, _, _ = CLIENTS[client]
+            n = args.ref_limit if client == "onnx-reference" else len(x)
             for form in forms:
-                row = {"client": client, "file": form, "model": str(args.model), "threads": args.threads}
-                n = args.ref_limit if client == "onnx-reference" else len(x)
-                try:
-                    row["version"] = version(client)
-                    got = runner(files[form], x[:n].numpy())
-                except ImportError:
-                    row["skipped"] = f"not installed: pip install {package}"
-                else:
-                    row.update(images=n, **compare(got, ref[:n]))
+                row = {"client": client, "file": form, "model": str(args.model), "threads": args.threads,
+                       "version": version, "images": n, **compare(runner(files[form], x[:n].numpy()), ref[:n])}
                 print(json.dumps(row), flush=True)
                 rows.append(row)
     return rows
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except EdgehebbError as e:
+        print(f"Error: {e}", file=sys.stderr)
+        sys.exit(1)

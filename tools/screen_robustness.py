@@ -88,7 +88,15 @@ def main(argv=None) -> int:
     ap.add_argument("--augment-fraction", type=float, default=0.5, help="Share of training images perturbed.")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
+    saved = torch.get_num_threads()
     torch.set_num_threads(args.threads)
+    try:
+        return screen(args)
+    finally:
+        torch.set_num_threads(saved)   # main() is also called from Python (tests/test_real_data.py)
+
+
+def screen(args: argparse.Namespace) -> int:
     t_start = time.perf_counter()
 
     def log(s: str) -> None:

@@ -257,7 +257,15 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--progress", action="store_true", help="Show progress bars.")
     args = ap.parse_args(argv)
+    saved = torch.get_num_threads()
     torch.set_num_threads(args.threads)
+    try:
+        return run(args)
+    finally:
+        torch.set_num_threads(saved)   # main() is also called from Python (tests/test_variants.py)
+
+
+def run(args: argparse.Namespace) -> int:
 
     def log(s: str) -> None:
         print(s, file=sys.stderr, flush=True)

@@ -121,7 +121,8 @@ def export(ctx, model, out, preprocess, channel_order, frame_size, fit, opset, s
     --standard-ops the definition is inlined instead, for OpenCV DNN and other ONNX clients.
     """
     if out is None and triton_repo is None:
-        raise EdgehebbError("say where to export: --out FILE.onnx, --triton REPO, or both")
+        # a required option missing, as click says when --out alone was required: usage text, exit 2
+        raise click.UsageError("say where to export: --out FILE.onnx, --triton REPO, or both", ctx)
     if triton_repo is None and (triton_only := given(ctx, TRITON_ONLY)):
         raise EdgehebbError(f"{', '.join(triton_only)} only apply with --triton REPO")
     if out is None and (file_only := given(ctx, ONNX_FILE_ONLY)):

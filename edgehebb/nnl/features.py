@@ -26,6 +26,7 @@ from edgehebb.io import atomic_write
 from edgehebb.nnl.model import model_kind
 from edgehebb.nnl import layers as nnl
 from edgehebb.nnl.layers import Net
+from edgehebb.nnl.spec import feature_dim
 from edgehebb.threads import ThreadTuner
 
 BATCH = 250   # images per forward pass: the fig. 2-middle blocks' maps take ~0.9 GB at this size
@@ -94,9 +95,9 @@ def cached_features(net: Net, images: np.ndarray, *, device: str | torch.device 
     if path.is_file():
         try:
             feats = np.load(path, mmap_mode="r")
-            if feats.shape[0] == len(images):
+            if feats.shape == (len(images), feature_dim(net.spec)) and feats.dtype == np.float32:
                 return feats
-        except (ValueError, OSError):
+        except (ValueError, OSError, EOFError):   # EOFError: an empty file
             pass   # a damaged entry is recomputed and replaced
     feats = compute_features(net, images, device=device, progress=progress, desc=desc)
     buf = io.BytesIO()

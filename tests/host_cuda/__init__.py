@@ -1,51 +1,123 @@
 """Build edgehebb's CUDA kernels for the CPU (cuda_host.h emulates CUDA's thread model) and call them.
 
 ``build(kernel_file, defines, wrapper)`` compiles one translation unit, the shim, the kernel source
-from ``cuda/`` with its ``-D`` constants, and a C wrapper that launches it, into a shared library
-(cached per source text and constants under the pytest temp folder), loaded with ctypes. Needs g++
-with C++20; tests skip without it.
+from ``cuda/`` with its ``-D`` constants, and a C wrapper that launches it, into a shared library,
+loaded with ctypes. ``build_source`` does the same for any C++ source.
+
+The libraries are cached by content: the key is a SHA-256 of the compiler (its path and version), the
+flags, and the bytes of every file the compiler reads (the source and every header it includes, system
+headers too, as ``g++ -M`` lists them). A changed header, shim, kernel or flag is a new key, hence a
+fresh build (tests/test_host_cuda.py proves it). The cache folder is versioned
+(``$XDG_CACHE_HOME/edgehebb/test-host-cuda/v2``, by default under ``~/.cache``): one build per key
+serves every later run, and nothing in it can be stale. Needs g++ with C++20; without it the host-build
+tests fail, saying so (they are CI's only run of the kernels).
 """
 
 from __future__ import annotations
 
 import ctypes
 import hashlib
+import os
+import re
 import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 
 from edgehebb.resources import cuda_source
 
 SHIM = Path(__file__).with_name("cuda_host.h")
-_CACHE: dict[str, ctypes.CDLL] = {}
+CACHE_VERSION = "v2"   # bump when the key's recipe changes
+FLAGS = ["-std=c++20", "-O2", "-pthread", "-shared", "-fPIC", "-Wno-unused-variable"]
+_LOADED: dict[str, ctypes.CDLL] = {}            # key -> library, in this process
+_DEPS: dict[tuple[str, ...], list[Path]] = {}   # (source file, flags) -> the files the compiler read
+_COMPILER: tuple[str, str] | None = None
 
 
 def compiler() -> str | None:
     return shutil.which("g++")
 
 
+def cache_dir() -> Path:
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "edgehebb" / "test-host-cuda" / CACHE_VERSION
+
+
+def _compiler_id() -> tuple[str, str]:
+    """(path of g++, its identity: resolved path, full version and target), looked up once."""
+    global _COMPILER
+    if _COMPILER is None:
+        gxx = compiler()
+        if gxx is None:
+            raise RuntimeError("the host builds of the CUDA kernels need g++ with C++20 (e.g. apt-get install g++); "
+                               "CI has no other way to run the kernels, so these tests fail without it")
+        out = subprocess.run([gxx, "-dumpfullversion", "-dumpmachine"], capture_output=True, text=True, check=True)
+        _COMPILER = gxx, f"{Path(gxx).resolve()} {' '.join(out.stdout.split())}"
+    return _COMPILER
+
+
+def _read_deps(make_rule: str) -> list[Path]:
+    """The prerequisites of a ``g++ -M`` make rule (``target: a.cpp b.h \\`` newline ``c.h``; a space in a
+    path is written as backslash-space)."""
+    _, _, prereqs = make_rule.replace("\\\n", " ").partition(": ")
+    return [Path(p.replace("\\ ", " ")) for p in re.split(r"(?<!\\)\s+", prereqs.strip()) if p]
+
+
+def _deps(src: Path, flags: list[str], refresh: bool = False) -> list[Path]:
+    """Every file compiling ``src`` with ``flags`` reads (``g++ -M``), remembered in this process."""
+    memo = (str(src), *flags)
+    if refresh or memo not in _DEPS:
+        out = subprocess.run([_compiler_id()[0], *flags, "-M", str(src)], capture_output=True, text=True)
+        if out.returncode != 0:
+            raise RuntimeError(f"g++ -M {src.name} failed:\n{out.stderr[-4000:]}")
+        _DEPS[memo] = _read_deps(out.stdout)
+    return _DEPS[memo]
+
+
+def content_key(src: Path, flags: list[str], deps: list[Path]) -> str:
+    """SHA-256 of the compiler, ``flags`` and the bytes of every file in ``deps``."""
+    h = hashlib.sha256(f"{_compiler_id()[1]}\0{' '.join(flags)}\0".encode())
+    for dep in deps:
+        try:
+            data = dep.read_bytes()
+        except OSError:   # a header that is gone: the compile will say so
+            data = b"<missing>"
+        h.update(f"{dep}\0{len(data)}\0".encode())
+        h.update(data)
+    return h.hexdigest()[:24]
+
+
+def build_source(source: str, defines: list[str] = (), name: str = "unit") -> ctypes.CDLL:
+    """``source`` (C++) compiled with ``defines`` into a shared library, cached by content (module doc)."""
+    folder = cache_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    src = folder / f"{name}-{hashlib.sha256(source.encode()).hexdigest()[:20]}.cpp"
+    if not src.exists() or src.read_text() != source:
+        tmp = src.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(source)
+        tmp.replace(src)
+    flags = [*FLAGS, *defines]
+    fresh = (str(src), *flags) not in _DEPS
+    key = content_key(src, flags, _deps(src, flags))
+    if key in _LOADED:
+        return _LOADED[key]
+    if not fresh:   # a header changed since the list was made: it may include other files now
+        key = content_key(src, flags, _deps(src, flags, refresh=True))
+    lib = folder / f"{name}-{key}.so"
+    if not lib.exists():
+        tmp = folder / f"{name}-{key}.{os.getpid()}.so.tmp"
+        out = subprocess.run([_compiler_id()[0], *flags, "-o", str(tmp), str(src)], capture_output=True, text=True)
+        if out.returncode != 0:
+            tmp.unlink(missing_ok=True)
+            raise RuntimeError(f"host build of {name} failed:\n{out.stderr[-4000:]}")
+        tmp.replace(lib)  # atomic: parallel test runs never load a half-written library
+    _LOADED[key] = ctypes.CDLL(str(lib))
+    return _LOADED[key]
+
+
 def build(kernel_file: str, defines: list[str], wrapper: str) -> ctypes.CDLL:
     """The kernel ``kernel_file`` compiled for the host with ``defines`` (``-DNAME=value`` strings)."""
-    source = (f'#include "{SHIM}"\n' + cuda_source(kernel_file) + "\n" + wrapper)
-    key = hashlib.sha256("\0".join([source, *defines]).encode()).hexdigest()[:20]
-    if key in _CACHE:
-        return _CACHE[key]
-    folder = Path(tempfile.gettempdir()) / "edgehebb-host-cuda"
-    folder.mkdir(exist_ok=True)
-    lib = folder / f"{key}.so"
-    if not lib.exists():
-        src = folder / f"{key}.cpp"
-        src.write_text(source)
-        tmp = folder / f"{key}.{id(source)}.so"
-        out = subprocess.run([compiler() or "g++", "-std=c++20", "-O2", "-pthread", "-shared", "-fPIC",
-                              "-Wno-unused-variable", *defines, "-o", str(tmp), str(src)],
-                             capture_output=True, text=True)
-        if out.returncode != 0:
-            raise RuntimeError(f"host build of {kernel_file} failed:\n{out.stderr[-4000:]}")
-        tmp.replace(lib)  # atomic: parallel test workers never load a half-written library
-    _CACHE[key] = ctypes.CDLL(str(lib))
-    return _CACHE[key]
+    source = f'#include "{SHIM}"\n' + cuda_source(kernel_file) + "\n" + wrapper
+    return build_source(source, list(defines), Path(kernel_file).stem)
 
 
 # ------------------------------------------------------------------------------------------------

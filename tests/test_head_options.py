@@ -89,3 +89,19 @@ def test_cli_records_flip_and_dropout_and_the_twin_trains_with_them(bank_dir, tm
     assert json.loads((tmp_path / "t" / "config.json").read_text())["fit"]["flip"] is True
     bad = CliRunner().invoke(cli, [*common, "--out", str(tmp_path / "x"), "--dropout", "1"])
     assert bad.exit_code == 2 and "--dropout" in bad.output
+
+
+def test_cosine_schedule_anneals_the_learning_rate_to_zero(monkeypatch):
+    seen = []
+    real = torch.optim.lr_scheduler.CosineAnnealingLR
+    monkeypatch.setattr(torch.optim.lr_scheduler, "CosineAnnealingLR",
+                        lambda opt, steps: seen.append((opt, steps)) or real(opt, steps))
+    labels = np.repeat(np.arange(3), 40)
+    feats = (np.random.default_rng(0).normal(size=(120, 12 * 9)) + labels[:, None]).astype(np.float32)
+    _head(feats, labels, schedule="cosine")
+    opt, steps = seen[0]
+    _, val = validation_split(labels, FAST.val_fraction, FAST.seed)
+    assert steps == 5 * -(-(120 - len(val)) // FAST.batch)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12), "annealed to 0 by the last step"
+    with pytest.raises(EdgehebbError, match="unknown learning-rate schedule"):
+        _head(feats, labels, schedule="step")

@@ -45,6 +45,8 @@ from edgehebb.cli.options import DEVICES, SEEDS, data_option, given, skipped_rec
               "features too; a --baseline twin: half of each batch mirrored).")
 @click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=0.0,
               help="Dropout on the features while training (none at inference).")
+@click.option("--schedule", type=click.Choice(["constant", "cosine"]), default="constant",
+              help="Learning rate: constant, or annealed to 0 along a cosine over the epochs.")
 @click.option("--learn-epochs", type=click.IntRange(min=1), default=1, help="Epochs of `edgehebb learn` for missing banks.")
 @click.option("--learn-batch", type=click.IntRange(min=1), default=1000, help="Minibatch of `edgehebb learn` for missing banks.")
 @click.option("--backend", type=click.Choice(["auto", "torch", "pycuda"]), default="auto", help="Backend for learning banks.")
@@ -56,7 +58,7 @@ from edgehebb.cli.options import DEVICES, SEEDS, data_option, given, skipped_rec
 @click.option("--json", "as_json", is_flag=True, help="Print the training record as JSON on stdout.")
 @click.pass_context
 def train(ctx, spec, data, out, limit, filters_from, sigma, colour_norm, baseline, baseline_power, patch_norm, epochs,
-          batch, lr, weight_decay, val_fraction, augment, augment_fraction, flip, dropout, learn_epochs, learn_batch, backend, device,
+          batch, lr, weight_decay, val_fraction, augment, augment_fraction, flip, dropout, schedule, learn_epochs, learn_batch, backend, device,
           seed, skip_bad, no_cache, threads, as_json):
     """Train a classifier: the head on frozen learned filters, or (--baseline) the CONV twin end to end."""
     from edgehebb import threads as thread_policy
@@ -72,7 +74,8 @@ def train(ctx, spec, data, out, limit, filters_from, sigma, colour_norm, baselin
                                             "no_cache": "--no-cache"}))
     training = training_config(baseline, epochs=epochs, batch=batch, lr=lr, weight_decay=weight_decay,
                                val_fraction=val_fraction, seed=seed, augment=augment,
-                               augment_fraction=augment_fraction, flip=flip, dropout=dropout)
+                               augment_fraction=augment_fraction, flip=flip, dropout=dropout,
+                               schedule=schedule)
     train_set = load_split(resolve_data_root(data), "train", limit=limit, skip_bad=skip_bad)
     click.echo(f"{len(train_set)} training images from {train_set.source}", err=True)
     extra = {"threads": {"requested": "auto" if threads is None else threads, "cores": thread_policy.cores()},

@@ -45,6 +45,9 @@ def _stderr(s: str) -> None:
     print(s, file=sys.stderr)
 
 
+SCHEDULES = ("constant", "cosine")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Adam on cross-entropy. The defaults are the softmax head's on frozen features; the CONV twins
@@ -62,6 +65,7 @@ class TrainConfig:
     augment_fraction: float = 0.5   # share of the training images (edgehebb.camera.augment.augment); "" = none
     flip: bool = False          # the head also trains on each training image mirrored left-right (its features)
     dropout: float = 0.0        # dropout on the standardised features while the head trains (none at inference)
+    schedule: str = "constant"  # the learning rate: constant, or "cosine": annealed to 0 over the epochs, step by step
 
     def check(self) -> None:
         if self.epochs < 1 or self.batch < 1 or not self.lr > 0 or self.weight_decay < 0:
@@ -70,6 +74,8 @@ class TrainConfig:
             raise EdgehebbError(f"validation fraction must be in (0, 1), got {self.val_fraction}")
         if not 0 <= self.dropout < 1:
             raise EdgehebbError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.schedule not in SCHEDULES:
+            raise EdgehebbError(f"unknown learning-rate schedule {self.schedule!r}; choose {' or '.join(SCHEDULES)}")
         check_seed(self.seed)
         if self.augment:
             from edgehebb.camera.conditions import select
@@ -139,6 +145,8 @@ def _fit(params, logits_of: Callable[[torch.Tensor], torch.Tensor], labels: torc
          log: Log, what: str) -> dict:
     """Adam on cross-entropy over ``train_idx``; keep the state with the best validation accuracy."""
     opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps = cfg.epochs * -(-len(train_idx) // cfg.batch)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps) if cfg.schedule == "cosine" else None
     device = labels.device
     val = torch.from_numpy(val_idx).to(device)
     best, best_state, history = -1.0, None, []
@@ -156,6 +164,8 @@ def _fit(params, logits_of: Callable[[torch.Tensor], torch.Tensor], labels: torc
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if sched is not None:
+                sched.step()
             loss_sum += loss.detach() * len(idx)
             correct += (logits.detach().argmax(1) == labels[idx]).sum()
         net.eval()

@@ -105,6 +105,8 @@ def main(argv=None) -> int:
         out["backends"].append(row)
     if args.profile and "torch" in {n for n, _ in configs}:
         out["torch_profile"] = _profile(args.model, args.threads, BACKENDS["torch"].cpu_chunk)
+    if args.profile and "onnxruntime" in {n for n, _ in configs}:
+        out["onnxruntime_profile"] = _ort_profile(args.model, args.threads, BACKENDS["onnxruntime"].cpu_chunk)
     for rt in runtimes:
         rt.close()
     print(json.dumps(out, indent=2))
@@ -127,6 +129,36 @@ def _profile(model: str, threads: int, chunk: int) -> dict:
     return {"frames_per_call": chunk, "ops": [{"op": e.key, "share": e.self_cpu_time_total / total,
                                               "us_per_frame": e.self_cpu_time_total / 30 / chunk}
                                              for e in rows[:12]]}
+
+
+def _ort_profile(model: str, threads: int, chunk: int) -> dict:
+    """Time per ONNX op type of the exported model (uint8 frames baked in, as the Runtime runs it), from ONNX
+    Runtime's own profiler, as shares of the total."""
+    import os
+    import tempfile
+    from collections import Counter
+
+    import onnxruntime as ort
+
+    from edgehebb.deploy.onnx_export import export_onnx
+
+    x = np.random.default_rng(1).integers(0, 256, (chunk, 32, 32, 3), dtype=np.uint8)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = export_onnx(model, os.path.join(tmp, "m.onnx"), preprocess="uint8-nhwc")
+        options = ort.SessionOptions()
+        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+        options.enable_profiling, options.profile_file_prefix = True, os.path.join(tmp, "ort")
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        for _ in range(35):
+            session.run(None, {"frames": x})
+        trace = json.load(open(session.end_profiling()))
+    per_op = Counter()
+    for event in trace:
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+            per_op[event["args"]["op_name"]] += event["dur"]
+    total = sum(per_op.values())
+    return {"frames_per_call": chunk, "ops": [{"op": op, "share": us / total, "us_per_frame": us / 35 / chunk}
+                                             for op, us in per_op.most_common(10)]}
 
 
 if __name__ == "__main__":

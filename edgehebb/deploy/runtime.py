@@ -9,7 +9,7 @@
 Which backend. ``backend="auto"`` takes the fastest that can run ``path`` here: a model directory (or
 a shipped model's name) runs on torch on a CUDA GPU, and on the CPU on the fastest installed CPU
 backend (:data:`edgehebb.deploy.backends.CPU_SPEED_ORDER`, measured by ``tools/bench_runtime.py``:
-torch, then ONNX Runtime, then OpenCV); a ``.onnx`` file runs on ONNX Runtime (CUDA when
+ONNX Runtime, then torch, then OpenCV); a ``.onnx`` file runs on ONNX Runtime (CUDA when
 onnxruntime-gpu sees a GPU); a ``.engine`` / ``.plan`` file on TensorRT. ``repr(runtime)`` and
 :attr:`Runtime.why` say which was picked and why. ``backend="onnxruntime"`` or ``"opencv"`` also take a
 model directory and export it to a temporary ONNX file with the preprocessing baked in; OpenCV DNN

@@ -15,9 +15,10 @@ from edgehebb.deploy.backends.torch_backend import TorchBackend
 
 BACKENDS: dict[str, type[Backend]] = {b.name: b for b in (TorchBackend, OrtBackend, OpenCVBackend, TrtBackend)}
 TARGET_WORDS = {"model": "a model directory", "onnx": "a .onnx file", "engine": "a TensorRT engine"}
-# The CPU backends, fastest first per frame at every batch size, each at its cpu_chunk, one thread
-# (tools/bench_runtime.py on fig2_left-cifar10; BENCHMARKS.md, "The runtime on the CPU").
-CPU_SPEED_ORDER = ("torch", "onnxruntime", "opencv")
+# The CPU backends, fastest first per frame at batch 1, 8, 64 and 256, each at its cpu_chunk, one thread
+# (tools/bench_runtime.py on fig2_left-cifar10, 2026-12-04; BENCHMARKS.md, "The runtime on the CPU"):
+# ONNX Runtime 1.00-0.84x the bare product of the op's dot products, torch 1.27-0.87x, OpenCV 1.76-1.66x.
+CPU_SPEED_ORDER = ("onnxruntime", "torch", "opencv")
 
 __all__ = ["BACKENDS", "CPU_SPEED_ORDER", "Backend", "NoCudaProvider", "OpenCVBackend", "OrtBackend", "TorchBackend",
            "TrtBackend", "choose", "mismatch", "why_not"]

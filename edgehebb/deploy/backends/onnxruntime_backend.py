@@ -35,7 +35,7 @@ class NoCudaProvider(EdgehebbError):
 class OrtBackend(OnnxFileBackend):
     name = "onnxruntime"
     devices = ("cpu", "cuda")
-    cpu_chunk = 8
+    cpu_chunk = 2
 
     @classmethod
     def unavailable(cls, device: str) -> str | None:

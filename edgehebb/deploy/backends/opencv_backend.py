@@ -25,7 +25,7 @@ class OpenCVBackend(OnnxFileBackend):
     the whole process (on cores shared with other jobs, fewer threads are often faster)."""
 
     name = "opencv"
-    cpu_chunk = 64
+    cpu_chunk = 2
 
     @classmethod
     def unavailable(cls, device: str) -> str | None:

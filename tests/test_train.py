@@ -446,3 +446,13 @@ def test_skipped_files_are_listed_in_config_json(tmp_path, monkeypatch):
                                    "--device", "cpu", "--no-cache", "--val-fraction", "0.2", "--skip-bad"])
     assert res.exit_code == 0, res.output
     assert json.loads((tmp_path / "m" / "config.json").read_text())["skipped_images"] == ["v/003.jpg"]
+
+
+def test_a_bank_taken_from_a_model_records_that_blocks_learn_settings(bank_dir, tmp_path):
+    quiet = {"device": "cpu", "progress": False, "log": lambda line: None, "cache": ""}
+    spec, data = spec_from_dict(SPEC), _gratings(60, 0)
+    first = train_to_dir(spec, data, tmp_path / "a", training=FAST, filters_from=[bank_dir], **quiet)
+    assert first["filters"]["learn"] == [{"preprocess": "unit"}]     # the bank directory's own record
+    second = train_to_dir(spec, data, tmp_path / "b", training=FAST, filters_from=[tmp_path / "a"], **quiet)
+    assert second["filters"]["learn"] == [{"preprocess": "unit"}], "one dict per block, not the model's list"
+    assert second["filters"]["from"] == [str(tmp_path / "a")]

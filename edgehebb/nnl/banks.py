@@ -4,7 +4,7 @@ machinery (resumable, under ``OUT/banks/``) when none fits."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -19,7 +19,25 @@ from edgehebb.nnl.spec import BlockSpec, NetSpec, spec_from_dict
 Log = Callable[[str], None]
 
 
-def _bank_from_dir(path: Path, block: BlockSpec, channels: int) -> torch.Tensor | None:
+class FoundBank(NamedTuple):
+    filters: torch.Tensor     # (K, C, W, W)
+    path: Path                # the filter-bank or model directory it came from
+    learn: dict | None        # how it was learned (edgehebb learn's settings), as that directory records it
+
+
+def _learned(config: dict, index: int | None) -> dict | None:
+    """The learn settings a bank or model directory's config.json records for its bank (model: block ``index``)."""
+    if index is None:
+        return config.get("learn")
+    learn = config.get("filters", {}).get("learn") if isinstance(config.get("filters"), dict) else None
+    if isinstance(learn, list) and index < len(learn):
+        learn = learn[index]
+        # models trained from another model's bank recorded that model's list: one bank, one list deeper
+        return learn[0] if isinstance(learn, list) and len(learn) == 1 else learn
+    return None
+
+
+def _bank_from_dir(path: Path, block: BlockSpec, channels: int) -> FoundBank | None:
     """A (K, C, W, W) bank in ``path`` (a filter-bank or an NNL model directory) that fits ``block``."""
     shape = (block.filters, channels, block.kernel, block.kernel)
     if not (path / CONFIG_FILE).is_file():
@@ -36,31 +54,23 @@ def _bank_from_dir(path: Path, block: BlockSpec, channels: int) -> torch.Tensor 
         for i, b in enumerate(spec.blocks):
             w = tensors.get(f"blocks.{i}.weight")
             if w is not None and tuple(w.shape) == shape and b.center == block.center:
-                return w
+                return FoundBank(w, path, _learned(config, i))
         return None
     if fmt is not None and str(fmt).startswith("edgehebb.filters") and (path / FILTERS_FILE).is_file():
         filters, config = load_filters(path)
         if tuple(filters.shape) == shape and config.get("learn", {}).get("preprocess") == block.preprocess:
-            return filters
+            return FoundBank(filters, path, _learned(config, None))
     return None
 
 
-def find_bank(sources: list[Path], block: BlockSpec, channels: int) -> tuple[torch.Tensor, Path] | None:
+def find_bank(sources: list[Path], block: BlockSpec, channels: int) -> FoundBank | None:
     """The first bank fitting ``block`` in ``sources`` or their immediate subdirectories."""
     for src in sources:
         for path in [src, *sorted(p for p in src.iterdir() if p.is_dir())] if src.is_dir() else []:
-            bank = _bank_from_dir(path, block, channels)
-            if bank is not None:
-                return bank, path
+            found = _bank_from_dir(path, block, channels)
+            if found is not None:
+                return found
     return None
-
-
-def bank_learn_settings(path: Path) -> dict | None:
-    """How the bank in ``path`` (a filter-bank or model directory) was learned, as its config.json says."""
-    config = read_json(path / CONFIG_FILE)
-    if str(config.get("format", "")).startswith("edgehebb.filters"):
-        return config.get("learn")
-    return config.get("filters", {}).get("learn") if isinstance(config.get("filters"), dict) else None
 
 
 def bank_dir(out: Path, index: int, block: BlockSpec) -> Path:
@@ -68,10 +78,11 @@ def bank_dir(out: Path, index: int, block: BlockSpec) -> Path:
 
 
 def filter_banks(spec: NetSpec, train: ImageSet, out: Path, *, filters_from: list[Path], learn: dict,
-                 backend: str, device: str, progress: bool, log: Log) -> tuple[list[torch.Tensor], list[str]]:
-    """One bank per block: found in ``filters_from`` (or ``out/banks`` from an earlier run), else learned."""
+                 backend: str, device: str, progress: bool, log: Log) -> tuple[list[torch.Tensor], list[str], list]:
+    """One bank per block, (banks, where each came from, how each was learned): found in ``filters_from`` (or
+    ``out/banks`` from an earlier run), else learned."""
     channels = spec.input[0]
-    banks, origins = [], []
+    banks, origins, settings = [], [], []
     for i, block in enumerate(spec.blocks):
         if filters_from:
             found = find_bank(filters_from, block, channels)
@@ -79,9 +90,10 @@ def filter_banks(spec: NetSpec, train: ImageSet, out: Path, *, filters_from: lis
                 raise EdgehebbError(f"no filter bank in {', '.join(map(str, filters_from))} fits block {i} of "
                                     f"{spec.name} (K={block.filters}, W={block.kernel}, C={channels}, preprocess "
                                     f"{block.preprocess})")
-            banks.append(found[0].float())
-            origins.append(str(found[1]))
-            log(f"block {i}: filters from {found[1]}")
+            banks.append(found.filters.float())
+            origins.append(str(found.path))
+            settings.append(found.learn)
+            log(f"block {i}: filters from {found.path}")
             continue
         where = bank_dir(out, i, block)
         config = LearnConfig(filters=block.filters, kernel=block.kernel, preprocess=block.preprocess, **learn)
@@ -93,9 +105,11 @@ def filter_banks(spec: NetSpec, train: ImageSet, out: Path, *, filters_from: lis
             log(f"block {i}: learning K={block.filters} W={block.kernel} filters into {where}")
             learn_to_dir(train.x, config, where, data_key=data_key, backend=backend, device=device,
                          resume=(where / CHECKPOINT_FILE).is_file(), progress=progress, log=log)
-        banks.append(load_filters(where)[0])
+        filters, saved = load_filters(where)
+        banks.append(filters)
         origins.append(str(where))
-    return banks, origins
+        settings.append(saved.get("learn"))
+    return banks, origins, settings
 
 
 def _check_bank(where: Path, config: LearnConfig, data_key: dict) -> None:

@@ -32,7 +32,7 @@ from edgehebb.devices import resolve_device
 from edgehebb.errors import EdgehebbError
 from edgehebb.io import CONFIG_FILE, check_writable_dir
 from edgehebb.learn.loop import check_seed
-from edgehebb.nnl.banks import bank_learn_settings, filter_banks, find_bank
+from edgehebb.nnl.banks import filter_banks, find_bank
 from edgehebb.nnl.features import cached_features
 from edgehebb.nnl.layers import ConvNet, Net, NNLNet
 from edgehebb.nnl.model import save_model
@@ -317,7 +317,7 @@ def train_to_dir(spec: NetSpec, train: ImageSet, out: str | Path, *, training: T
         result = train_end_to_end(net, x, train.y, cfg, device=device, progress=progress, log=log)
     else:
         learn = {"seed": cfg.seed, **(learn or {})}
-        banks, origins = filter_banks(spec, train, out, filters_from=[Path(p) for p in filters_from], learn=learn,
+        banks, origins, learned = filter_banks(spec, train, out, filters_from=[Path(p) for p in filters_from], learn=learn,
                                       backend=backend, device=device, progress=progress, log=log)
         net = NNLNet(spec, banks)
         feats = cached_features(net, x, device=device, cache=cache, progress=progress)
@@ -325,7 +325,7 @@ def train_to_dir(spec: NetSpec, train: ImageSet, out: str | Path, *, training: T
                                    progress=progress, desc="features, mirrored") if cfg.flip else None)
         log(f"features {feats.shape[1]} per image, {len(feats)} images" + (" and their mirror images" if cfg.flip else ""))
         result = train_head(net, feats, train.y, cfg, device=device, flipped=flipped, progress=progress, log=log)
-        record["filters"] = {"from": origins, "learn": [bank_learn_settings(Path(o)) for o in origins]}
+        record["filters"] = {"from": origins, "learn": learned}
     record["training"] = {**result, "seconds": time.perf_counter() - t0}
     record.update(extra or {})
     save_model(out, net.cpu(), train.classes, record)

@@ -26,19 +26,22 @@ from tests.ridge_probe import ridge_probe
 pytestmark = [pytest.mark.data, pytest.mark.slow]
 
 SHIPPED = "fig2_left-cifar10"
-CONDITIONS = [("wb-warm", 241.0), ("wb-cool", 91.0), ("low-light", 6.5)]
+CONDITIONS = [("wb-warm", 241.0), ("wb-cool", 91.0), ("low-light", 6.5), ("gamma-high", 1.0), ("gamma-low", 1.0)]
 # figure -> (measured accuracy, images). Measured 2026-12-04 with OMP_NUM_THREADS=1 by
 # `python -m tests.test_real_data` on the JPEG CIFAR-10 copy; the first n class-balanced test images.
 MEASURED = {
-    # the shipped model (gray-world, head trained with --augment); floors 0.661 and 0.581
-    "clean": (0.6815, 2000),
-    "shadowed": (0.6025, 2000),
-    # the same model on the first 1,000, clean and under each condition; share floors 0.951, 0.962, 0.810
-    # of the clean accuracy (measured shares 0.994, 1.004, 0.855)
-    "clean@1000": (0.685, 1000),
-    "wb-warm@241": (0.681, 1000),
-    "wb-cool@91": (0.688, 1000),
-    "low-light@6.5": (0.586, 1000),
+    # the shipped model (gray-world; head trained with --augment incl. gamma, --flip, --dropout 0.5, cosine
+    # schedule; issue 24); floors 0.673 and 0.612
+    "clean": (0.694, 2000),
+    "shadowed": (0.634, 2000),
+    # the same model on the first 1,000, clean and under each condition; measured shares of the clean
+    # accuracy 0.996 (warm), 0.989 (cool), 0.877 (low light), 0.880 (gamma 2), 0.887 (gamma 1/2)
+    "clean@1000": (0.698, 1000),
+    "wb-warm@241": (0.695, 1000),
+    "wb-cool@91": (0.69, 1000),
+    "low-light@6.5": (0.612, 1000),
+    "gamma-high@1": (0.614, 1000),
+    "gamma-low@1": (0.619, 1000),
     # the ridge probe of a bank learned from 2,000 training images, and of random filters: floor 0.348 on
     # the learned bank, 0.020 on the gap (measured 0.062)
     "probe learned": (0.379, 1000),
@@ -106,7 +109,8 @@ def test_learned_filters_are_unit_norm_and_beat_random(cifar_root, tmp_path):
 
 def test_shipped_model_keeps_its_accuracy(cifar_root, tmp_path):
     """The embedded model on 2,000 class-balanced test images, clean and under the paper's shadows. The
-    centred model shipped until 2026-12-01 (0.555 / 0.470) fails both floors."""
+    centred model shipped until 2026-12-01 (0.555 / 0.470) fails both floors, and the one shipped until
+    2026-12-04 (0.6815 / 0.6025) the shadowed one."""
     got = shipped_accuracy(cifar_root, tmp_path)
     for figure in ("clean", "shadowed"):
         assert got[figure] >= floor(figure), (figure, got[figure], MEASURED[figure], floor(figure))
@@ -120,8 +124,9 @@ def clean_at_1000(cifar_root, tmp_path_factory) -> float:
 @pytest.mark.parametrize("condition, severity", CONDITIONS)
 def test_shipped_model_holds_up_under_colour_casts_and_sensor_noise(cifar_root, tmp_path, clean_at_1000, condition,
                                                                    severity):
-    """Issue 15, on 1,000 test images, at the severities where the centred model of 2026-11-23 lost half
-    its accuracy. The floor on the share of clean accuracy kept is 2 SE of the accuracy under the
+    """Issues 15 and 24, on 1,000 test images, at the severities where the centred model of 2026-11-23 lost
+    half its accuracy, and at gamma 2 and 1/2 (issue 24 asks for 85 % of the clean accuracy kept; the model
+    shipped before kept 83.8 % and 85.1 % there). The floor on the share of clean accuracy kept is 2 SE of the accuracy under the
     condition below the measured share. Before issue 15 the plain model kept 39.8 % (warm), 84.5 % (cool)
     and 79.5 % (low light) of its clean accuracy, and gray-world without augmentation 79.0 % under low light."""
     figure = f"{condition}@{severity:g}"

@@ -185,10 +185,13 @@ def load_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
         raise EdgehebbError(f"{path}: its metadata is not valid JSON ({e})") from None
 
 
-def save_filters(model_dir: str | os.PathLike, filters: torch.Tensor, config: dict) -> None:
-    """Write a filter bank (K, C, W, W) and its config into ``model_dir``."""
+def save_filters(model_dir: str | os.PathLike, filters: torch.Tensor, config: dict,
+                 whitening: torch.Tensor | None = None) -> None:
+    """Write a filter bank (K, C, W, W) and its config into ``model_dir``; a whitened bank's filters are
+    (K, N, 1, 1) over the whitened patch, and ``whitening`` (N, C, W, W) is the convolution that whitens."""
     model_dir = Path(model_dir)
-    save_tensors(model_dir / FILTERS_FILE, {"filters": filters.float()})
+    tensors = {"filters": filters.float(), **({"whitening": whitening.float()} if whitening is not None else {})}
+    save_tensors(model_dir / FILTERS_FILE, tensors)
     atomic_write_json(model_dir / CONFIG_FILE, {"format": FORMAT, **config})
 
 
@@ -205,3 +208,9 @@ def load_filters(model_dir: str | os.PathLike) -> tuple[torch.Tensor, dict]:
     if filters is None or filters.dim() != 4:
         raise EdgehebbError(f"{model_dir / FILTERS_FILE} holds no (K, C, W, W) tensor named 'filters'")
     return filters, config
+
+
+def load_whitening(model_dir: str | os.PathLike) -> torch.Tensor | None:
+    """The whitening convolution (N, C, W, W) a bank written by ``save_filters`` carries, or None."""
+    tensors, _ = load_tensors(Path(model_dir) / FILTERS_FILE)
+    return tensors.get("whitening")

@@ -149,6 +149,9 @@ def _check_blocks(net: Net) -> None:
     if not len(net.blocks) or not all(isinstance(b, NNLConv) for b in net.blocks):
         raise EdgehebbError("the fused kernel runs NNL-CONV blocks; this network has standard convolutions "
                             "(a CONV twin): run it with torch")
+    if any(b.whitening is not None for b in net.blocks):
+        raise EdgehebbError("the fused kernel does not run whitened blocks yet (their whitening convolution is not "
+                            "in cuda/nnl_forward.cu): run this model with torch, ONNX Runtime or TensorRT")
 
 
 def block_launches(net: Net, shared_limit: int, *, kc: int | None = None, threads: int | None = None,

@@ -91,10 +91,17 @@ def _colour_norm(g: _Graph, x: str, mode: str, size: tuple[int, int, int]) -> st
 def _nnl_block(g: _Graph, x: str, block: NNLConv, i: int, version: int = op.VERSION) -> str:
     """One NNLConv block: the custom node (norm=True) or, for the norm=False ablation, standard ops."""
     if block.norm:
+        stride, padding = block.stride, block.padding
+        if block.whitening is not None:
+            # a whitened block: a standard Conv whitens every patch into N channels, and the op runs on those
+            # as 1 x 1 patches (models/MODEL_FORMAT.md); its stride and padding belong to the Conv
+            x = g.add("Conv", [x, g.init(f"block{i}.whitening", block.whitening)], f"block{i}.whiten",
+                      strides=[stride] * 2, pads=[padding] * 4, kernel_shape=list(block.whitening.shape[2:]))
+            stride, padding = 1, 0
         m = g.init(f"block{i}.filters", block.weight)  # raw: the op normalises and centres them itself
         extra = {"sigma": float(block.sigma)} if version == op.SIGMA_VERSION else {}
         return g.add(op.NAME, [x, m], f"block{i}", domain=op.DOMAIN,
-                     strides=[block.stride] * 2, padding=block.padding, pool_shape=[block.pool] * 2,
+                     strides=[stride] * 2, padding=padding, pool_shape=[block.pool] * 2,
                      pool_strides=[block.pool_stride] * 2, power=block.power, eps=block.eps,
                      center=int(block.center), **extra)
     # Without the patch norm the block is a plain convolution of the (shifted) image with fixed

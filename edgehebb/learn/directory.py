@@ -59,7 +59,7 @@ def normalised_data_key(saved) -> dict | None:
 
 
 # Settings added to LearnConfig after runs were saved without them: those runs used these values.
-ADDED_SETTINGS = {"init": "normal", "rank_by": "current"}
+ADDED_SETTINGS = {"init": "normal", "rank_by": "current", "whiten": 0.0}
 
 
 def settings_differ(saved, config: LearnConfig, ignore: tuple[str, ...] = ()) -> str:
@@ -91,8 +91,13 @@ def _load_checkpoint(out: Path, config: LearnConfig, data_key: dict) -> LearnSta
     if (not isinstance(position, int) or position < 0 or not isinstance(seconds, (int, float))
             or (position > 0 and (wins is None or tuple(wins.shape) != (config.filters,)))):
         raise EdgehebbError(f"{out / CHECKPOINT_FILE} is not an edgehebb checkpoint (bad mid-epoch position)")
+    whitening = tensors.get("whitening")
+    if bool(config.whiten) != (whitening is not None):
+        raise EdgehebbError(f"{out / CHECKPOINT_FILE} has {'a' if whitening is not None else 'no'} whitening matrix but "
+                            f"this run asks for --whiten {config.whiten:g}")
     return LearnState(tensors["weights"].float(), meta["epochs_done"], [EpochStats(**h) for h in meta["history"]],
-                      position, wins.long() if position > 0 else None, float(seconds))
+                      position, wins.long() if position > 0 else None, float(seconds),
+                      whitening=None if whitening is None else whitening.float())
 
 
 def check_out(out: str | Path, resume: bool) -> Path:
@@ -158,7 +163,8 @@ def learn_to_dir(images, config: LearnConfig, out: str | Path, *, data_key: dict
         meta = {"learn": dataclasses.asdict(config), "data": data_key, "epochs_done": s.epochs_done,
                 "history": [dataclasses.asdict(x) for x in s.history], "position": s.position,
                 "epoch_seconds": s.seconds}
-        tensors = {"weights": s.weights, **({"wins": s.wins} if s.position else {})}
+        tensors = {"weights": s.weights, **({"wins": s.wins} if s.position else {}),
+                   **({"whitening": s.whitening} if s.whitening is not None else {})}
         save_tensors(out / CHECKPOINT_FILE, tensors, meta)
 
     def on_epoch(s: LearnState) -> None:
@@ -187,10 +193,17 @@ def learn_to_dir(images, config: LearnConfig, out: str | Path, *, data_key: dict
     with _stop_on_signals() as caught:
         state = learn(images, config, backend=backend, device=device, state=state, on_epoch=on_epoch,
                       on_call=on_call, threads=threads, progress=progress)
-    filters = state.weights.reshape(config.filters, c, config.kernel, config.kernel)
-    stats = colour_orientation_summary(filters)
-    flat = flat_cosines(state.weights)
-    if config.preprocess == "unit" and float(flat.median()) < COLLAPSED_FLAT_COSINE:
+    # a whitened bank's rows live in the whitened patches' space: its filters are 1 x 1 over the N whitened
+    # values (the blocks apply the whitening as a convolution first); the pictures and statistics show what
+    # each unit responds to in pixels, Z m
+    z = state.whitening
+    pixels = state.weights if z is None else state.weights @ z
+    filters = state.weights.reshape(config.filters, c, config.kernel, config.kernel) if z is None else \
+        state.weights.reshape(config.filters, -1, 1, 1)
+    shown = pixels.reshape(config.filters, c, config.kernel, config.kernel)
+    stats = colour_orientation_summary(shown)
+    flat = flat_cosines(pixels)
+    if config.preprocess == "unit" and z is None and float(flat.median()) < COLLAPSED_FLAT_COSINE:
         log(f"warning: the bank has collapsed: its rows' median cosine with the flat patch is {float(flat.median()):.2f} "
             f"(a healthy bank of plain patches sits near 0.9); the anti-Hebbian term pushed the units away from the "
             f"patches; learn again with a lower --delta (now {config.delta:g})")
@@ -208,7 +221,7 @@ def learn_to_dir(images, config: LearnConfig, out: str | Path, *, data_key: dict
                                                                                          dtype=torch.float64))],
         **(extra or {}),
     }
-    save_filters(out, filters, summary)
-    save_filter_png(filters, out / "filters.png", title=f"{config.filters} filters, W={config.kernel}, "
+    save_filters(out, filters, summary, whitening=None if z is None else z.reshape(-1, c, config.kernel, config.kernel))
+    save_filter_png(shown, out / "filters.png", title=f"{config.filters} filters, W={config.kernel}, "
                     f"{stats['colour_units']} colour / {stats['bw_units']} black-and-white")
     return summary

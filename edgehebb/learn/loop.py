@@ -18,7 +18,7 @@ import torch
 
 from edgehebb.errors import EdgehebbError
 from edgehebb.learn.hebbian import check_rule, init_weights
-from edgehebb.learn.patches import PREPROCESS, patch_grid, sample_patches
+from edgehebb.learn.patches import PREPROCESS, patch_grid, sample_patches, whitening_matrix
 
 # Seconds per backend call. Between calls the progress bar moves, mid-epoch checkpoints are written
 # and Ctrl-C is honoured, so calls are short; long enough that a GPU backend keeps its launches back
@@ -49,6 +49,7 @@ class LearnConfig:
     seed: int = 0
     init: str = "patches"       # starting rows: "patches" (K distinct data patches) or "normal" (the paper)
     rank_by: str = "cosine"     # rank units by "cosine" or by "current" (the paper; hebbian.py says when it matters)
+    whiten: float = 0.0         # > 0: learn on whitened patches (patches.whitening_matrix, this its regulariser)
 
     def check(self, image_shape: tuple[int, int, int]) -> None:
         check_rule(self.filters, self.rank, self.power, self.delta, self.rank_by)
@@ -69,6 +70,9 @@ class LearnConfig:
             raise EdgehebbError(f"learning rate must be > 0, got {self.lr}")
         if self.preprocess not in PREPROCESS:
             raise EdgehebbError(f"unknown preprocessing {self.preprocess!r}; choose one of {', '.join(PREPROCESS)}")
+        if self.whiten < 0 or (self.whiten and self.preprocess != "unit"):
+            raise EdgehebbError(f"--whiten must be >= 0 and works with --preprocess unit only (the blocks that use "
+                                f"such a bank normalise whitened patches), got {self.whiten:g} with {self.preprocess}")
         check_seed(self.seed)
 
 
@@ -94,6 +98,7 @@ class LearnState:
     wins: torch.Tensor | None = None
     seconds: float = 0.0
     threads: dict | None = None  # the CPU backend's thread record (edgehebb.threads), None on a GPU
+    whitening: torch.Tensor | None = None   # (N, N) with LearnConfig.whiten: the weights live in its space
 
 
 def epoch_order(n_patches: int, seed: int, epoch: int) -> torch.Tensor:
@@ -115,24 +120,28 @@ def check_seed(seed: int) -> None:
 
 def resolve_backend(name: str, device: str = "auto", config: LearnConfig | None = None) -> str:
     """``torch`` or ``pycuda`` for ``name`` (torch | pycuda | auto): auto is pycuda when it is usable,
-    unless ``device`` asks for the CPU (pycuda always runs on the GPU). ``config`` is there for rule
-    settings a backend cannot run; today the kernel runs them all, both rankings included."""
+    unless ``device`` asks for the CPU (pycuda always runs on the GPU) or ``config`` asks for what the kernel
+    cannot run: whitened patches (the kernel cuts and normalises its patches itself)."""
+    whitened = config is not None and config.whiten > 0
     if name == "auto":
-        return "pycuda" if device != "cpu" and _pycuda_usable() else "torch"
+        return "pycuda" if device != "cpu" and not whitened and _pycuda_usable() else "torch"
     if name not in ("torch", "pycuda"):
         raise EdgehebbError(f"unknown backend {name!r}; choose auto, torch or pycuda")
+    if name == "pycuda" and whitened:
+        raise EdgehebbError("the pycuda kernel learns from plain patches only: --whiten needs --backend torch")
     return name
 
 
 def make_backend(name: str, images: np.ndarray, config: LearnConfig, weights: torch.Tensor, device: str,
-                 threads: int | None = None):
+                 threads: int | None = None, whitening: torch.Tensor | None = None):
     """The learning backend ``name`` (torch | pycuda | auto), holding ``images`` and ``weights``;
-    ``threads`` fixes the CPU backend's thread count (None: measured, edgehebb.threads)."""
+    ``threads`` fixes the CPU backend's thread count (None: measured, edgehebb.threads); ``whitening``:
+    the matrix the patches are whitened with (``config.whiten``)."""
     name = resolve_backend(name, device, config)
     if name == "torch":
         from edgehebb.learn.torch_backend import TorchLearner
 
-        return TorchLearner(images, config, weights, device, threads=threads)
+        return TorchLearner(images, config, weights, device, threads=threads, whitening=whitening)
     if name == "pycuda":
         from edgehebb.learn.pycuda_backend import PycudaLearner
 
@@ -147,14 +156,25 @@ def _pycuda_usable() -> bool:
     return available()
 
 
-def initial_weights(images: np.ndarray, config: LearnConfig) -> torch.Tensor:
+def initial_weights(images: np.ndarray, config: LearnConfig, whitening: torch.Tensor | None = None) -> torch.Tensor:
     """The starting M (K, C*W*W): standard normal rows (``init="normal"``), or K distinct patches of
-    uint8 NHWC ``images``, preprocessed as learning will see them and scaled to unit length."""
+    uint8 NHWC ``images``, preprocessed (and whitened) as learning will see them and scaled to unit length."""
     dim = images.shape[3] * config.kernel ** 2
     if config.init == "normal":
         return init_weights(config.filters, dim, config.seed)
-    nchw = torch.tensor(images).permute(0, 3, 1, 2).contiguous()   # a copy: images may be a read-only memmap
-    return sample_patches(nchw, config.kernel, config.stride, config.filters, config.preprocess, config.seed)
+    return sample_patches(_nchw(images), config.kernel, config.stride, config.filters, config.preprocess, config.seed,
+                          whitening)
+
+
+def _nchw(images: np.ndarray) -> torch.Tensor:
+    return torch.tensor(images).permute(0, 3, 1, 2).contiguous()   # a copy: images may be a read-only memmap
+
+
+def whitening_for(images: np.ndarray, config: LearnConfig) -> torch.Tensor | None:
+    """The whitening matrix ``config.whiten`` asks for (None without it), estimated from ``images``."""
+    if not config.whiten:
+        return None
+    return whitening_matrix(_nchw(images), config.kernel, config.stride, config.whiten, config.seed)
 
 
 def learn(images: np.ndarray, config: LearnConfig, *, backend: str = "torch", device: str = "cpu",
@@ -178,7 +198,10 @@ def learn(images: np.ndarray, config: LearnConfig, *, backend: str = "torch", de
     if steps == 0:
         raise EdgehebbError(f"batch {config.batch} is larger than the {n_patches} patches of the data")
     if state is None:
-        state = LearnState(initial_weights(images, config))
+        z = whitening_for(images, config)
+        state = LearnState(initial_weights(images, config, z), whitening=z)
+    if bool(config.whiten) != (state.whitening is not None):
+        raise EdgehebbError("the run to continue was learned with another --whiten: resume with the same options")
     want = (config.filters, c * config.kernel ** 2)
     if tuple(state.weights.shape) != want:
         raise EdgehebbError(f"the weights to continue from are {tuple(state.weights.shape)}; {config.filters} filters of "
@@ -186,7 +209,7 @@ def learn(images: np.ndarray, config: LearnConfig, *, backend: str = "torch", de
     if not 0 <= state.position <= steps:
         raise EdgehebbError(f"the run to continue stopped after step {state.position} of an epoch, but an epoch of "
                             f"this data has {steps} steps")
-    runner = make_backend(backend, images, config, state.weights, device, threads)
+    runner = make_backend(backend, images, config, state.weights, device, threads, state.whitening)
     B = config.batch
 
     from tqdm import tqdm
@@ -213,7 +236,7 @@ def learn(images: np.ndarray, config: LearnConfig, *, backend: str = "torch", de
             if on_call is not None:
                 def snapshot(pos=pos) -> LearnState:
                     return LearnState(runner.weights(), epoch, list(state.history), pos, wins.clone(),
-                                      before + time.perf_counter() - t0)
+                                      before + time.perf_counter() - t0, whitening=state.whitening)
 
                 on_call(snapshot)
             # the next call lasts about CALL_SECONDS, and grows at most 4x (one fast call is no proof)

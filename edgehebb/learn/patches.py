@@ -83,13 +83,45 @@ def preprocess(v: torch.Tensor, mode: str, eps: float = 1e-8) -> torch.Tensor:
     return v
 
 
-def sample_patches(images: torch.Tensor, kernel: int, stride: int, count: int, mode: str, seed: int) -> torch.Tensor:
+WHITENING_SAMPLE = 500_000   # patches the whitening matrix is estimated from (a seeded sample)
+
+
+def whitening_matrix(images: torch.Tensor, kernel: int, stride: int, eps: float, seed: int,
+                     count: int = WHITENING_SAMPLE) -> torch.Tensor:
+    """Z (N, N), symmetric: ZCA whitening of the patches of uint8 NCHW ``images``, for ``edgehebb learn
+    --whiten EPS``. S is the second moment of unit-length patches (no mean is subtracted: Z is linear, so a
+    whitened patch scaled to unit length stays blind to a uniform scale of the patch, a shadow's), estimated
+    in float64 on a seeded sample of ``count`` patches; Z = U (Lambda + EPS * mean(Lambda))^(-1/2) U^T for
+    S = U Lambda U^T. EPS keeps the weakest directions (pixel noise, JPEG blocks) from being blown up:
+    0.1 measured best on CIFAR-10 (RESULTS.md, issue 24)."""
+    if not eps > 0:
+        raise EdgehebbError(f"the whitening's regulariser must be > 0, got {eps}")
+    sampler = PatchSampler(images, kernel, stride)
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + 4241)
+    index = torch.randperm(sampler.n_patches, generator=gen)[:count]
+    s = torch.zeros(sampler.dim, sampler.dim, dtype=torch.float64)
+    for lo in range(0, len(index), 50_000):
+        v = preprocess(sampler.gather(index[lo:lo + 50_000]), "unit").cpu().double()
+        s += v.T @ v
+    lam, u = torch.linalg.eigh(s / len(index))
+    z = u @ torch.diag((lam + eps * lam.mean()).rsqrt()) @ u.T
+    return ((z + z.T) / 2).float()
+
+
+def whiten(v: torch.Tensor, z: torch.Tensor | None) -> torch.Tensor:
+    """Patches (B, N) times the whitening matrix (symmetric), or ``v`` itself when there is none."""
+    return v if z is None else v @ z.to(v.device)
+
+
+def sample_patches(images: torch.Tensor, kernel: int, stride: int, count: int, mode: str, seed: int,
+                   whitening: torch.Tensor | None = None) -> torch.Tensor:
     """``count`` distinct patches of uint8 NCHW ``images``, preprocessed by ``mode`` and scaled to unit
     length: the ``init="patches"`` starting weights (each unit starts on a data point, as k-means
     centroids do, instead of in a random direction that no patch may ever favour).
 
     Drawn with a CPU generator seeded by ``seed``, so every backend starts from the same rows.
-    Patches that preprocess to (near) zero, such as flat ones under centring, are skipped.
+    Patches that preprocess to (near) zero, such as flat ones under centring, are skipped. With a
+    ``whitening`` matrix the patches are whitened first, as learning sees them.
     """
     sampler = PatchSampler(images, kernel, stride)
     if count > sampler.n_patches:
@@ -100,7 +132,7 @@ def sample_patches(images: torch.Tensor, kernel: int, stride: int, count: int, m
     while sum(len(r) for r in rows) < count and start < len(order):
         take = order[start:start + 2 * count]
         start += len(take)
-        v = preprocess(sampler.gather(take), mode)
+        v = preprocess(whiten(sampler.gather(take), whitening), mode)
         norms = v.norm(dim=1)
         rows.append(v[norms > 1e-3] / norms[norms > 1e-3, None])
     picked = torch.cat(rows)[:count]

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from edgehebb.learn.hebbian import apply_update, currents, rank_update, ranking_scores
-from edgehebb.learn.patches import PatchSampler, preprocess
+from edgehebb.learn.patches import PatchSampler, preprocess, whiten
 from edgehebb.allocator import keep_freed_memory
 from edgehebb.threads import ThreadTuner
 
@@ -68,9 +68,10 @@ class TorchLearner:
     name = "torch"
 
     def __init__(self, images: np.ndarray, config, weights: torch.Tensor, device: str = "cpu",
-                 threads: int | None = None):
+                 threads: int | None = None, whitening: torch.Tensor | None = None):
         self.config = config
         self.device = torch.device(device)
+        self.whitening = None if whitening is None else whitening.to(self.device, torch.float32)
         nchw = torch.tensor(images).permute(0, 3, 1, 2).contiguous()  # copies: images may be a read-only memmap
         self.sampler = PatchSampler(nchw.to(self.device), config.kernel, config.stride)
         self.M = weights.to(self.device, torch.float32).clone()
@@ -92,7 +93,7 @@ class TorchLearner:
             for start in range(0, len(order) - cfg.batch + 1, cfg.batch):
                 self.tuner.choose()
                 t0 = time.perf_counter()
-                v = preprocess(self._gather(order[start:start + cfg.batch]), cfg.preprocess)
+                v = preprocess(whiten(self._gather(order[start:start + cfg.batch]), self.whitening), cfg.preprocess)
                 winners = cpu_rank_update(self.M, v, eps, cfg.power, cfg.delta, cfg.rank, cfg.rank_by)
                 wins += torch.bincount(winners, minlength=cfg.filters)
                 self.tuner.record(time.perf_counter() - t0, cfg.batch)
@@ -109,7 +110,8 @@ class TorchLearner:
         wins = torch.zeros(cfg.filters, dtype=torch.int64, device=self.device)
         order = order.to(self.device)
         for start in range(0, len(order) - cfg.batch + 1, cfg.batch):
-            v = preprocess(self.sampler.gather(order[start:start + cfg.batch]), cfg.preprocess)
+            v = preprocess(whiten(self.sampler.gather(order[start:start + cfg.batch]), self.whitening),
+                           cfg.preprocess)
             step = rank_update(self.M, v, eps, cfg.power, cfg.delta, cfg.rank, cfg.rank_by)
             wins += torch.bincount(step.winners, minlength=cfg.filters)
         return wins.cpu()

@@ -10,7 +10,7 @@ import torch
 
 from edgehebb.data import ImageSet
 from edgehebb.errors import EdgehebbError
-from edgehebb.io import CHECKPOINT_FILE, CONFIG_FILE, FILTERS_FILE, load_filters, load_tensors, read_json
+from edgehebb.io import CHECKPOINT_FILE, CONFIG_FILE, FILTERS_FILE, load_filters, load_tensors, load_whitening, read_json
 from edgehebb.learn.directory import learn_to_dir, normalised_data_key, settings_differ
 from edgehebb.learn.loop import LearnConfig
 from edgehebb.nnl.model import MODEL_FORMAT, WEIGHTS_FILE
@@ -20,9 +20,19 @@ Log = Callable[[str], None]
 
 
 class FoundBank(NamedTuple):
-    filters: torch.Tensor     # (K, C, W, W)
+    filters: torch.Tensor     # (K, C, W, W); a whitened bank's (K, N, 1, 1)
     path: Path                # the filter-bank or model directory it came from
     learn: dict | None        # how it was learned (edgehebb learn's settings), as that directory records it
+    whitening: torch.Tensor | None = None   # a whitened bank's convolution (N, C, W, W)
+
+    def bank(self):
+        """What NNLNet takes for the block: the filters, or (filters, whitening) for a whitened bank."""
+        return self.filters.float() if self.whitening is None else (self.filters.float(), self.whitening.float())
+
+
+def _shape(block: BlockSpec, channels: int) -> tuple[int, ...]:
+    n = channels * block.kernel ** 2
+    return (block.filters, n, 1, 1) if block.whiten else (block.filters, channels, block.kernel, block.kernel)
 
 
 def _learned(config: dict, index: int | None) -> dict | None:
@@ -39,7 +49,7 @@ def _learned(config: dict, index: int | None) -> dict | None:
 
 def _bank_from_dir(path: Path, block: BlockSpec, channels: int) -> FoundBank | None:
     """A (K, C, W, W) bank in ``path`` (a filter-bank or an NNL model directory) that fits ``block``."""
-    shape = (block.filters, channels, block.kernel, block.kernel)
+    shape = _shape(block, channels)
     if not (path / CONFIG_FILE).is_file():
         return None
     config = read_json(path / CONFIG_FILE)
@@ -52,14 +62,16 @@ def _bank_from_dir(path: Path, block: BlockSpec, channels: int) -> FoundBank | N
         spec = spec_from_dict(config["spec"], str(path / CONFIG_FILE))
         tensors, _ = load_tensors(path / WEIGHTS_FILE)
         for i, b in enumerate(spec.blocks):
-            w = tensors.get(f"blocks.{i}.weight")
-            if w is not None and tuple(w.shape) == shape and b.center == block.center:
-                return FoundBank(w, path, _learned(config, i))
+            w, z = tensors.get(f"blocks.{i}.weight"), tensors.get(f"blocks.{i}.whitening")
+            if w is not None and tuple(w.shape) == shape and b.center == block.center and (z is None) != bool(block.whiten):
+                return FoundBank(w, path, _learned(config, i), z)
         return None
     if fmt is not None and str(fmt).startswith("edgehebb.filters") and (path / FILTERS_FILE).is_file():
         filters, config = load_filters(path)
-        if tuple(filters.shape) == shape and config.get("learn", {}).get("preprocess") == block.preprocess:
-            return FoundBank(filters, path, _learned(config, None))
+        z = load_whitening(path)
+        if (tuple(filters.shape) == shape and config.get("learn", {}).get("preprocess") == block.preprocess
+                and (z is None) != bool(block.whiten)):
+            return FoundBank(filters, path, _learned(config, None), z)
     return None
 
 
@@ -90,13 +102,14 @@ def filter_banks(spec: NetSpec, train: ImageSet, out: Path, *, filters_from: lis
                 raise EdgehebbError(f"no filter bank in {', '.join(map(str, filters_from))} fits block {i} of "
                                     f"{spec.name} (K={block.filters}, W={block.kernel}, C={channels}, preprocess "
                                     f"{block.preprocess})")
-            banks.append(found.filters.float())
+            banks.append(found.bank())
             origins.append(str(found.path))
             settings.append(found.learn)
             log(f"block {i}: filters from {found.path}")
             continue
         where = bank_dir(out, i, block)
-        config = LearnConfig(filters=block.filters, kernel=block.kernel, preprocess=block.preprocess, **learn)
+        config = LearnConfig(filters=block.filters, kernel=block.kernel, preprocess=block.preprocess,
+                             whiten=block.whiten, **learn)
         data_key = {"source": train.source, "split": "train", "images": len(train)}
         if (where / FILTERS_FILE).is_file():  # finished by an earlier, interrupted `train` into this OUT
             _check_bank(where, config, data_key)
@@ -106,7 +119,8 @@ def filter_banks(spec: NetSpec, train: ImageSet, out: Path, *, filters_from: lis
             learn_to_dir(train.x, config, where, data_key=data_key, backend=backend, device=device,
                          resume=(where / CHECKPOINT_FILE).is_file(), progress=progress, log=log)
         filters, saved = load_filters(where)
-        banks.append(filters)
+        z = load_whitening(where)
+        banks.append(filters if z is None else (filters, z))
         origins.append(str(where))
         settings.append(saved.get("learn"))
     return banks, origins, settings

@@ -27,6 +27,7 @@ from JSON in ``models/``.
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 import torch.nn as nn
@@ -142,7 +143,8 @@ class NNLConv(nn.Module):
 
     def __init__(self, filters: torch.Tensor, power: float, stride: int = 1, padding: int = 0,
                  pool: int = 1, pool_stride: int | None = None, center: bool = False, eps: float = EPS,
-                 pool_first: bool = True, trainable: bool = False, norm: bool = True, sigma: float = 0.0):
+                 pool_first: bool = True, trainable: bool = False, norm: bool = True, sigma: float = 0.0,
+                 whitening: torch.Tensor | None = None):
         super().__init__()
         if filters.dim() != 4:
             raise EdgehebbError(f"filters must be (K, C, W, W), got shape {tuple(filters.shape)}")
@@ -159,15 +161,28 @@ class NNLConv(nn.Module):
         else:
             self.register_buffer("weight", _unit(w))
         self.register_buffer("ones", torch.ones(1, *w.shape[1:]), persistent=False)
+        self.register_buffer("whitening", None)   # a plain block: no whitening (and none in its state_dict)
+        if whitening is not None:
+            # a whitened block: the convolution (N, C, W, W) whitens every patch, and the filters are
+            # (K, N, 1, 1) over the whitened patch (BlockSpec.whiten)
+            n = whitening.shape[0]
+            if whitening.dim() != 4 or n != math.prod(whitening.shape[1:]) or tuple(w.shape[1:]) != (n, 1, 1):
+                raise EdgehebbError(f"a whitened block needs a whitening of shape (N, C, W, W), N = C*W*W, and filters "
+                                    f"(K, N, 1, 1); got {tuple(whitening.shape)} and {tuple(w.shape)}")
+            if center or not norm:
+                raise EdgehebbError("a whitened block needs the plain patch norm (center=False, norm=True)")
+            self.register_buffer("whitening", whitening.detach().float().clone())
 
     @classmethod
     def from_block(cls, filters: torch.Tensor, block: BlockSpec, *, power: float | None = None,
-                   norm: bool | None = None, trainable: bool = False) -> "NNLConv":
+                   norm: bool | None = None, trainable: bool = False,
+                   whitening: torch.Tensor | None = None) -> "NNLConv":
         """The layer of one spec block; ``power`` and ``norm`` replace the block's when given (the backprop
-        ablation with patch normalisation always normalises, at its own n)."""
+        ablation with patch normalisation always normalises, at its own n); ``whitening``: a whitened
+        block's convolution."""
         return cls(filters, block.power if power is None else power, block.stride, block.padding, block.pool,
                    block.pool_stride, block.center, trainable=trainable, norm=block.norm if norm is None else norm,
-                   sigma=block.sigma)
+                   sigma=block.sigma, whitening=whitening)
 
     def unit_weight(self) -> torch.Tensor:
         return _unit(self.weight) if self.trainable else self.weight
@@ -180,6 +195,11 @@ class NNLConv(nn.Module):
         m = self.unit_weight()
         if self.padding:
             x = F.pad(x, [self.padding] * 4)
+        if self.whitening is not None:
+            # every patch whitened, laid out along the channels: (B, N, H', W'); then the plain norm of
+            # those N values and their dot products with the unit filters, 1 x 1
+            z = _conv_ieee(x, self.whitening, self.stride)
+            return self.divide(_conv_ieee(z, m, 1), (z * z).sum(dim=1, keepdim=True))
         if self.center:
             # The patches are centred one by one (see _centred_ieee): the one-pass form
             # |v - mean(v)|^2 = s_2 - s_1^2 / N cancels on low-contrast patches, and so does the
@@ -281,19 +301,28 @@ class Net(nn.Module):
 class NNLNet(Net):
     """NNL-CONV network: one frozen (or, ``trainable_filters``, learnable) NNLConv per spec block."""
 
-    def __init__(self, spec: NetSpec, filter_banks: list[torch.Tensor], trainable_filters: bool = False):
+    def __init__(self, spec: NetSpec, filter_banks: list, trainable_filters: bool = False):
+        """``filter_banks``: one per block, a (K, C, W, W) tensor, or for a whitened block (``whiten`` in
+        its spec) a pair (filters (K, N, 1, 1), whitening (N, C, W, W)), N = C*W*W."""
         super().__init__()
         if len(filter_banks) != len(spec.blocks):
             raise EdgehebbError(f"{spec.name} has {len(spec.blocks)} block(s) but "
                                 f"{len(filter_banks)} filter bank(s) were given")
         c = spec.input[0]
+        layers = []
         for i, (b, bank) in enumerate(zip(spec.blocks, filter_banks)):
-            if tuple(bank.shape) != (b.filters, c, b.kernel, b.kernel):
-                raise EdgehebbError(f"{spec.name} block {i} needs filters of shape "
-                                    f"{(b.filters, c, b.kernel, b.kernel)}, got {tuple(bank.shape)}")
+            n = c * b.kernel ** 2
+            filters, whitening = bank if isinstance(bank, (tuple, list)) else (bank, None)
+            want = (b.filters, n, 1, 1) if b.whiten else (b.filters, c, b.kernel, b.kernel)
+            if tuple(filters.shape) != want or (b.whiten and (whitening is None or
+                                                                tuple(whitening.shape) != (n, c, b.kernel, b.kernel))):
+                got = tuple(filters.shape) if whitening is None else (tuple(filters.shape), tuple(whitening.shape))
+                what = f"filters {want} and a whitening {(n, c, b.kernel, b.kernel)}" if b.whiten else f"filters {want}"
+                raise EdgehebbError(f"{spec.name} block {i} needs {what}, got {got}")
+            layers.append(NNLConv.from_block(filters, b, trainable=trainable_filters,
+                                             whitening=whitening if b.whiten else None))
         self.spec = spec
-        self.blocks = nn.ModuleList(NNLConv.from_block(bank, b, trainable=trainable_filters)
-                                    for b, bank in zip(spec.blocks, filter_banks))
+        self.blocks = nn.ModuleList(layers)
         self._init_head(spec)
 
 

@@ -37,7 +37,9 @@ def build_net(kind: str, spec: NetSpec, conv: dict | None = None, where: str = "
     """
     if kind == "nnl":
         c = spec.input[0]
-        return NNLNet(spec, [torch.zeros(b.filters, c, b.kernel, b.kernel) for b in spec.blocks])
+        n = [c * b.kernel ** 2 for b in spec.blocks]
+        return NNLNet(spec, [(torch.zeros(b.filters, k, 1, 1), torch.zeros(k, c, b.kernel, b.kernel)) if b.whiten
+                             else torch.zeros(b.filters, c, b.kernel, b.kernel) for b, k in zip(spec.blocks, n)])
     if kind == "conv":
         conv = {} if conv is None else conv
         power = conv.get("power", 1.0) if isinstance(conv, dict) else None
@@ -137,5 +139,10 @@ def model_filters(name_or_path: str | os.PathLike) -> tuple[list[tuple[str, torc
     where = resolve_model(name_or_path)
     net, _ = load_model(where)
     banks = [block.unit_weight() if hasattr(block, "unit_weight") else block.conv.weight for block in net.blocks]
+    # a whitened block's unit filters m live in the whitened space: in pixels each responds to Z m
+    banks = [b.flatten(1) @ block.whitening.flatten(1) if getattr(block, "whitening", None) is not None else b
+             for b, block in zip(banks, net.blocks)]
+    banks = [b.reshape(b.shape[0], *block.whitening.shape[1:]) if getattr(block, "whitening", None) is not None
+             else b for b, block in zip(banks, net.blocks)]
     labels = [""] if len(banks) == 1 else [f"block {i}: " for i in range(len(banks))]
     return [(label, bank.detach()) for label, bank in zip(labels, banks)], where

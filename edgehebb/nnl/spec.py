@@ -37,6 +37,9 @@ class BlockSpec:
                            # normalisation, f(<unit filter, patch>) on the raw (centred) patch
     sigma: float = 0.0     # semi-saturation constant (Carandini & Heeger): u = v / (sqrt(|v|^2 + sigma^2) + eps),
                            # so patches with |v| << sigma stay small; 0 is the plain patch norm, bit for bit
+    whiten: float = 0.0    # > 0: each patch is whitened (v -> Z v, a learned linear map) before the patch norm,
+                           # and the filters live in that space; the value is the regulariser its bank was
+                           # learned with (edgehebb learn --whiten); 0: plain patches
 
     @property
     def preprocess(self) -> str:
@@ -71,6 +74,8 @@ class NetSpec:
         for b in d["blocks"]:
             if not b["sigma"]:
                 del b["sigma"]
+            if not b["whiten"]:
+                del b["whiten"]
         if d["colour_norm"] == "none":
             del d["colour_norm"]
         return d
@@ -141,13 +146,18 @@ def spec_from_dict(d: dict, source: str = "spec") -> NetSpec:
         sigma = check_sigma(b.get("sigma", 0.0), f"{at}.sigma")
         if sigma and not norm:
             raise EdgehebbError(f"{at}: sigma {sigma:g} needs the patch norm (norm=true); this block has norm=false")
+        whiten = b.get("whiten", 0.0)
+        if isinstance(whiten, bool) or not isinstance(whiten, (int, float)) or not (math.isfinite(whiten) and whiten >= 0):
+            raise EdgehebbError(f"{at}.whiten must be a number >= 0 (0: plain patches), got {whiten!r}")
+        if whiten and (center or not norm):
+            raise EdgehebbError(f"{at}: whiten needs the plain patch norm (center=false, norm=true)")
         block = BlockSpec(kernel=_int(b["kernel"], f"{at}.kernel", 1),
                           filters=_int(b["filters"], f"{at}.filters", 1),
                           power=float(power), pool=pool,
                           pool_stride=_int(b.get("pool_stride", pool), f"{at}.pool_stride", 1),
                           stride=_int(b.get("stride", 1), f"{at}.stride", 1),
                           padding=_int(b.get("padding", 0), f"{at}.padding", 0), center=center, norm=norm,
-                          sigma=sigma)
+                          sigma=sigma, whiten=float(whiten))
         mh, mw = block.map_size(h, w)
         if min(mh, mw) < 1:
             raise EdgehebbError(f"{at}.kernel {block.kernel} does not fit a {h}x{w} input (padding {block.padding})")

@@ -281,7 +281,7 @@ def check_request(spec: NetSpec, out: str | Path, *, filters_from: list[Path] = 
         if find_bank([Path(p) for p in filters_from], block, spec.input[0]) is None:
             raise EdgehebbError(f"no filter bank in {', '.join(map(str, filters_from))} fits block {i} of "
                                 f"{spec.name} (K={block.filters}, W={block.kernel}, C={spec.input[0]}, "
-                                f"preprocess {block.preprocess})")
+                                f"preprocess {block.preprocess}{', whitened' if block.whiten else ''})")
 
 
 def train_to_dir(spec: NetSpec, train: ImageSet, out: str | Path, *, training: TrainConfig | None = None,

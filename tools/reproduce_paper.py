@@ -10,6 +10,10 @@ Rows (each cached as OUT/rows/<row>.json; a rerun skips finished rows, so an int
   abl-local-n{1,10,40}-norm / -nonorm   local filters, n and patch norm varied
   abl-bp-n{1,3,5}-norm / abl-bp-n{1,5,10}-nonorm   backprop, n and patch norm varied
   fig2_left_s2-local  fig2_left with pool stride 2 (10x10 pooled map; a variant, see RESULTS.md)
+  shipped-fig2_left          the shipped fig2_left-cifar10's recipe (gray-world, augmentation, mirror
+                             images, dropout, cosine schedule; issue 24)
+  shipped-fig2_left_wide     the shipped fig2_left_wide-cifar10's (models/fig2_left_wide.json: K=1600,
+                             whitened patches, n=5; the same head recipe)
 
 Every row reports validation accuracy (the epoch is chosen on it), then test accuracy on clean and
 shadowed images (80% of each image x 0.3) and an error-vs-intensity sweep. Filter banks are
@@ -40,7 +44,7 @@ from edgehebb.learn.loop import LearnConfig
 from edgehebb.devices import resolve_device
 from edgehebb.learn.directory import learn_to_dir
 from edgehebb.nnl.model import load_model
-from edgehebb.nnl import NetSpec, load_spec
+from edgehebb.nnl import NetSpec, load_spec, with_options
 from edgehebb.nnl.train import BASELINE_TRAINING, TrainConfig, train_to_dir
 
 PAPER = {"fig2_left-local": 27.80, "fig2_left-e2e": 27.11, "fig2_middle-local": 23.0, "fig2_middle-e2e": 23.0}
@@ -70,6 +74,11 @@ def rows() -> dict[str, dict]:
     for n in (5, 10):   # n=1 without norm is fig2_left-e2e
         r[f"abl-bp-n{n}-nonorm"] = {"spec": left, "local": False, "power": float(n), "patch_norm": False}
     r["fig2_left_s2-local"] = {"spec": _spec_variant(left, "fig2_left_s2", pool_stride=2), "local": True}
+    # the shipped models' recipes (issue 24): the head's training beyond the paper's
+    shipped = {"augment": "low-light,wb-warm,wb-cool,tint-green,tint-magenta,gamma-high,gamma-low", "flip": True,
+               "dropout": 0.5, "schedule": "cosine", "lr": 1e-3, "epochs": 40}
+    r["shipped-fig2_left"] = {"spec": with_options(left, colour_norm="gray-world"), "local": True, "training": shipped}
+    r["shipped-fig2_left_wide"] = {"spec": load_spec("fig2_left_wide"), "local": True, "training": shipped}
     return r
 
 
@@ -79,15 +88,15 @@ def learn_banks(specs: list[NetSpec], train, out: Path, args, log) -> Path:
     seen = set()
     for spec in specs:
         for b in spec.blocks:
-            key = (b.filters, b.kernel, b.preprocess)
+            key = (b.filters, b.kernel, b.preprocess, b.whiten)
             if key in seen:
                 continue
             seen.add(key)
-            where = folder / f"W{b.kernel}-K{b.filters}-{b.preprocess}"
+            where = folder / (f"W{b.kernel}-K{b.filters}-{b.preprocess}" + (f"-white{b.whiten:g}" if b.whiten else ""))
             if (where / "filters.safetensors").is_file():
                 continue
             cfg = LearnConfig(filters=b.filters, kernel=b.kernel, preprocess=b.preprocess, epochs=args.learn_epochs,
-                              batch=args.learn_batch, seed=args.seed)
+                              batch=args.learn_batch, seed=args.seed, whiten=b.whiten)
             log(f"learning bank {where.name} ({args.backend})")
             learn_to_dir(train.x, cfg, where, data_key={"source": train.source, "split": "train", "images": len(train)},
                          backend=args.backend, device=args.device, resume=(where / "checkpoint.safetensors").is_file(),
@@ -100,15 +109,16 @@ def run_row(name: str, how: dict, train, test, banks: Path, out: Path, args, log
     model_dir = out / "models" / name
     fit = (TrainConfig(epochs=args.head_epochs, lr=args.head_lr, seed=args.seed) if how["local"] else
            TrainConfig(epochs=args.e2e_epochs, lr=args.e2e_lr, seed=args.seed))
+    fit = dataclasses.replace(fit, **how.get("training", {}))
     t0 = time.perf_counter()
     if not (model_dir / "config.json").is_file():
         if model_dir.exists():   # a row interrupted while training: start it again
             shutil.rmtree(model_dir)
         if how["local"]:
-            train_to_dir(how["spec"], train, model_dir, fit=fit, filters_from=[banks], device=args.device, cache="",
+            train_to_dir(how["spec"], train, model_dir, training=fit, filters_from=[banks], device=args.device, cache="",
                          progress=not args.quiet, log=log)
         else:
-            train_to_dir(how["spec"], train, model_dir, fit=fit, baseline=True, conv_power=how["power"],
+            train_to_dir(how["spec"], train, model_dir, training=fit, baseline=True, conv_power=how["power"],
                          patch_norm=how["patch_norm"], device=args.device, progress=not args.quiet, log=log)
     net, config = load_model(model_dir, args.device)
     # the ablation rows need clean and shadowed error only; the intensity sweep (ten passes over the

@@ -89,6 +89,10 @@ def test_learning_on_whitened_patches_resumes_bitwise_and_needs_torch(tmp_path):
     assert filters.shape == (12, 48, 1, 1) and z.shape == (48, 3, 4, 4) and saved["learn"]["whiten"] == 0.1
     assert (filters.flatten(1).norm(dim=1) - 1).abs().max() < 0.05, "rows converge to unit length as before"
     assert summary["colour_orientation"]["colour_units"] + summary["colour_orientation"]["bw_units"] == 12
+    from edgehebb.nnl.model import model_filters
+
+    (_, shown), = model_filters(tmp_path / "bank")[0]   # `edgehebb show`: the units in pixels, Z m
+    assert torch.allclose(shown.flatten(1), filters.flatten(1) @ z.flatten(1))
     # the same run in one go, and continued from a snapshot of its first epoch, give the same bank
     from edgehebb.learn.loop import LearnState
 

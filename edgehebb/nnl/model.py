@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 from edgehebb.errors import EdgehebbError
-from edgehebb.io import CONFIG_FILE, FORMAT, atomic_write_json, load_filters, load_tensors, read_json, save_tensors
+from edgehebb.io import (CONFIG_FILE, FORMAT, atomic_write_json, load_filters, load_tensors, load_whitening, read_json,
+                         save_tensors)
 from edgehebb.nnl.spec import NetSpec, spec_from_dict
 from edgehebb.nnl.layers import ConvNet, NNLNet, Net
 from edgehebb.resources import data_dirs
@@ -135,7 +136,10 @@ def model_filters(name_or_path: str | os.PathLike) -> tuple[list[tuple[str, torc
     """
     path = Path(name_or_path).expanduser()
     if path.is_dir() and (path / CONFIG_FILE).is_file() and read_json(path / CONFIG_FILE).get("format") == FORMAT:
-        return [("", load_filters(path)[0])], path
+        filters, z = load_filters(path)[0], load_whitening(path)
+        if z is not None:   # a whitened bank: what each unit responds to in pixels, Z m
+            filters = (filters.flatten(1) @ z.flatten(1)).reshape(len(filters), *z.shape[1:])
+        return [("", filters)], path
     where = resolve_model(name_or_path)
     net, _ = load_model(where)
     banks = [block.unit_weight() if hasattr(block, "unit_weight") else block.conv.weight for block in net.blocks]

@@ -317,7 +317,8 @@ class NNLNet(Net):
             if tuple(filters.shape) != want or (b.whiten and (whitening is None or
                                                                 tuple(whitening.shape) != (n, c, b.kernel, b.kernel))):
                 got = tuple(filters.shape) if whitening is None else (tuple(filters.shape), tuple(whitening.shape))
-                what = f"filters {want} and a whitening {(n, c, b.kernel, b.kernel)}" if b.whiten else f"filters {want}"
+                what = (f"filters of shape {want} and a whitening of shape {(n, c, b.kernel, b.kernel)}" if b.whiten
+                        else f"filters of shape {want}")
                 raise EdgehebbError(f"{spec.name} block {i} needs {what}, got {got}")
             layers.append(NNLConv.from_block(filters, b, trainable=trainable_filters,
                                              whitening=whitening if b.whiten else None))

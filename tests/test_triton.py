@@ -36,7 +36,6 @@ from edgehebb.deploy import triton_repo
 from edgehebb.deploy.triton_repo import write_repository
 from edgehebb.deploy.triton_server import SHM_DIR, ServerBinary, TritonServer, child_processes, find_server
 from edgehebb.errors import EdgehebbError
-from edgehebb.nnl.model import resolve_model
 from tests.conftest import assert_close
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -28,15 +28,16 @@ import numpy as np
 PAPER = {"fig2_left": 27.80, "fig2_middle": 23.0}   # published test error, % (PAPER.md)
 
 
-def mflop(spec) -> float:
-    """Multiply-adds x 2 per frame, in MFLOP: every block's patch dot products (K filters of N = C*W*W) and
-    |v|^2 box sum (N), a whitening convolution (N x N) where present, and the linear head."""
+def mflop(spec, normalised: bool = True) -> float:
+    """Multiply-adds x 2 per frame, in MFLOP: every block's patch dot products (K filters of N = C*W*W),
+    the |v|^2 box sum (N) unless ``normalised`` is False (the end-to-end CONV twin has no patch norm), a
+    whitening convolution (N x N) where present, and the linear head."""
     c, h, w = spec.input
     total = 0.0
     for b in spec.blocks:
         mh, mw = b.map_size(h, w)
         n = c * b.kernel ** 2
-        per_position = b.filters * n + n + (n * n if getattr(b, "whiten", False) else 0)
+        per_position = b.filters * n + (n if normalised else 0) + (n * n if getattr(b, "whiten", False) else 0)
         total += 2 * mh * mw * per_position
     from edgehebb.nnl.spec import feature_dim
 
@@ -62,11 +63,21 @@ def main(argv=None) -> int:
 
     import torch
 
+    previous = torch.get_num_threads()   # the process's own setting comes back (a caller may be a test)
+    try:
+        return _run(args)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _run(args) -> int:
+    import torch
+
     from edgehebb import Runtime
     from edgehebb.camera.shadow import apply_shadow
     from edgehebb.data import load_split, resolve_data_root
     from edgehebb.nnl.model import load_model, shipped_models
-    from edgehebb.nnl.spec import load_spec
+    from edgehebb.nnl.spec import load_spec, spec_from_dict
 
     torch.set_num_threads(args.threads)
     names = args.models or shipped_models()
@@ -75,8 +86,6 @@ def main(argv=None) -> int:
     rows, runtimes = [], {}
     for name in names:
         _, config = load_model(name)
-        from edgehebb.nnl.spec import spec_from_dict
-
         spec = spec_from_dict(config["spec"], name)
         rt = Runtime(name, device="cpu", threads=args.threads)
         runtimes[name] = rt
@@ -84,7 +93,8 @@ def main(argv=None) -> int:
         clean = float((rt.predict(test.x).class_ids == test.y).mean())
         shadow = float((rt.predict(shadowed).class_ids == test.y).mean())
         _log(f"{name}: clean {clean:.2%}, shadowed {shadow:.2%} on {len(test)} images ({time.perf_counter() - t0:.0f} s)")
-        rows.append({"model": name, "kind": config["kind"], "backend": rt.backend, "mflop_per_frame": mflop(spec),
+        label = Path(name).name   # a model directory's name; a shipped name stays as it is
+        rows.append({"model": label, "kind": config["kind"], "backend": rt.backend, "mflop_per_frame": mflop(spec, config["kind"] != "conv"),
                      "features": int(sum(b.filters * math.prod(b.out_size(*spec.input[1:])) for b in spec.blocks)),
                      "test_error_clean": 1 - clean, "test_error_shadowed": 1 - shadow, "images": len(test)})
     frames = {b: np.random.default_rng(0).integers(0, 256, (b, 32, 32, 3), dtype=np.uint8) for b in (1, args.batch)}
@@ -101,8 +111,8 @@ def main(argv=None) -> int:
                     best = min(best, time.perf_counter() - t0)
                 times[(name, b)].append(best / b * 1e3)
         _log(f"timing round {r + 1}/{args.rounds}")
-    for row in rows:
-        row["ms_per_frame"] = {str(b): float(np.median(times[(row["model"], b)])) for b in frames}
+    for name, row in zip(names, rows):
+        row["ms_per_frame"] = {str(b): float(np.median(times[(name, b)])) for b in frames}
     paper = [{"model": f"paper {k}", "mflop_per_frame": mflop(load_spec(k)), "test_error_clean": v / 100}
              for k, v in PAPER.items()]
     out = {"threads": args.threads, "data": {"source": test.source, "images": len(test)}, "models": rows,

@@ -1,6 +1,7 @@
 """models/MODEL_FORMAT.md is enough to run a model: its forward pass, written here in numpy from the
-document alone (the files read with the safetensors and json packages, no edgehebb code), gives the
-shipped model's logits as edgehebb.Runtime does, within OP_SPEC's tolerance."""
+document alone (the files read with the safetensors and json packages, no edgehebb code), gives every
+shipped model's logits as edgehebb.Runtime does, within OP_SPEC's tolerance, and those of a small whitened
+model trained here (so the whitening step is checked before a whitened model ships)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,10 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-MODEL = Path(__file__).resolve().parents[1] / "models" / "fig2_left-cifar10"
+MODELS = Path(__file__).resolve().parents[1] / "models"
+SHIPPED = sorted(p for p in MODELS.iterdir() if (p / "config.json").is_file())
+MODEL = MODELS / "fig2_left-cifar10"
+per_model = pytest.mark.parametrize("model", SHIPPED, ids=[p.name for p in SHIPPED])
 BLOCK_DEFAULTS = {"stride": 1, "padding": 0, "center": False, "norm": True, "sigma": 0.0}
 
 
@@ -29,8 +33,9 @@ def document_forward(model_dir: Path, images: np.ndarray) -> np.ndarray:
     feats = []
     for i, raw in enumerate(spec["blocks"]):                                          # step 3
         b = {**BLOCK_DEFAULTS, "pool_stride": raw["pool"], **raw}
-        m = t[f"blocks.{i}.weight"].astype(np.float64)                                # (K, C, W, W), unit rows
-        k, c, w, _ = m.shape
+        m = t[f"blocks.{i}.weight"].astype(np.float64)                # (K, C, W, W), or (K, N, 1, 1) whitened
+        k = m.shape[0]
+        c, w = x.shape[1], raw["kernel"]
         p, s = b["padding"], b["stride"]
         xp = np.pad(x, ((0, 0), (0, 0), (p, p), (p, p)))
         rows, cols = (xp.shape[2] - w) // s + 1, (xp.shape[3] - w) // s + 1
@@ -39,6 +44,8 @@ def document_forward(model_dir: Path, images: np.ndarray) -> np.ndarray:
         v = win.transpose(0, 2, 3, 1, 4, 5).reshape(len(x), rows, cols, c * w * w)
         if b["center"]:
             v = v - v.mean(axis=-1, keepdims=True)
+        if b.get("whiten", 0) > 0:                                                    # v = Z v
+            v = v @ t[f"blocks.{i}.whitening"].astype(np.float64).reshape(c * w * w, -1).T
         dot = v @ m.reshape(k, -1).T                                                  # (N, rows, cols, K)
         if b["norm"]:
             dot = dot / (np.sqrt((v * v).sum(-1, keepdims=True) + b["sigma"] ** 2) + 1e-4)
@@ -68,55 +75,81 @@ def _images(n: int = 24, seed: int = 0) -> np.ndarray:
     return np.stack(out)
 
 
-def test_the_document_computes_the_shipped_models_logits():
+def _check_document_against_edgehebb(model: Path, images: np.ndarray) -> None:
+    import torch
+
     from edgehebb import Runtime
     from edgehebb.deploy.op import PARITY_TOLERANCE, parity_error
+    from edgehebb.nnl import load_model
 
-    images = _images()
-    want = document_forward(MODEL, images)
-    with Runtime(MODEL, backend="torch", device="cpu") as rt:
+    want = document_forward(model, images)
+    with Runtime(model, backend="torch", device="cpu") as rt:
         got = rt.predict(images)
     # Runtime returns probabilities; the document's logits give them through a softmax
     e = np.exp(want - want.max(1, keepdims=True))
     assert np.abs(got.probabilities - e / e.sum(1, keepdims=True)).max() < 1e-4
     assert (got.class_ids == want.argmax(1)).all()
     # and the logits themselves, from the torch reference, within OP_SPEC's tolerance of the document's
-    import torch
-
-    from edgehebb.nnl import load_model
-
-    net, _ = load_model(MODEL)
+    net, _ = load_model(model)
     with torch.no_grad():
         logits = net(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0).numpy()
     assert parity_error(logits, want).max() <= PARITY_TOLERANCE
 
 
-def test_a_misread_standardiser_is_caught():
+def test_every_model_directory_is_shipped_here():
+    assert MODEL in SHIPPED and len(SHIPPED) >= 1
+
+
+@per_model
+def test_the_document_computes_the_shipped_models_logits(model):
+    _check_document_against_edgehebb(model, _images())
+
+
+def test_the_document_computes_a_whitened_models_logits(tmp_path):
+    # the whitening step (step 3, whitened block) on a small whitened model trained here
+    from edgehebb.nnl import spec_from_dict
+    from edgehebb.nnl.train import TrainConfig, train_to_dir
+    from tests.test_train import _gratings
+    from tests.test_whitening import SPEC
+
+    train_to_dir(spec_from_dict(SPEC), _gratings(60, 0), tmp_path / "m", training=TrainConfig(epochs=2, batch=32),
+                 learn={"epochs": 1, "batch": 50}, backend="torch", device="cpu", progress=False,
+                 log=lambda line: None, cache="")
+    t = load_file(str(tmp_path / "m" / "model.safetensors"))
+    assert t["blocks.0.whitening"].shape == (48, 3, 4, 4)
+    _check_document_against_edgehebb(tmp_path / "m", _gratings(9, 3).x)
+
+
+@per_model
+def test_a_misread_standardiser_is_caught(model):
     # the other reading of the standardiser, (f - mean) / scale, must not pass the check above
-    t = load_file(str(MODEL / "model.safetensors"))
+    t = load_file(str(model / "model.safetensors"))
     assert not np.allclose(t["feature_scale"], 1.0), "a scale of ones could not tell the two readings apart"
 
 
-def test_the_documented_checksum_is_the_files():
-    t = load_file(str(MODEL / "model.safetensors"))
+@per_model
+def test_the_documented_checksum_is_the_files(model):
+    t = load_file(str(model / "model.safetensors"))
     h = hashlib.sha256()
     for name in sorted(t):
         h.update(json.dumps([name, "torch.float32", list(t[name].shape)]).encode())
         h.update(np.ascontiguousarray(t[name]).tobytes())
-    header_len = int.from_bytes((MODEL / "model.safetensors").read_bytes()[:8], "little")
-    header = json.loads((MODEL / "model.safetensors").read_bytes()[8:8 + header_len])
+    header_len = int.from_bytes((model / "model.safetensors").read_bytes()[:8], "little")
+    header = json.loads((model / "model.safetensors").read_bytes()[8:8 + header_len])
     assert header["__metadata__"]["edgehebb.sha256"] == h.hexdigest()
 
 
+@per_model
 @pytest.mark.parametrize("key", ["format", "kind", "spec", "classes", "input", "data"])
-def test_the_shipped_config_has_the_documented_keys(key):
-    config = json.loads((MODEL / "config.json").read_text())
+def test_the_shipped_config_has_the_documented_keys(model, key):
+    config = json.loads((model / "config.json").read_text())
     assert key in config
-    assert f"`{key}`" in (MODEL.parent / "MODEL_FORMAT.md").read_text()
+    assert f"`{key}`" in (MODELS / "MODEL_FORMAT.md").read_text()
 
 
-def test_the_shipped_config_names_no_path_of_the_training_machine():
-    text = (MODEL / "config.json").read_text()
+@per_model
+def test_the_shipped_config_names_no_path_of_the_training_machine(model):
+    text = (model / "config.json").read_text()
     config = json.loads(text)
     assert "/work/" not in text and "/home/" not in text and "/root/" not in text
     assert config["data"]["name"] == "cifar10/train" and config["data"]["fingerprint"].startswith("sha256:")

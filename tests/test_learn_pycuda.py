@@ -1,4 +1,4 @@
-"""The PyCUDA learning backend against the torch oracle (edgehebb/hebbian.py).
+"""The PyCUDA learning backend against the torch oracle (edgehebb/learn/hebbian.py).
 
 CPU tests run everywhere: the kernel source is found, the launch plan is sane, and without pycuda or
 a GPU the backend fails with one line. The kernel's own source also runs on the CPU, built with g++

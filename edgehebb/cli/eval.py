@@ -24,7 +24,7 @@ from edgehebb.errors import EdgehebbError
                    "MODEL/conditions.png likewise].")
 @click.option("--conditions", default=None, metavar="all|NAME,...",
               help="Instead of the shadow evaluation, measure accuracy against severity under camera conditions: "
-                   f"all, or names separated by commas from: {', '.join(CONDITION_NAMES)} (edgehebb/conditions.py "
+                   f"all, or names separated by commas from: {', '.join(CONDITION_NAMES)} (edgehebb/camera/conditions.py "
                    "describes each).")
 @click.option("--severities", "severity_specs", multiple=True, metavar="NAME=S1,S2,...",
               help="With --conditions: these severities of NAME instead of its default sweep (0, clean, always "

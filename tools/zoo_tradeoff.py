@@ -133,22 +133,29 @@ def _plot(out: dict, path: Path, batch: int) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib import ticker
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), dpi=120)
     for ax, key, label in ((axes[0], "mflop_per_frame", "MFLOP per frame"),
                            (axes[1], "ms_per_frame", f"ms per frame (Runtime, CPU, batch {batch})")):
-        for i, row in enumerate(out["models"]):
-            x = row[key] if key == "mflop_per_frame" else row[key][str(batch)]
+        xs = [row[key] if key == "mflop_per_frame" else row[key][str(batch)] for row in out["models"]]
+        for i, (row, x) in enumerate(zip(out["models"], xs)):
+            # labels of models of about the same cost stack upwards instead of overlapping
+            stacked = sum(1 for j in range(i) if abs(math.log(xs[j] / x)) < 0.15)
             ax.plot(x, 100 * row["test_error_clean"], "o", color=f"C{i}", label=f"{row['model']} clean")
             ax.plot(x, 100 * row["test_error_shadowed"], "x", color=f"C{i}", label=f"{row['model']} shadowed")
-            ax.annotate(row["model"], (x, 100 * row["test_error_clean"]), fontsize=7, xytext=(4, 4),
-                        textcoords="offset points")
+            ax.annotate(row["model"], (x, 100 * row["test_error_clean"]), fontsize=7,
+                        xytext=(5, -10 + 11 * stacked), textcoords="offset points")
         if key == "mflop_per_frame":
             for p in out["paper"]:
                 ax.plot(p[key], 100 * p["test_error_clean"], "*", color="k", ms=10)
                 ax.annotate(p["model"], (p[key], 100 * p["test_error_clean"]), fontsize=7, xytext=(4, -10),
                             textcoords="offset points")
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))   # 30, not 3 x 10^1
+        ax.xaxis.set_minor_formatter(ticker.NullFormatter())
+        ax.set_xticks([t for t in (0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
+                       if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]])
         ax.set_xlabel(label)
         ax.set_ylabel("CIFAR-10 test error (%)")
         ax.grid(alpha=0.3)

@@ -446,6 +446,27 @@ def test_max_chunk_default_and_bad_values(model_dir):
             Runtime(model_dir, device="cpu", max_chunk=bad)
 
 
+@pytest.mark.parametrize("model, chunk", [("fig2_left-cifar10", {"torch": 4, "onnxruntime": 2, "opencv": 2}),
+                                          ("fig2_left_wide-cifar10", {"torch": 1, "onnxruntime": 1, "opencv": 1})])
+def test_the_cpu_chunk_shrinks_for_larger_cosine_maps(model, chunk, tmp_path):
+    # cpu_chunk was measured on fig2_left; the wide model's maps are 4x larger, so a call gets 1 frame, not 2
+    # or 4, from a model directory and from an exported file alike
+    from edgehebb.deploy.backends.base import CHUNK_REFERENCE_MAP
+    from edgehebb.deploy.onnx_export import export_onnx
+    from edgehebb.nnl.model import resolve_model
+    from edgehebb.nnl.spec import load_spec, map_floats
+
+    assert map_floats(load_spec("fig2_left")) == CHUNK_REFERENCE_MAP == 400 * 29 * 29
+    for name, want in chunk.items():
+        with Runtime(model, backend=name, device="cpu") as runtime:
+            assert runtime.max_chunk == want, name
+    onnx = export_onnx(str(resolve_model(model)), tmp_path / "m.onnx")
+    with Runtime(onnx, backend="onnxruntime", device="cpu") as runtime:
+        assert runtime.max_chunk == chunk["onnxruntime"]
+    with Runtime(model, backend="onnxruntime", device="cpu", max_chunk=8) as runtime:
+        assert runtime.max_chunk == 8   # asked for: kept
+
+
 _PEAK_MEMORY = r"""
 import json, sys
 import numpy as np, torch

@@ -65,7 +65,8 @@ from edgehebb.io import CONFIG_FILE
 
 BACKENDS = ("auto", *BACKEND_CLASSES)
 # Frames per backend call on CUDA when Runtime(max_chunk=None): larger batches keep a GPU busy, and 256
-# is the top of the default TensorRT profile. On the CPU each backend's own measured size (cpu_chunk).
+# is the top of the default TensorRT profile. On the CPU each backend's own measured size (cpu_chunk), cut
+# for a model with larger cosine maps (Backend.cpu_batch).
 CUDA_MAX_CHUNK = 256
 ENGINE_SUFFIXES = (".engine", ".plan")
 
@@ -157,7 +158,7 @@ class Runtime:
     ``"resize"`` (stretch) or ``"center-crop"`` (see :func:`edgehebb.deploy.frames.frames_to_tensor`).
     ``upscale``: accept frames smaller than the model's input (stretched up); refused by default.
     ``max_chunk``: the most frames one backend call gets (``None``: the backend's measured best on the
-    CPU, 256 on CUDA); :meth:`predict` splits larger batches. ``threads``: see the module doc.
+    CPU, fewer for a model with larger cosine maps than fig2_left's; 256 on CUDA); :meth:`predict` splits larger batches. ``threads``: see the module doc.
 
     Steady-state inference allocates no new input buffers: each backend keeps one input buffer per
     frame shape (torch: a pinned host copy and a device copy on CUDA; ONNX Runtime: an IOBinding
@@ -215,7 +216,8 @@ class Runtime:
         # (H, W) of the only frames the model takes (a file with preprocessing baked in at a fixed
         # --frame-size); None: frames of any size, resized or cropped to input_size
         self.frame_size: tuple[int, int] | None = self._backend.frame_size
-        self.max_chunk: int = max_chunk or (CUDA_MAX_CHUNK if self.device.startswith("cuda") else make.cpu_chunk)
+        self.max_chunk: int = max_chunk or (CUDA_MAX_CHUNK if self.device.startswith("cuda")
+                                            else self._backend.cpu_batch())
 
     def _export(self, model_dir: Path, channel_order: str, fit: str) -> Path:
         """The model exported to a temporary .onnx, removed by close() (or when the Runtime is collected).

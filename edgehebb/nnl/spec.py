@@ -87,6 +87,12 @@ def feature_dim(spec: NetSpec) -> int:
     return sum(b.filters * math.prod(b.out_size(h, w)) for b in spec.blocks)
 
 
+def map_floats(spec: NetSpec) -> int:
+    """Floats of the cosine maps of one input image before pooling: sum over blocks of K * rows * cols."""
+    _, h, w = spec.input
+    return sum(b.filters * math.prod(b.map_size(h, w)) for b in spec.blocks)
+
+
 _BLOCK_KEYS = {f.name for f in fields(BlockSpec)}
 _NET_KEYS = {"name", "blocks", "input", "classes", "description", "colour_norm"}
 

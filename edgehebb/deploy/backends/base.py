@@ -25,6 +25,10 @@ import torch
 
 from edgehebb.errors import EdgehebbError
 
+# fig2_left's cosine map per frame (400 filters x 29 x 29 positions, 1.3 MB of float32), on which
+# every backend's cpu_chunk was measured
+CHUNK_REFERENCE_MAP = 400 * 29 * 29
+
 _CACHED_SHAPES = 4   # input buffers kept per Runtime: a stream has one shape, a bench a few
 
 
@@ -98,12 +102,23 @@ class Backend(ABC):
     min_batch: int = 1
     max_batch: int | None = None         # a TensorRT profile's limit; None: any
     frame_size: tuple[int, int] | None = None
-    # Frames per call on the CPU that ran fastest per frame (tools/bench_runtime.py, BENCHMARKS.md):
-    # Runtime(max_chunk=None) splits batches into chunks of at most this
+    # Frames per call on the CPU that ran fastest per frame for fig2_left (tools/bench_runtime.py,
+    # BENCHMARKS.md): Runtime(max_chunk=None) splits batches into chunks of at most cpu_batch()
     cpu_chunk: int = 64
+    # the model's cosine-map floats per frame (edgehebb.nnl.spec.map_floats), where its spec is known
+    map_floats: int | None = None
 
     classes: list[str]
     input_size: tuple[int, int]
+
+    def cpu_batch(self) -> int:
+        """Frames per call on the CPU: ``cpu_chunk``, cut in proportion for a model whose cosine maps are
+        larger than fig2_left's, on which it was measured, so that one call's maps still fit the cache
+        (fig2_left_wide, four times the map: chunk 1 ran 21 % faster per frame than 2 at batch 64 through
+        ONNX Runtime, and 16 % than 4 through torch; RESULTS.md, issue 24). Never raised above it."""
+        if not self.map_floats:
+            return self.cpu_chunk
+        return max(1, min(self.cpu_chunk, self.cpu_chunk * CHUNK_REFERENCE_MAP // self.map_floats))
 
     @classmethod
     def unavailable(cls, device: str) -> str | None:

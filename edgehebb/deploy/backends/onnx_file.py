@@ -13,6 +13,7 @@ from edgehebb.deploy import op
 from edgehebb.deploy.backends.base import Backend, Staging
 from edgehebb.deploy.frames import crop_box, frames_to_tensor
 from edgehebb.errors import EdgehebbError
+from edgehebb.nnl.spec import map_floats, spec_from_dict
 
 
 class OnnxFileBackend(Backend):
@@ -23,8 +24,13 @@ class OnnxFileBackend(Backend):
 
     def _describe(self, path: Path, meta: dict, input_name: str, dims: list, channel_order: str, fit: str) -> None:
         self.classes = [str(c) for c in op.json_metadata(meta, op.META_CLASSES, path)]
-        _, h, w = op.json_metadata(meta, op.META_SPEC, path)["input"]
+        spec = op.json_metadata(meta, op.META_SPEC, path)
+        _, h, w = spec["input"]
         self.input_size = (int(h), int(w))
+        try:
+            self.map_floats = map_floats(spec_from_dict(spec, str(path)))
+        except EdgehebbError:   # a spec this edgehebb cannot read: the chunk stays cpu_chunk
+            self.map_floats = None
         self.input_name = input_name
         # Baked-in preprocessing: the graph takes uint8 frames (N, h, w, 3) and resizes them itself.
         self.baked = input_name == "frames"

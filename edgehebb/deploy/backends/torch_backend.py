@@ -26,6 +26,7 @@ class TorchBackend(Backend):
 
     def __init__(self, model_dir: Path, device: str, channel_order: str, fit: str, *, threads: int | None = None):
         from edgehebb.nnl.model import load_model
+        from edgehebb.nnl.spec import map_floats
 
         self.device = torch.device(device)
         if self.device.type == "cpu":
@@ -34,6 +35,7 @@ class TorchBackend(Backend):
         self.classes = [str(c) for c in config["classes"]]
         _, h, w = config["spec"]["input"]
         self.input_size = (int(h), int(w))
+        self.map_floats = map_floats(self.net.spec)
         self.channel_order, self.fit = channel_order, fit
         self._staging = Staging(self.device)
 

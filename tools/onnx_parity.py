@@ -34,6 +34,7 @@ from edgehebb.nnl.model import load_model
 from edgehebb.deploy.onnx_export import export_onnx
 from edgehebb.deploy.op import parity
 from edgehebb.errors import EdgehebbError, require
+from edgehebb import threads as thread_policy
 
 
 def compare(got: np.ndarray, ref: torch.Tensor) -> dict:
@@ -104,12 +105,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     f"must be installed [default: {','.join(CLIENTS)}].")
     args = ap.parse_args(argv)
     versions = clients(args.clients)   # before any work: a missing client costs nothing
-    saved = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
-    try:
+    with thread_policy.configured(args.threads):   # and back after: main() is also called from Python
         return _compare(args, versions)
-    finally:
-        torch.set_num_threads(saved)   # main() is also called from Python (tests/test_real_data.py)
 
 
 def _compare(args: argparse.Namespace, versions: dict[str, str]) -> list[dict]:

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from edgehebb import threads as thread_policy
 from edgehebb.camera.conditions import apply_condition
 from edgehebb.data import load_split, resolve_data_root
 from edgehebb.nnl.features import images_to_tensor
@@ -88,12 +89,8 @@ def main(argv=None) -> int:
     ap.add_argument("--augment-fraction", type=float, default=0.5, help="Share of training images perturbed.")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
-    saved = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
-    try:
+    with thread_policy.configured(args.threads):   # and back after: main() is also called from Python
         return screen(args)
-    finally:
-        torch.set_num_threads(saved)   # main() is also called from Python (tests/test_real_data.py)
 
 
 def screen(args: argparse.Namespace) -> int:

@@ -29,6 +29,7 @@ baseline). JSON on stdout, progress on stderr, a PNG beside ``--out``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -184,11 +185,9 @@ def run_cameras(mode: str, n: int, args, frames, make_infer) -> dict:
 
 
 def machine() -> dict:
-    cpu = ""
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    cpu = ""   # unknown where there is no /proc/cpuinfo (not Linux) or it names no model
+    with contextlib.suppress(OSError, StopIteration), open("/proc/cpuinfo") as info:
+        cpu = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
     import numpy
     import onnxruntime
 

@@ -44,6 +44,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from edgehebb import threads as thread_policy
 from edgehebb.data import load_split, resolve_data_root
 from edgehebb.errors import EdgehebbError
 from edgehebb.nnl.features import compute_features
@@ -53,7 +54,8 @@ from edgehebb.learn.directory import learn_to_dir
 from edgehebb.nnl import NetSpec, NNLNet, feature_dim, load_spec, spec_from_dict
 from edgehebb.learn.patches import flat_cosines
 from edgehebb.camera.shadow import COVERAGE, INTENSITY, darken, shadow_masks
-from edgehebb.nnl.train import TrainConfig, find_bank, train_head
+from edgehebb.nnl.banks import find_bank
+from edgehebb.nnl.train import TrainConfig, train_head
 
 VARIANT_KEYS = {"name", "spec", "block", "learn", "bank", "powers", "fit", "note"}
 
@@ -257,12 +259,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--progress", action="store_true", help="Show progress bars.")
     args = ap.parse_args(argv)
-    saved = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
-    try:
+    with thread_policy.configured(args.threads):   # and back after: main() is also called from Python
         return run(args)
-    finally:
-        torch.set_num_threads(saved)   # main() is also called from Python (tests/test_variants.py)
 
 
 def run(args: argparse.Namespace) -> int:

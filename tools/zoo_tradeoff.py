@@ -61,28 +61,22 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=None, help="JSON file to write (a PNG beside it)")
     args = ap.parse_args(argv)
 
-    import torch
+    from edgehebb import threads as thread_policy
 
-    previous = torch.get_num_threads()   # the process's own setting comes back (a caller may be a test)
-    try:
+    with thread_policy.configured(args.threads):   # and back after: main() is also called from Python
         return _run(args)
-    finally:
-        torch.set_num_threads(previous)
 
 
 def _run(args) -> int:
-    import torch
-
     from edgehebb import Runtime
     from edgehebb.camera.shadow import apply_shadow
     from edgehebb.data import load_split, resolve_data_root
     from edgehebb.nnl.model import load_model, shipped_models
     from edgehebb.nnl.spec import load_spec, spec_from_dict
 
-    torch.set_num_threads(args.threads)
     names = args.models or shipped_models()
     test = load_split(resolve_data_root(args.data), "test", limit=args.limit, progress=False)
-    shadowed = apply_shadow(test.x, 0.3, 0.8, 0)
+    shadowed = apply_shadow(test.x)   # the paper's shadows, as eval and bench draw them
     rows, runtimes = [], {}
     for name in names:
         _, config = load_model(name)

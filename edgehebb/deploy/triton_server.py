@@ -277,7 +277,7 @@ class TritonServer:
                     if r.status == 200:
                         return None
             except (urllib.error.URLError, OSError):
-                pass
+                pass   # not listening yet (refused, reset, timed out): ask again below until the deadline
             if time.monotonic() > deadline:
                 return "not ready in time"
             time.sleep(0.1)

@@ -27,7 +27,7 @@ from edgehebb.devices import resolve_device
 from edgehebb.errors import EdgehebbError
 from edgehebb.io import CHECKPOINT_FILE, FILTERS_FILE, check_writable_dir, load_tensors, save_filters, save_tensors
 from edgehebb.learn.loop import EpochStats, LearnConfig, LearnState, learn, resolve_backend
-from edgehebb.learn.patches import flat_cosines
+from edgehebb.learn.patches import flat_cosines, in_pixels
 from edgehebb.viz import colour_orientation_summary, save_filter_png
 
 # Below this median cosine between the rows and the flat patch, a bank learned from plain unit patches
@@ -196,13 +196,12 @@ def learn_to_dir(images, config: LearnConfig, out: str | Path, *, data_key: dict
     # a whitened bank's rows live in the whitened patches' space: its filters are 1 x 1 over the N whitened
     # values (the blocks apply the whitening as a convolution first); the pictures and statistics show what
     # each unit responds to in pixels, Z m
-    z = state.whitening
-    pixels = state.weights if z is None else state.weights @ z
+    z = None if state.whitening is None else state.whitening.reshape(-1, c, config.kernel, config.kernel)
     filters = state.weights.reshape(config.filters, c, config.kernel, config.kernel) if z is None else \
         state.weights.reshape(config.filters, -1, 1, 1)
-    shown = pixels.reshape(config.filters, c, config.kernel, config.kernel)
+    shown = in_pixels(filters, z)
     stats = colour_orientation_summary(shown)
-    flat = flat_cosines(pixels)
+    flat = flat_cosines(shown.flatten(1))
     if config.preprocess == "unit" and z is None and float(flat.median()) < COLLAPSED_FLAT_COSINE:
         log(f"warning: the bank has collapsed: its rows' median cosine with the flat patch is {float(flat.median()):.2f} "
             f"(a healthy bank of plain patches sits near 0.9); the anti-Hebbian term pushed the units away from the "
@@ -221,7 +220,7 @@ def learn_to_dir(images, config: LearnConfig, out: str | Path, *, data_key: dict
                                                                                          dtype=torch.float64))],
         **(extra or {}),
     }
-    save_filters(out, filters, summary, whitening=None if z is None else z.reshape(-1, c, config.kernel, config.kernel))
+    save_filters(out, filters, summary, whitening=z)
     save_filter_png(shown, out / "filters.png", title=f"{config.filters} filters, W={config.kernel}, "
                     f"{stats['colour_units']} colour / {stats['bw_units']} black-and-white")
     return summary

@@ -18,7 +18,7 @@ import torch
 
 from edgehebb.errors import EdgehebbError
 from edgehebb.learn.hebbian import check_rule, init_weights
-from edgehebb.learn.patches import PREPROCESS, patch_grid, sample_patches, whitening_matrix
+from edgehebb.learn.patches import PREPROCESS, nchw_copy, patch_grid, sample_patches, whitening_matrix
 
 # Seconds per backend call. Between calls the progress bar moves, mid-epoch checkpoints are written
 # and Ctrl-C is honoured, so calls are short; long enough that a GPU backend keeps its launches back
@@ -162,19 +162,15 @@ def initial_weights(images: np.ndarray, config: LearnConfig, whitening: torch.Te
     dim = images.shape[3] * config.kernel ** 2
     if config.init == "normal":
         return init_weights(config.filters, dim, config.seed)
-    return sample_patches(_nchw(images), config.kernel, config.stride, config.filters, config.preprocess, config.seed,
+    return sample_patches(nchw_copy(images), config.kernel, config.stride, config.filters, config.preprocess, config.seed,
                           whitening)
-
-
-def _nchw(images: np.ndarray) -> torch.Tensor:
-    return torch.tensor(images).permute(0, 3, 1, 2).contiguous()   # a copy: images may be a read-only memmap
 
 
 def whitening_for(images: np.ndarray, config: LearnConfig) -> torch.Tensor | None:
     """The whitening matrix ``config.whiten`` asks for (None without it), estimated from ``images``."""
     if not config.whiten:
         return None
-    return whitening_matrix(_nchw(images), config.kernel, config.stride, config.whiten, config.seed)
+    return whitening_matrix(nchw_copy(images), config.kernel, config.stride, config.whiten, config.seed)
 
 
 def learn(images: np.ndarray, config: LearnConfig, *, backend: str = "torch", device: str = "cpu",

@@ -11,6 +11,7 @@ A patch vector is laid out (C, W, W) row-major, the same order as a ``conv2d`` w
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from edgehebb.errors import EdgehebbError
@@ -83,6 +84,11 @@ def preprocess(v: torch.Tensor, mode: str, eps: float = 1e-8) -> torch.Tensor:
     return v
 
 
+def nchw_copy(images: np.ndarray) -> torch.Tensor:
+    """uint8 NHWC ``images`` as an NCHW tensor of their own (``images`` may be a read-only memmap)."""
+    return torch.tensor(images).permute(0, 3, 1, 2).contiguous()
+
+
 WHITENING_SAMPLE = 500_000   # patches the whitening matrix is estimated from (a seeded sample)
 
 
@@ -93,7 +99,8 @@ def whitening_matrix(images: torch.Tensor, kernel: int, stride: int, eps: float,
     whitened patch scaled to unit length stays blind to a uniform scale of the patch, a shadow's), estimated
     in float64 on a seeded sample of ``count`` patches; Z = U (Lambda + EPS * mean(Lambda))^(-1/2) U^T for
     S = U Lambda U^T. EPS keeps the weakest directions (pixel noise, JPEG blocks) from being blown up:
-    0.1 measured best on CIFAR-10 (RESULTS.md, issue 24)."""
+    0.1 validated best on CIFAR-10, 0.3 (the shipped wide model's) holds up under sensor noise
+    (RESULTS.md, issue 24)."""
     if not eps > 0:
         raise EdgehebbError(f"the whitening's regulariser must be > 0, got {eps}")
     sampler = PatchSampler(images, kernel, stride)
@@ -111,6 +118,15 @@ def whitening_matrix(images: torch.Tensor, kernel: int, stride: int, eps: float,
 def whiten(v: torch.Tensor, z: torch.Tensor | None) -> torch.Tensor:
     """Patches (B, N) times the whitening matrix (symmetric), or ``v`` itself when there is none."""
     return v if z is None else v @ z.to(v.device)
+
+
+def in_pixels(filters: torch.Tensor, whitening: torch.Tensor | None) -> torch.Tensor:
+    """What each unit of a bank responds to in pixels: for a whitened bank (rows m over the whitened patch,
+    ``whitening`` the (N, C, W, W) convolution of Z) Z m, shaped (K, C, W, W), since Z is symmetric; the
+    ``filters`` themselves without a whitening."""
+    if whitening is None:
+        return filters
+    return (filters.flatten(1) @ whitening.flatten(1).to(filters)).reshape(len(filters), *whitening.shape[1:])
 
 
 def sample_patches(images: torch.Tensor, kernel: int, stride: int, count: int, mode: str, seed: int,

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from edgehebb.learn.hebbian import apply_update, currents, rank_update, ranking_scores
-from edgehebb.learn.patches import PatchSampler, preprocess, whiten
+from edgehebb.learn.patches import PatchSampler, nchw_copy, preprocess, whiten
 from edgehebb.allocator import keep_freed_memory
 from edgehebb.threads import ThreadTuner
 
@@ -72,7 +72,7 @@ class TorchLearner:
         self.config = config
         self.device = torch.device(device)
         self.whitening = None if whitening is None else whitening.to(self.device, torch.float32)
-        nchw = torch.tensor(images).permute(0, 3, 1, 2).contiguous()  # copies: images may be a read-only memmap
+        nchw = nchw_copy(images)
         self.sampler = PatchSampler(nchw.to(self.device), config.kernel, config.stride)
         self.M = weights.to(self.device, torch.float32).clone()
         self.tuner = ThreadTuner(threads) if self.device.type == "cpu" else None

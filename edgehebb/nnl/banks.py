@@ -85,6 +85,17 @@ def find_bank(sources: list[Path], block: BlockSpec, channels: int) -> FoundBank
     return None
 
 
+def require_bank(sources: list[Path], spec: NetSpec, index: int) -> FoundBank:
+    """:func:`find_bank` for block ``index`` of ``spec``; none fitting is an error naming the block."""
+    block, channels = spec.blocks[index], spec.input[0]
+    found = find_bank(sources, block, channels)
+    if found is None:
+        raise EdgehebbError(f"no filter bank in {', '.join(map(str, sources))} fits block {index} of {spec.name} "
+                            f"(K={block.filters}, W={block.kernel}, C={channels}, preprocess {block.preprocess}"
+                            f"{', whitened' if block.whiten else ''})")
+    return found
+
+
 def bank_dir(out: Path, index: int, block: BlockSpec) -> Path:
     return out / "banks" / f"block{index}-W{block.kernel}-K{block.filters}-{block.preprocess}"
 
@@ -93,15 +104,10 @@ def filter_banks(spec: NetSpec, train: ImageSet, out: Path, *, filters_from: lis
                  backend: str, device: str, progress: bool, log: Log) -> tuple[list[torch.Tensor], list[str], list]:
     """One bank per block, (banks, where each came from, how each was learned): found in ``filters_from`` (or
     ``out/banks`` from an earlier run), else learned."""
-    channels = spec.input[0]
     banks, origins, settings = [], [], []
     for i, block in enumerate(spec.blocks):
         if filters_from:
-            found = find_bank(filters_from, block, channels)
-            if found is None:
-                raise EdgehebbError(f"no filter bank in {', '.join(map(str, filters_from))} fits block {i} of "
-                                    f"{spec.name} (K={block.filters}, W={block.kernel}, C={channels}, preprocess "
-                                    f"{block.preprocess})")
+            found = require_bank(filters_from, spec, i)
             banks.append(found.bank())
             origins.append(str(found.path))
             settings.append(found.learn)

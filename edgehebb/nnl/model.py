@@ -21,6 +21,7 @@ import torch
 from edgehebb.errors import EdgehebbError
 from edgehebb.io import (CONFIG_FILE, FORMAT, atomic_write_json, load_filters, load_tensors, load_whitening, read_json,
                          save_tensors)
+from edgehebb.learn.patches import in_pixels
 from edgehebb.nnl.spec import NetSpec, spec_from_dict
 from edgehebb.nnl.layers import ConvNet, NNLNet, Net
 from edgehebb.resources import data_dirs
@@ -136,17 +137,11 @@ def model_filters(name_or_path: str | os.PathLike) -> tuple[list[tuple[str, torc
     """
     path = Path(name_or_path).expanduser()
     if path.is_dir() and (path / CONFIG_FILE).is_file() and read_json(path / CONFIG_FILE).get("format") == FORMAT:
-        filters, z = load_filters(path)[0], load_whitening(path)
-        if z is not None:   # a whitened bank: what each unit responds to in pixels, Z m
-            filters = (filters.flatten(1) @ z.flatten(1)).reshape(len(filters), *z.shape[1:])
-        return [("", filters)], path
+        # a whitened bank's rows live in the whitened space: drawn as what each responds to in pixels
+        return [("", in_pixels(load_filters(path)[0], load_whitening(path)))], path
     where = resolve_model(name_or_path)
     net, _ = load_model(where)
-    banks = [block.unit_weight() if hasattr(block, "unit_weight") else block.conv.weight for block in net.blocks]
-    # a whitened block's unit filters m live in the whitened space: in pixels each responds to Z m
-    banks = [b.flatten(1) @ block.whitening.flatten(1) if getattr(block, "whitening", None) is not None else b
-             for b, block in zip(banks, net.blocks)]
-    banks = [b.reshape(b.shape[0], *block.whitening.shape[1:]) if getattr(block, "whitening", None) is not None
-             else b for b, block in zip(banks, net.blocks)]
+    banks = [in_pixels(block.unit_weight(), block.whitening) if hasattr(block, "unit_weight") else block.conv.weight
+             for block in net.blocks]
     labels = [""] if len(banks) == 1 else [f"block {i}: " for i in range(len(banks))]
     return [(label, bank.detach()) for label, bank in zip(labels, banks)], where

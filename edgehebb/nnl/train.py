@@ -32,7 +32,7 @@ from edgehebb.devices import resolve_device
 from edgehebb.errors import EdgehebbError
 from edgehebb.io import CONFIG_FILE, check_writable_dir
 from edgehebb.learn.loop import check_seed
-from edgehebb.nnl.banks import filter_banks, find_bank
+from edgehebb.nnl.banks import filter_banks, require_bank
 from edgehebb.nnl.features import cached_features
 from edgehebb.nnl.layers import ConvNet, Net, NNLNet
 from edgehebb.nnl.model import save_model
@@ -277,11 +277,8 @@ def check_request(spec: NetSpec, out: str | Path, *, filters_from: list[Path] = 
     if baseline and learning_only:
         raise EdgehebbError(f"{', '.join(learning_only)} do not apply with --baseline "
                             f"(it learns no filter bank and caches no features)")
-    for i, block in enumerate(spec.blocks if filters_from else []):   # reads (and checks) the banks
-        if find_bank([Path(p) for p in filters_from], block, spec.input[0]) is None:
-            raise EdgehebbError(f"no filter bank in {', '.join(map(str, filters_from))} fits block {i} of "
-                                f"{spec.name} (K={block.filters}, W={block.kernel}, C={spec.input[0]}, "
-                                f"preprocess {block.preprocess}{', whitened' if block.whiten else ''})")
+    for i in range(len(spec.blocks) if filters_from else 0):   # reads (and checks) the banks
+        require_bank([Path(p) for p in filters_from], spec, i)
 
 
 def train_to_dir(spec: NetSpec, train: ImageSet, out: str | Path, *, training: TrainConfig | None = None,

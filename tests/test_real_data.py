@@ -13,6 +13,7 @@ OMP_NUM_THREADS=1) measures them again and prints the table to paste, e.g. for a
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -140,14 +141,19 @@ def test_shipped_model_keeps_its_accuracy(cifar_root, tmp_path, model):
 
 
 @pytest.fixture(scope="module")
-def clean_at_1000(cifar_root, tmp_path_factory) -> dict:
-    cache = tmp_path_factory.mktemp("decoded")
-    return {model: condition_accuracy(cifar_root, cache, model) for model in SHIPPED}
+def decoded(tmp_path_factory) -> Path:
+    """One decode cache for the condition tests: the same 1,000 test images, decoded once, not per case."""
+    return tmp_path_factory.mktemp("decoded")
+
+
+@pytest.fixture(scope="module")
+def clean_at_1000(cifar_root, decoded) -> dict:
+    return {model: condition_accuracy(cifar_root, decoded, model) for model in SHIPPED}
 
 
 @pytest.mark.parametrize("model", SHIPPED)
 @pytest.mark.parametrize("condition, severity", CONDITIONS)
-def test_shipped_model_holds_up_under_colour_casts_and_sensor_noise(cifar_root, tmp_path, clean_at_1000, condition,
+def test_shipped_model_holds_up_under_colour_casts_and_sensor_noise(cifar_root, decoded, clean_at_1000, condition,
                                                                    severity, model):
     """Issues 15 and 24, on 1,000 test images, at the severities where the centred model of 2026-11-23 lost
     half its accuracy, and at gamma 2 and 1/2 (issue 24 asks for 85 % of the clean accuracy kept; the model
@@ -155,7 +161,7 @@ def test_shipped_model_holds_up_under_colour_casts_and_sensor_noise(cifar_root, 
     condition below the measured share. Before issue 15 the plain model kept 39.8 % (warm), 84.5 % (cool)
     and 79.5 % (low light) of its clean accuracy, and gray-world without augmentation 79.0 % under low light."""
     figure = f"{condition}@{severity:g}"
-    hit = condition_accuracy(cifar_root, tmp_path, model, condition, severity)
+    hit = condition_accuracy(cifar_root, decoded, model, condition, severity)
     share_floor = floor(figure, model) / MEASURED[model]["clean@1000"][0]
     assert hit >= share_floor * clean_at_1000[model], (hit, clean_at_1000[model], share_floor)
 
@@ -164,7 +170,6 @@ def test_onnx_parity_tool_reports_every_client_within_the_op_spec(cifar_root, ca
     """tools/onnx_parity.py (OP_SPEC.md's table) on 20 test images: one JSON row per (client, file), every
     client present (the test extra brings OpenCV) and within OP_SPEC's tolerance."""
     import json
-    from pathlib import Path
 
     from edgehebb.deploy.op import PARITY_TOLERANCE
 
@@ -185,7 +190,6 @@ def test_screen_robustness_tool_runs_and_resumes(cifar_root, tmp_path, capsys, m
     asked condition scored on the clean validation images, and a rerun reads the rows back. Each row's
     figures are those of its saved head in a whole NNLNet on the same validation images."""
     import json
-    from pathlib import Path
 
     from edgehebb.camera.conditions import apply_condition
     from edgehebb.evaluate.accuracy import predict
@@ -207,7 +211,7 @@ def test_screen_robustness_tool_runs_and_resumes(cifar_root, tmp_path, capsys, m
         "gray-world-s0-aug.json", "gray-world-s0-aug.safetensors", "gray-world-s0.2-aug.json",
         "gray-world-s0.2-aug.safetensors"]
     base, _ = load_model("fig2_left-cifar10")
-    data = load_split(cifar_root, "train", limit=200, progress=False)
+    data = load_split(cifar_root, "train", limit=200, cache_dir=tmp_path, progress=False)   # not ~/.cache
     _, val = validation_split(data.y, TrainConfig().val_fraction, TrainConfig().seed)
     val_x, val_y = np.asarray(data.x[val]), np.asarray(data.y[val])
     for r in rows:

@@ -463,7 +463,7 @@ def test_the_cpu_chunk_shrinks_for_larger_cosine_maps(model, chunk, tmp_path):
     onnx = export_onnx(str(resolve_model(model)), tmp_path / "m.onnx")
     with Runtime(onnx, backend="onnxruntime", device="cpu") as runtime:
         assert runtime.max_chunk == chunk["onnxruntime"]
-    with Runtime(model, backend="onnxruntime", device="cpu", max_chunk=8) as runtime:
+    with Runtime(onnx, backend="onnxruntime", device="cpu", max_chunk=8) as runtime:
         assert runtime.max_chunk == 8   # asked for: kept
 
 

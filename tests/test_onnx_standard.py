@@ -33,12 +33,7 @@ from tests.test_onnx_export import CLASSES, SPEC, assert_matches, frames_of, pat
 SHIPPED = "fig2_left-cifar10"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_opencv_thread():
-    saved = cv2.getNumThreads()
-    cv2.setNumThreads(1)   # tests share the machine; numbers do not depend on it
-    yield
-    cv2.setNumThreads(saved)
+pytestmark = pytest.mark.usefixtures("one_opencv_thread")   # conftest: the machine is shared
 
 
 @pytest.fixture

@@ -336,16 +336,8 @@ def test_onnxruntime_cuda_matches_torch(onnx_file, rt, frames):
 
 # ----------------------------------------------------------------------------- OpenCV DNN
 
-@pytest.fixture
-def cv2():
-    import cv2   # opencv-python-headless is a test dependency: missing, it fails
-    saved = cv2.getNumThreads()
-    cv2.setNumThreads(1)   # tests share the machine; the numbers do not depend on it
-    yield cv2
-    cv2.setNumThreads(saved)
-
-
-def test_opencv_runs_custom_op_and_standard_ops_files_like_torch(cv2, onnx_file, model_dir, rt, frames, tmp_path):
+@pytest.mark.usefixtures("one_opencv_thread")
+def test_opencv_runs_custom_op_and_standard_ops_files_like_torch(onnx_file, model_dir, rt, frames, tmp_path):
     # a custom-op file is converted to standard ops in memory; a --standard-ops file is read as it is
     standard = _export(model_dir, tmp_path / "std.onnx", standard_ops=True)
     want = rt.predict(frames, features=True)
@@ -365,7 +357,8 @@ def test_opencv_runs_custom_op_and_standard_ops_files_like_torch(cv2, onnx_file,
                      what="ORT, standard-ops file")
 
 
-def test_opencv_with_baked_frames_and_a_model_dir(cv2, model_dir, rt, frames, tmp_path):
+@pytest.mark.usefixtures("one_opencv_thread")
+def test_opencv_with_baked_frames_and_a_model_dir(model_dir, rt, frames, tmp_path):
     fixed = _export(model_dir, tmp_path / "cam.onnx", preprocess="uint8-nhwc", frame_size=frames.shape[1:3],
                     channel_order="bgr", standard_ops=True)
     with Runtime(fixed, backend="opencv", channel_order="bgr") as cam:

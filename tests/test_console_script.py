@@ -22,7 +22,7 @@ import torch
 from edgehebb.io import save_filters
 from edgehebb.nnl import NNLNet, spec_from_dict
 from edgehebb.nnl.model import save_model
-from tests.test_train import SPEC, _gratings, _npz
+from tests.test_train import SPEC, _grating_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMANDS = ("export", "bench", "train", "eval")
@@ -39,10 +39,7 @@ def installed_script() -> Path:
 def runs(tmp_path_factory) -> dict:
     """(command, case) -> CompletedProcess of every run below."""
     tmp = tmp_path_factory.mktemp("script")
-    data = tmp / "data"
-    data.mkdir()
-    _npz(data / "train.npz", _gratings(60, 0))
-    _npz(data / "test.npz", _gratings(12, 1))
+    data = _grating_folder(tmp / "data", 60, 12)
     spec = spec_from_dict(SPEC)
     model = save_model(tmp / "model", NNLNet(spec, [torch.randn(12, 3, 4, 4, generator=torch.Generator().manual_seed(0))]),
                        ["h", "v", "d"])

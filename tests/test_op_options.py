@@ -208,11 +208,9 @@ def test_cli_train_sets_the_options_over_the_spec(bank_dir, tmp_path):
 
     from edgehebb.cli import cli
     from edgehebb.nnl import COLOUR_NORMS
-    from tests.test_train import SPEC as TRAIN_SPEC, _gratings, _npz
+    from tests.test_train import SPEC as TRAIN_SPEC, _grating_folder
 
-    data = tmp_path / "data"
-    data.mkdir()
-    _npz(data / "train.npz", _gratings(60, 0))
+    data = _grating_folder(tmp_path / "data", 60)
     spec_file = tmp_path / "tiny.json"
     spec_file.write_text(json.dumps(TRAIN_SPEC))
     args = ["train", "--spec", str(spec_file), "--data", str(data), "--filters-from", str(bank_dir), "--epochs", "2",

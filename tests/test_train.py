@@ -2,6 +2,7 @@
 model directories, ``edgehebb train`` / ``edgehebb eval`` (happy and bad-input paths), real-data smoke."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -191,11 +192,18 @@ def _npz(path, data: ImageSet):
     return path
 
 
+def _grating_folder(root: Path, train: int, test: int = 0) -> Path:
+    """A data folder ``root`` (made here): train.npz of ``train`` gratings (seed 0), and test.npz of ``test``
+    (seed 1) unless 0."""
+    root.mkdir()
+    _npz(root / "train.npz", _gratings(train, 0))
+    if test:
+        _npz(root / "test.npz", _gratings(test, 1))
+    return root
+
+
 def test_cli_train_and_eval(bank_dir, tmp_path):
-    data = tmp_path / "data"
-    data.mkdir()
-    _npz(data / "train.npz", _gratings(120, 0))
-    _npz(data / "test.npz", _gratings(30, 1))
+    data = _grating_folder(tmp_path / "data", 120, 30)
     spec_file = tmp_path / "tiny.json"
     spec_file.write_text(json.dumps(SPEC))
     runner = CliRunner()
@@ -386,10 +394,7 @@ def test_bad_models_and_banks_fail_before_the_data_is_read(bank_dir, tmp_path, m
 # ---------------------------------------------------------------- what the commands print and record
 
 def test_eval_text_output_has_the_per_class_figures(bank_dir, tmp_path):
-    data = tmp_path / "data"
-    data.mkdir()
-    _npz(data / "train.npz", _gratings(60, 0))
-    _npz(data / "test.npz", _gratings(30, 1))
+    data = _grating_folder(tmp_path / "data", 60, 30)
     spec_file = tmp_path / "tiny.json"
     spec_file.write_text(json.dumps(SPEC))
     res = CliRunner().invoke(cli, ["train", "--spec", str(spec_file), "--data", str(data), "--out", str(tmp_path / "m"),

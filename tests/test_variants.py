@@ -23,13 +23,9 @@ def _run(tmp_path, image_tree, items, *extra):
 @pytest.fixture
 def gratings(tmp_path) -> Path:
     """train.npz (240) and test.npz (90): 3 classes of oriented gratings (tests/test_train.py)."""
-    from tests.test_train import _gratings, _npz
+    from tests.test_train import _grating_folder
 
-    root = tmp_path / "gratings"
-    root.mkdir()
-    _npz(root / "train.npz", _gratings(240, 0))
-    _npz(root / "test.npz", _gratings(90, 1))
-    return root
+    return _grating_folder(tmp_path / "gratings", 240, 90)
 
 
 def test_rows_for_every_power_share_one_bank_and_one_pooled_map_and_rerun_from_cache(tmp_path, gratings, capsys):

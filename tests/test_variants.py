@@ -1,23 +1,30 @@
 """tools/variants.py: the accuracy-variant runner is cached, resumable and refuses bad variants in one line."""
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-import variants  # noqa: E402
-
+TOOLS = Path(__file__).resolve().parents[1] / "tools"
 TINY = {"input": [3, 16, 16], "classes": 3,
         "blocks": [{"kernel": 4, "filters": 6, "power": 10, "pool": 5, "pool_stride": 4}]}
 
 
-def _run(tmp_path, image_tree, items, *extra):
-    file = tmp_path / "v.json"
-    file.write_text(json.dumps(items))
-    return variants.main([str(file), "--data", str(image_tree), "--out", str(tmp_path / "out"),
-                          "--learn-limit", "0", "--train-limit", "0", "--test-limit", "0", *extra])
+@pytest.fixture
+def run(tmp_path, monkeypatch):
+    """run(data, items, *extra): tools/variants.py's exit status on a variants file of ``items``, writing to
+    tmp_path/out; images it decodes are cached in tmp_path, not ~/.cache/edgehebb."""
+    monkeypatch.syspath_prepend(str(TOOLS))
+    monkeypatch.setenv("EDGEHEBB_CACHE", str(tmp_path / "cache"))
+    import variants
+
+    def run(data, items, *extra):
+        file = tmp_path / "v.json"
+        file.write_text(json.dumps(items))
+        return variants.main([str(file), "--data", str(data), "--out", str(tmp_path / "out"),
+                              "--learn-limit", "0", "--train-limit", "0", "--test-limit", "0", *extra])
+
+    return run
 
 
 @pytest.fixture
@@ -28,7 +35,7 @@ def gratings(tmp_path) -> Path:
     return _grating_folder(tmp_path / "gratings", 240, 90)
 
 
-def test_rows_for_every_power_share_one_bank_and_one_pooled_map_and_rerun_from_cache(tmp_path, gratings, capsys):
+def test_rows_for_every_power_share_one_bank_and_one_pooled_map_and_rerun_from_cache(run, tmp_path, gratings, capsys):
     import numpy as np
 
     from edgehebb.data import load_split
@@ -39,7 +46,7 @@ def test_rows_for_every_power_share_one_bank_and_one_pooled_map_and_rerun_from_c
     item = {"name": "plain", "spec": TINY, "learn": {"batch": 50, "init": "patches", "rank_by": "cosine"},
             "block": {"center": False}, "powers": [1, 10],
             "fit": {"epochs": 15, "lr": 0.01, "batch": 32, "val_fraction": 0.2}}
-    assert _run(tmp_path, gratings, [item]) == 0
+    assert run(gratings, [item]) == 0
     out = tmp_path / "out"
     rows = json.loads((out / "summary.json").read_text())
     assert [r["row"] for r in rows] == ["plain-n1", "plain-n10"]
@@ -62,11 +69,11 @@ def test_rows_for_every_power_share_one_bank_and_one_pooled_map_and_rerun_from_c
         want = compute_features(NNLNet(spec, [load_filters(bank_dir)[0]]), test.x, progress=False)
         np.testing.assert_allclose(maps ** n, want, rtol=1e-5, atol=1e-30, err_msg=f"n={n}")
     capsys.readouterr()
-    assert _run(tmp_path, gratings, [item]) == 0
+    assert run(gratings, [item]) == 0
     assert capsys.readouterr().err.count(": cached") == 2
     assert json.loads((out / "summary.json").read_text()) == rows
     # a changed head setting reruns the rows but reuses the bank and the pooled map
-    assert _run(tmp_path, gratings, [{**item, "fit": {**item["fit"], "epochs": 3}}]) == 0
+    assert run(gratings, [{**item, "fit": {**item["fit"], "epochs": 3}}]) == 0
     assert "cached" not in capsys.readouterr().err
     assert len(list((out / "banks").iterdir())) == 1 and len(list((out / "pooled").iterdir())) == 1
 
@@ -79,16 +86,16 @@ def test_rows_for_every_power_share_one_bank_and_one_pooled_map_and_rerun_from_c
     ({"name": "x", "powers": [0]}, "'powers' must be a list of numbers > 0"),
     ({"spec": TINY}, "non-empty 'name'"),
 ])
-def test_bad_variants_are_one_line_errors(tmp_path, image_tree, capsys, item, message):
-    assert _run(tmp_path, image_tree, [{"spec": TINY, **item}]) == 1
+def test_bad_variants_are_one_line_errors(run, image_tree, capsys, item, message):
+    assert run(image_tree, [{"spec": TINY, **item}]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("Error: ") and message in err and "\n" not in err
 
 
-def test_the_op_options_get_their_own_pooled_maps(tmp_path, image_tree):
+def test_the_op_options_get_their_own_pooled_maps(run, tmp_path, image_tree):
     base = {"spec": TINY, "learn": {"batch": 50, "init": "patches", "rank_by": "cosine"}, "fit": {"epochs": 1}}
     items = [{**base, "name": "off"}, {**base, "name": "sigma", "block": {"sigma": 0.5}},
              {**base, "name": "grey", "spec": {**TINY, "colour_norm": "gray-world"}}]
-    assert _run(tmp_path, image_tree, items) == 0
+    assert run(image_tree, items) == 0
     out = tmp_path / "out"
     assert len(list((out / "banks").iterdir())) == 1 and len(list((out / "pooled").iterdir())) == 3

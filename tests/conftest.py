@@ -137,6 +137,25 @@ def cifar_root() -> Path:
     return Path(path)
 
 
+@pytest.fixture(scope="session")
+def cifar_head(cifar_root, tmp_path_factory) -> Path:
+    """The first 20 images of each class of both splits of the CIFAR-10 copy, copied into an image-folder
+    tree: what a class-balanced limit of up to 200 takes from the copy itself. For the tools run on a few
+    real images: with EDGEHEBB_CACHE in tmp_path they decode these 400, not 60,000 again (~20 s), and
+    leave ~/.cache/edgehebb alone. A copy held in arrays (.npz, CIFAR pickles) is never decoded: as it is."""
+    import shutil
+
+    if not (cifar_root / "train").is_dir():
+        return cifar_root
+    out = tmp_path_factory.mktemp("cifar-head")
+    for split in ("train", "test"):
+        for cls in sorted(d for d in (cifar_root / split).iterdir() if d.is_dir() and not d.name.startswith(".")):
+            (out / split / cls.name).mkdir(parents=True)
+            for image in sorted(f for f in cls.iterdir() if not f.name.startswith("."))[:20]:
+                shutil.copy2(image, out / split / cls.name / image.name)
+    return out
+
+
 @pytest.fixture
 def image_tree(tmp_path) -> Path:
     """A tiny image-folder tree: train/ and test/ with 3 classes of 8 random 16x16 PNGs each."""

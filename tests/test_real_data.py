@@ -166,7 +166,7 @@ def test_shipped_model_holds_up_under_colour_casts_and_sensor_noise(cifar_root, 
     assert hit >= share_floor * clean_at_1000[model], (hit, clean_at_1000[model], share_floor)
 
 
-def test_onnx_parity_tool_reports_every_client_within_the_op_spec(cifar_root, capsys, monkeypatch):
+def test_onnx_parity_tool_reports_every_client_within_the_op_spec(cifar_head, tmp_path, capsys, monkeypatch):
     """tools/onnx_parity.py (OP_SPEC.md's table) on 20 test images: one JSON row per (client, file), every
     client present (the test extra brings OpenCV) and within OP_SPEC's tolerance."""
     import json
@@ -174,9 +174,10 @@ def test_onnx_parity_tool_reports_every_client_within_the_op_spec(cifar_root, ca
     from edgehebb.deploy.op import PARITY_TOLERANCE
 
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "tools"))
+    monkeypatch.setenv("EDGEHEBB_CACHE", str(tmp_path / "cache"))   # not ~/.cache/edgehebb
     import onnx_parity
 
-    rows = onnx_parity.main(["--data", str(cifar_root), "--limit", "20", "--ref-limit", "2"])
+    rows = onnx_parity.main(["--data", str(cifar_head), "--limit", "20", "--ref-limit", "2"])
     assert [json.loads(line) for line in capsys.readouterr().out.splitlines()] == rows
     assert [(r["client"], r["file"], r["images"]) for r in rows] == [
         ("onnxruntime", "default", 20), ("onnxruntime", "standard-ops", 20), ("opencv-dnn", "standard-ops", 20),
@@ -185,7 +186,7 @@ def test_onnx_parity_tool_reports_every_client_within_the_op_spec(cifar_root, ca
         assert r["max_rel_of_row_max"] <= PARITY_TOLERANCE and r["top1_agreement"] == 1.0, r
 
 
-def test_screen_robustness_tool_runs_and_resumes(cifar_root, tmp_path, capsys, monkeypatch):
+def test_screen_robustness_tool_runs_and_resumes(cifar_head, tmp_path, capsys, monkeypatch):
     """tools/screen_robustness.py on 200 training images: one row per (colour norm, sigma, augment), every
     asked condition scored on the clean validation images, and a rerun reads the rows back. Each row's
     figures are those of its saved head in a whole NNLNet on the same validation images."""
@@ -199,9 +200,10 @@ def test_screen_robustness_tool_runs_and_resumes(cifar_root, tmp_path, capsys, m
     from edgehebb.nnl.train import TrainConfig, validation_split
 
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "tools"))
+    monkeypatch.setenv("EDGEHEBB_CACHE", str(tmp_path / "cache"))   # not ~/.cache/edgehebb
     import screen_robustness
 
-    args = ["--data", str(cifar_root), "--out", str(tmp_path / "screen"), "--train-limit", "200", "--sigmas", "0,0.2",
+    args = ["--data", str(cifar_head), "--out", str(tmp_path / "screen"), "--train-limit", "200", "--sigmas", "0,0.2",
             "--colour-norms", "gray-world", "--conditions", "wb-warm=241", "--augment", "low-light,wb-warm"]
     assert screen_robustness.main(args) == 0
     rows = json.loads(capsys.readouterr().out)
@@ -211,7 +213,7 @@ def test_screen_robustness_tool_runs_and_resumes(cifar_root, tmp_path, capsys, m
         "gray-world-s0-aug.json", "gray-world-s0-aug.safetensors", "gray-world-s0.2-aug.json",
         "gray-world-s0.2-aug.safetensors"]
     base, _ = load_model("fig2_left-cifar10")
-    data = load_split(cifar_root, "train", limit=200, cache_dir=tmp_path, progress=False)   # not ~/.cache
+    data = load_split(cifar_head, "train", limit=200, progress=False)
     _, val = validation_split(data.y, TrainConfig().val_fraction, TrainConfig().seed)
     val_x, val_y = np.asarray(data.x[val]), np.asarray(data.y[val])
     for r in rows:

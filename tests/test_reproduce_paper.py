@@ -11,13 +11,14 @@ import pytest
 pytestmark = [pytest.mark.data, pytest.mark.slow]
 
 
-def test_the_shipped_rows_run_and_resume(cifar_root, tmp_path, capsys, monkeypatch):
+def test_the_shipped_rows_run_and_resume(cifar_head, tmp_path, capsys, monkeypatch):
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "tools"))
+    monkeypatch.setenv("EDGEHEBB_CACHE", str(tmp_path / "cache"))   # not ~/.cache/edgehebb
     import reproduce_paper
 
     from edgehebb.nnl import load_model
 
-    args = ["--data", str(cifar_root), "--out", str(tmp_path / "paper"), "--rows", "shipped-fig2_left,shipped-fig2_left_wide",
+    args = ["--data", str(cifar_head), "--out", str(tmp_path / "paper"), "--rows", "shipped-fig2_left,shipped-fig2_left_wide",
             "--limit", "200", "--test-limit", "100", "--learn-batch", "100", "--quiet", "--threads", "1"]
     monkeypatch.setattr(reproduce_paper, "rows", lambda real=reproduce_paper.rows: _small(real()))
     assert reproduce_paper.main(args) == 0

@@ -38,16 +38,17 @@ def test_mflop_counts_dot_products_norms_whitening_and_head(zoo):
 
 
 @pytest.mark.data
-def test_one_run_writes_json_and_a_plot(zoo, cifar_root, tmp_path, capsys):
+def test_one_run_writes_json_and_a_plot(zoo, cifar_head, tmp_path, capsys, monkeypatch):
     import shutil
 
     from edgehebb.nnl.model import resolve_model
     from edgehebb.nnl.spec import load_spec
 
+    monkeypatch.setenv("EDGEHEBB_CACHE", str(tmp_path / "cache"))   # not ~/.cache/edgehebb
     copy = tmp_path / "my-model"
     shutil.copytree(resolve_model("fig2_left-cifar10"), copy)
     out = tmp_path / "zoo" / "tradeoff.json"
-    assert zoo.main(["fig2_left-cifar10", str(copy), "--data", str(cifar_root), "--limit", "20", "--rounds", "1",
+    assert zoo.main(["fig2_left-cifar10", str(copy), "--data", str(cifar_head), "--limit", "20", "--rounds", "1",
                      "--reps", "1", "--batch", "4", "--out", str(out)]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert json.loads(out.read_text()) == printed and out.with_suffix(".png").is_file()

@@ -156,6 +156,23 @@ def cifar_head(cifar_root, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def whitened_model(tmp_path_factory) -> tuple[Path, dict]:
+    """A small whitened model trained once (tests/test_whitening.py's SPEC: K=12 over whitened 4x4 patches,
+    eps 0.1) on 90 gratings, and train_to_dir's record. Shared: read it, write nothing into it."""
+    from edgehebb.nnl import spec_from_dict
+    from edgehebb.nnl.train import TrainConfig, train_to_dir
+    from tests.test_train import _gratings
+    from tests.test_whitening import SPEC
+
+    out = tmp_path_factory.mktemp("whitened") / "m"
+    record = train_to_dir(spec_from_dict(SPEC), _gratings(90, 0), out,
+                          training=TrainConfig(epochs=8, batch=32, lr=1e-2, val_fraction=0.2),
+                          learn={"epochs": 1, "batch": 50}, backend="torch", device="cpu", progress=False,
+                          log=lambda line: None, cache="")
+    return out, record
+
+
 @pytest.fixture
 def image_tree(tmp_path) -> Path:
     """A tiny image-folder tree: train/ and test/ with 3 classes of 8 random 16x16 PNGs each."""

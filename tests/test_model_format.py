@@ -106,19 +106,14 @@ def test_the_document_computes_the_shipped_models_logits(model):
     _check_document_against_edgehebb(model, _images())
 
 
-def test_the_document_computes_a_whitened_models_logits(tmp_path):
-    # the whitening step (step 3, whitened block) on a small whitened model trained here
-    from edgehebb.nnl import spec_from_dict
-    from edgehebb.nnl.train import TrainConfig, train_to_dir
+def test_the_document_computes_a_whitened_models_logits(whitened_model):
+    # the whitening step (step 3, whitened block) on a small whitened model trained here (conftest)
     from tests.test_train import _gratings
-    from tests.test_whitening import SPEC
 
-    train_to_dir(spec_from_dict(SPEC), _gratings(60, 0), tmp_path / "m", training=TrainConfig(epochs=2, batch=32),
-                 learn={"epochs": 1, "batch": 50}, backend="torch", device="cpu", progress=False,
-                 log=lambda line: None, cache="")
-    t = load_file(str(tmp_path / "m" / "model.safetensors"))
+    model, _ = whitened_model
+    t = load_file(str(model / "model.safetensors"))
     assert t["blocks.0.whitening"].shape == (48, 3, 4, 4)
-    _check_document_against_edgehebb(tmp_path / "m", _gratings(9, 3).x)
+    _check_document_against_edgehebb(model, _gratings(9, 3).x)
 
 
 @per_model

@@ -19,7 +19,7 @@ from edgehebb.io import load_filters, load_whitening
 from edgehebb.learn.loop import LearnConfig, learn, resolve_backend
 from edgehebb.learn.patches import PatchSampler, preprocess, whitening_matrix
 from edgehebb.nnl import NNLNet, load_model, save_model, spec_from_dict
-from edgehebb.nnl.train import TrainConfig, fit_standardiser, train_to_dir
+from edgehebb.nnl.train import fit_standardiser
 from tests.test_train import _gratings
 
 SPEC = {"name": "white", "input": [3, 16, 16], "classes": 3,
@@ -47,7 +47,7 @@ def test_the_whitening_matrix_flattens_the_patch_spectrum():
         whitening_matrix(images, 4, 1, 0.0, seed=0)
 
 
-def test_a_whitened_block_is_the_formula(tmp_path):
+def test_a_whitened_block_is_the_formula():
     spec = spec_from_dict({**SPEC, "input": [3, 32, 32], "blocks": [{**SPEC["blocks"][0], "pool": 11, "pool_stride": 6,
                                                                       "stride": 2, "padding": 1}]})
     g = torch.Generator().manual_seed(0)
@@ -113,33 +113,29 @@ def test_learning_on_whitened_patches_resumes_bitwise_and_needs_torch(tmp_path):
         LearnConfig(whiten=0.1, preprocess="center-unit").check((16, 16, 3))
 
 
-def test_a_whitened_model_trains_and_runs_the_same_everywhere(tmp_path):
+def test_a_whitened_model_trains_and_runs_the_same_everywhere(whitened_model, tmp_path):
     import onnx
     from onnx.reference import ReferenceEvaluator
 
     from edgehebb import Runtime
     from edgehebb.deploy.onnx_export import export_onnx
 
-    data = _gratings(90, 0)
-    quiet = {"device": "cpu", "progress": False, "log": lambda line: None, "cache": ""}
-    record = train_to_dir(spec_from_dict(SPEC), data, tmp_path / "m", training=TrainConfig(epochs=8, batch=32, lr=1e-2,
-                                                                                        val_fraction=0.2),
-                          learn={"epochs": 1, "batch": 50}, backend="torch", **quiet)
+    model_dir, record = whitened_model   # conftest: SPEC trained on 90 gratings
     assert record["filters"]["learn"][0]["whiten"] == 0.1 and record["training"]["val_accuracy"] > 0.5
-    net, config = load_model(tmp_path / "m")
+    net, _ = load_model(model_dir)
     assert net.blocks[0].whitening.shape == (48, 3, 4, 4)
     frames = (np.random.default_rng(1).random((7, 16, 16, 3)) * 255).astype(np.uint8)
     x = torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 255
     with torch.no_grad():
         ref = net.double()(x.double())
     for standard in (False, True):
-        path = export_onnx(str(tmp_path / "m"), tmp_path / f"m-{standard}.onnx", standard_ops=standard)
+        path = export_onnx(str(model_dir), tmp_path / f"m-{standard}.onnx", standard_ops=standard)
         model = onnx.load(str(path))
         assert [n.op_type for n in model.graph.node if n.name == "block0.whiten"] == ["Conv"], "a standard Conv"
         got = ReferenceEvaluator(model).run(["logits"], {"images": x.numpy()})[0]
         assert parity_error(got, ref).max() <= PARITY_TOLERANCE, ("reference evaluator", standard)
-    with Runtime(tmp_path / "m", backend="torch") as t, Runtime(tmp_path / "m", backend="onnxruntime") as o, \
-            Runtime(tmp_path / "m", backend="opencv") as c:
+    with Runtime(model_dir, backend="torch") as t, Runtime(model_dir, backend="onnxruntime") as o, \
+            Runtime(model_dir, backend="opencv") as c:
         want = t.predict(frames).probabilities
         for other in (o, c):
             assert np.abs(other.predict(frames).probabilities - want).max() < 1e-5, other.backend

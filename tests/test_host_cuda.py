@@ -32,8 +32,10 @@ def test_a_changed_header_rebuilds_even_with_the_same_size_and_mtime(tmp_path):
     inner.write_text("#define ANSWER 41\n")
     outer.write_text(f'#include "{inner}"\n')
     source = f'#include "{outer}"\nextern "C" int answer() {{ return ANSWER; }}\n'
-    assert host_cuda.build_source(source, name="answer").answer() == 41
-    assert host_cuda.build_source(source, name="answer").answer() == 41   # unchanged: the same library
+    first = host_cuda.build_source(source, name="answer")
+    assert first.answer() == 41
+    assert host_cuda.build_source(source, name="answer") is first        # unchanged: the same library
+    assert len(list(host_cuda.cache_dir().glob("answer-*.so"))) == 1     # and no second build
     rewrite_keeping_size_and_mtime(inner, "#define ANSWER 42\n")          # a header included by a header
     assert host_cuda.build_source(source, name="answer").answer() == 42
     assert len(list(host_cuda.cache_dir().glob("answer-*.so"))) == 2

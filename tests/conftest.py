@@ -174,9 +174,12 @@ def whitened_model(tmp_path_factory) -> tuple[Path, dict]:
 
 
 @pytest.fixture
-def image_tree(tmp_path) -> Path:
-    """A tiny image-folder tree: train/ and test/ with 3 classes of 8 random 16x16 PNGs each."""
+def image_tree(tmp_path, monkeypatch) -> Path:
+    """A tiny image-folder tree: train/ and test/ with 3 classes of 8 random 16x16 PNGs each. Its decode
+    cache goes to tmp_path (EDGEHEBB_CACHE), not one new entry in ~/.cache/edgehebb per test."""
     from PIL import Image
+
+    monkeypatch.setenv("EDGEHEBB_CACHE", str(tmp_path / "cache"))
 
     rng = np.random.default_rng(0)
     for split in ("train", "test"):

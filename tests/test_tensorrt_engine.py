@@ -283,16 +283,21 @@ class FakeLayer:
         self.output_types[i] = dtype
 
 
-def fake_network(side=False):
+def fake_network(side=False, whitened=False):
     """frames -> cast -> [relu(., filters), pow: the inlined ai.edgehebb body] -> flatten -> shape (int64) / head
     (reading a weight constant) -> softmax, plus a constant nobody reads; ``side``: also a float layer
-    beside the op (frames -> side -> aux), which neither feeds it nor follows it."""
-    t = {n: FakeTensor(n) for n in ("xf", "M", "r", "p", "f", "W", "logits", "probabilities", "unused", "aux")}
+    beside the op (frames -> side -> aux), which neither feeds it nor follows it; ``whitened``: a whitened
+    block, a standard convolution (reading its whitening constant) between the cast and the op."""
+    t = {n: FakeTensor(n) for n in ("xf", "M", "r", "p", "f", "W", "logits", "probabilities", "unused", "aux",
+                                    "Z", "z")}
     t["frames"], t["s"] = FakeTensor("frames", "uint8"), FakeTensor("s", "int64")
+    whiten = [FakeLayer("block0.whitening", [], [t["Z"]]), FakeLayer("block0.whiten", [t["xf"], t["Z"]], [t["z"]])]
+    op_input = t["z"] if whitened else t["xf"]
     layers = [FakeLayer("cast", [t["frames"]], [t["xf"]], "[ONNX Layer: cast]"),
+              *(whiten if whitened else []),
               FakeLayer("block0.filters", [], [t["M"]]),
               FakeLayer("other_const", [], [t["unused"]]),
-              FakeLayer("relu", [t["xf"], t["M"]], [t["r"]], "[ONNX Layer: relu | block0 (PatchNormPowReLU)]"),
+              FakeLayer("relu", [op_input, t["M"]], [t["r"]], "[ONNX Layer: relu | block0 (PatchNormPowReLU)]"),
               FakeLayer("pow", [t["r"], None], [t["p"]], "[ONNX Layer: pow | block0 (PatchNormPowReLU)]"),
               FakeLayer("flatten0", [t["p"]], [t["f"]]),
               FakeLayer("shape", [t["f"]], [t["s"]]),
@@ -322,7 +327,7 @@ def fake_network(side=False):
     return Network(), {layer.name: layer for layer in layers}
 
 
-def fake_tensorrt(version, parse_ok=True, side=False):
+def fake_tensorrt(version, parse_ok=True, side=False, whitened=False):
     import types
 
     trt = types.SimpleNamespace(__version__=version, float32="float32", calls=[])
@@ -363,7 +368,7 @@ def fake_tensorrt(version, parse_ok=True, side=False):
 
         def create_network(self, flags):
             trt.calls.append(("flags", flags))
-            trt.network, trt.layers = fake_network(side)
+            trt.network, trt.layers = fake_network(side, whitened)
             return trt.network
 
         create_builder_config = Config
@@ -416,6 +421,19 @@ def test_fp16_build_pins_the_op_what_feeds_it_and_what_follows(tmp_path, monkeyp
     exported = {p.key: p.value for p in onnx.load(str(onnx_path)).metadata_props if p.key.startswith("edgehebb.")}
     assert exported and meta["onnx"]["metadata"] == exported   # the runtime reads the baked fit from here
     assert any("8 layers pinned to FP32" in line and "1 may run in FP16" in line for line in logs)
+
+
+def test_fp16_build_pins_a_whitened_blocks_whitening_too(tmp_path, monkeypatch):
+    # a whitened block's standard Conv feeds the op two layers from the input: the walk back pins it and
+    # its whitening matrix (FP16 there would round every whitened patch before the norm and the power)
+    trt = fake_tensorrt("10.8.0.43", side=True, whitened=True)
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    onnx_path = tmp_path / "model.onnx"
+    onnx.save(tiny_model("frames", ("batch", 32, 32, 3), TensorProto.UINT8, blocks=1), onnx_path)
+    build_engine(onnx_path, tmp_path / "m.engine", fp16=True, log=lambda m: None)
+    pinned = {n for n, layer in trt.layers.items() if layer.precision == "float32"}
+    assert {"cast", "block0.whitening", "block0.whiten", "block0.filters", "relu", "pow"} <= pinned
+    assert "side" not in pinned and "other_const" not in pinned
 
 
 def test_fp16_that_would_change_nothing_is_refused(tmp_path, monkeypatch):
@@ -699,6 +717,27 @@ def test_exported_nnl_models_build_and_match_onnxruntime(tmp_path, preprocess):
     want = sess.run(["logits"], {sess.get_inputs()[0].name: feed})[0]
     assert (np.abs(got - want).max(1) <= 1e-4 * np.abs(want).max(1)).all()
     assert (got.argmax(1) == want.argmax(1)).all()
+
+
+@pytest.mark.trt
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAVE_TRT, reason="needs TensorRT (pip install 'edgehebb[gpu]')")
+def test_a_whitened_model_builds_and_matches_onnxruntime(whitened_model, tmp_path):
+    # a whitened block: a standard Conv before the op (never run through TensorRT on this project's machines)
+    import onnxruntime as ort
+    import torch
+
+    from edgehebb.deploy.onnx_export import export_onnx
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    path = export_onnx(whitened_model[0], tmp_path / "w.onnx")
+    engine = build_engine(path, tmp_path / "w.engine", batch=(1, 4, 8), workspace_mib=256, log=lambda m: None)
+    x = np.random.default_rng(2).random((5, 3, 16, 16), dtype=np.float32)
+    got = TrtRunner(engine).infer(x)["logits"].cpu().numpy()
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    want = sess.run(["logits"], {sess.get_inputs()[0].name: x})[0]
+    assert (np.abs(got - want).max(1) <= 1e-4 * np.abs(want).max(1)).all()
 
 
 def test_fp16_of_a_standard_ops_file_is_refused_before_building(tmp_path, monkeypatch):

@@ -32,9 +32,9 @@ from edgehebb.deploy.op import PARITY_TOLERANCE, parity_error
 from tests import host_cuda
 from tests.conftest import assert_compiles_without_spills
 from edgehebb.errors import EdgehebbError
-from edgehebb.nnl.model import load_model
+from edgehebb.nnl.model import load_model, shipped_models
 from edgehebb.nnl import BlockSpec, NetSpec, NNLNet, load_spec
-from edgehebb.deploy.fused import KERNEL_FILE, FusedNet, fused_plan, kernel_filters
+from edgehebb.deploy.fused import KERNEL_FILE, FusedNet, block_launches, fused_plan, kernel_filters
 from edgehebb.nnl.train import fit_standardiser
 from tests.test_onnx_export import patch_filters
 
@@ -231,9 +231,10 @@ def test_host_build_launch_shape_does_not_change_a_bit():
         assert torch.equal(host_cuda.nnl_features(net, x, H100_SHARED, **shape), base), shape
 
 
-def test_host_build_logits_of_the_shipped_model_match_float64():
-    net, _ = load_model("fig2_left-cifar10")
-    x = images(8)
+@pytest.mark.parametrize("model", shipped_models())
+def test_host_build_logits_of_the_shipped_models_match_float64(model):
+    net, _ = load_model(model)
+    x = images(4)
     feats = host_cuda.nnl_features(net, x, H100_SHARED)
     with torch.no_grad():
         ref = net.double()(x.double())
@@ -241,6 +242,33 @@ def test_host_build_logits_of_the_shipped_model_match_float64():
     rel = parity_error(got, ref).max()
     assert rel <= PARITY_TOLERANCE, rel
     assert torch.equal(got.argmax(1), ref.argmax(1))
+
+
+# a whitened block (issue 24): torch whitens the patches into an N-channel image, the kernel runs 1 x 1 on it;
+# padded and strided, so the whitening convolution carries both and the kernel neither
+WHITENED = NetSpec("whitened", (BlockSpec(kernel=4, filters=24, power=5.0, pool=3, pool_stride=2, stride=2, padding=1,
+                                          whiten=0.1),), input=(3, 16, 16), colour_norm="gray-world")
+
+
+def whitened_net(seed: int) -> NNLNet:
+    g = torch.Generator().manual_seed(seed)
+    net = NNLNet(WHITENED, [(torch.randn(24, 48, 1, 1, generator=g), torch.randn(48, 3, 4, 4, generator=g))]).eval()
+    with torch.no_grad():
+        fit_standardiser(net, net.features(images(16, WHITENED.input, seed + 100)).numpy())
+    return net
+
+
+def test_host_build_of_a_whitened_block_matches_float64_torch():
+    net = whitened_net(5)
+    (launch,) = block_launches(net, H100_SHARED)
+    assert launch.plan.define("CH") == 48 and launch.plan.define("KW") == 1 and launch.plan.define("PAD") == 0
+    x = images(6, WHITENED.input) * torch.tensor([1.0, 0.8, 0.5]).view(1, 3, 1, 1)
+    got = host_cuda.nnl_features(net, x, H100_SHARED)
+    assert_features_close(got, float64_features(net, x), WHITENED)
+    with torch.no_grad():
+        rel = parity_error(net.classify(got).double(), net.double()(x.double())).max()
+    net.float()
+    assert rel <= PARITY_TOLERANCE, rel
 
 
 @pytest.mark.gpu
@@ -260,6 +288,20 @@ def test_features_with_sigma_and_colour_norm_match_float64_torch(gpu):
     net = reference_net(OPTIONS, 4).to(gpu)
     x = (images(16) * torch.tensor([1.0, 0.7, 0.4]).view(1, 3, 1, 1)).to(gpu)
     assert_features_close(FusedNet(net).features(x), float64_features(net, x), OPTIONS)
+
+
+@pytest.mark.gpu
+def test_whitened_block_matches_float64_torch_on_a_side_stream(gpu):
+    # the whitening convolution runs in torch on its current stream, the kernel on the legacy default one
+    net = whitened_net(5).to(gpu)
+    x = (images(16, WHITENED.input) * torch.tensor([1.0, 0.8, 0.5]).view(1, 3, 1, 1)).to(gpu)
+    fused = FusedNet(net)
+    assert_features_close(fused.features(x), float64_features(net, x), WHITENED)
+    side = torch.cuda.Stream(gpu)
+    with torch.cuda.stream(side):
+        got = fused.features(x)
+    side.synchronize()
+    assert_features_close(got, float64_features(net, x), WHITENED)
 
 
 @pytest.mark.gpu

@@ -156,11 +156,3 @@ def test_banks_match_whitened_and_plain_blocks_apart(tmp_path):
                                                                                 net.blocks[0].whitening)
     assert find_bank([tmp_path / "w"], plain.blocks[0], 3) is None
     assert json.loads((tmp_path / "w" / "config.json").read_text())["spec"]["blocks"][0]["whiten"] == 0.1
-
-
-def test_the_fused_kernel_refuses_whitened_blocks_in_one_line():
-    from edgehebb.deploy.fused import _check_blocks
-
-    net = NNLNet(spec_from_dict(SPEC), [(torch.randn(12, 48, 1, 1), torch.randn(48, 3, 4, 4))])
-    with pytest.raises(EdgehebbError, match="does not run whitened blocks"):
-        _check_blocks(net)

@@ -15,7 +15,9 @@ needed at construction; without them the error says what to install.
 
 The op's options (OP_SPEC.md, version 2): a block's ``sigma`` reaches the kernel as the argument
 ``sigma2`` (0 for sigma 0, which adds nothing); the net's ``colour_norm`` runs in torch before the
-launches.
+launches. A whitened block (``whiten``, OP_SPEC.md) runs as the exported graph does: its whitening
+convolution in torch (IEEE FP32), then the kernel on that (B, N, H', W') output with 1 x 1 filters,
+stride 1 and no padding.
 
 Status: the kernel has been checked on the CPU through a g++ build of the same source
 (tests/host_cuda), not yet on a GPU; the GPU tests are written and skip without one.
@@ -143,15 +145,18 @@ class BlockLaunch:
     filters: torch.Tensor   # (N, KPAD) float32, on the network's device
     offset: int             # first feature column of the block
     width: int              # K * HP * WP columns
+    whiten: NNLConv | None = None   # a whitened block's layer: its patches are whitened in torch first
+
+    def input(self, x: torch.Tensor) -> torch.Tensor:
+        """What the kernel reads: the (colour-normalised) images, or for a whitened block its whitened
+        patches (B, N, H', W') as a contiguous image of N channels, which the plan runs 1 x 1, stride 1."""
+        return x if self.whiten is None else self.whiten.whitened(x).contiguous()
 
 
 def _check_blocks(net: Net) -> None:
     if not len(net.blocks) or not all(isinstance(b, NNLConv) for b in net.blocks):
         raise EdgehebbError("the fused kernel runs NNL-CONV blocks; this network has standard convolutions "
                             "(a CONV twin): run it with torch")
-    if any(b.whitening is not None for b in net.blocks):
-        raise EdgehebbError("the fused kernel does not run whitened blocks yet (their whitening convolution is not "
-                            "in cuda/nnl_forward.cu): run this model with torch, ONNX Runtime or TensorRT")
 
 
 def block_launches(net: Net, shared_limit: int, *, kc: int | None = None, threads: int | None = None,
@@ -164,9 +169,15 @@ def block_launches(net: Net, shared_limit: int, *, kc: int | None = None, thread
         block = dataclasses.replace(block, power=layer.power, stride=layer.stride, padding=layer.padding,
                                     pool=layer.pool, pool_stride=layer.pool_stride, center=layer.center,
                                     sigma=layer.sigma)
-        plan = fused_plan(block, spec.input, shared_limit=shared_limit, kc=kc, threads=threads, nch=nch)
-        width = block.filters * math.prod(block.out_size(*spec.input[1:]))
-        out.append(BlockLaunch(block, plan, kernel_filters(layer, plan.define("KPAD")), offset, width))
+        shape, whiten = spec.input, None
+        if layer.whitening is not None:
+            # the whitening convolution runs in torch (BlockLaunch.input); the kernel then sees an image of
+            # the N whitened values per position and the block's filters as 1 x 1 over it
+            shape, whiten = (layer.whitening.shape[0], *block.map_size(*spec.input[1:])), layer
+            block = dataclasses.replace(block, kernel=1, stride=1, padding=0)
+        plan = fused_plan(block, shape, shared_limit=shared_limit, kc=kc, threads=threads, nch=nch)
+        width = block.filters * math.prod(block.out_size(*shape[1:]))
+        out.append(BlockLaunch(block, plan, kernel_filters(layer, plan.define("KPAD")), offset, width, whiten))
         offset += width
     return out
 
@@ -229,9 +240,14 @@ class FusedNet:
         if foreign:
             stream.synchronize()  # our launches go to the legacy default stream
         with Active(self._ctx):
+            images = []   # kept until the end: the caching allocator must not hand them out while a launch reads
             for fn, launch in zip(self._functions, self._launches):
+                image = launch.input(x)   # a whitened block's convolution runs in torch, on torch's stream
+                images.append(image)
+                if foreign and image is not x:
+                    stream.synchronize()
                 fn.prepared_call((batch, launch.plan.chunks, 1), (launch.plan.threads, 1, 1),
-                                 np.intp(x.data_ptr()), np.intp(launch.filters.data_ptr()),
+                                 np.intp(image.data_ptr()), np.intp(launch.filters.data_ptr()),
                                  np.intp(out.data_ptr() + 4 * launch.offset), np.int32(launch.block.filters),
                                  np.int32(self.feature_dim), np.float32(launch.block.power), np.float32(self.eps),
                                  np.float32(launch.block.sigma ** 2), shared_size=launch.plan.shared_bytes)

@@ -193,13 +193,12 @@ class NNLConv(nn.Module):
         With ``norm=False``: the dot product of the unit filter with the (centred) raw patch.
         """
         m = self.unit_weight()
+        if self.whitening is not None:
+            # the plain norm of each whitened patch's N values and their dot products with the unit filters, 1 x 1
+            z = self.whitened(x)
+            return self.divide(_conv_ieee(z, m, 1), (z * z).sum(dim=1, keepdim=True))
         if self.padding:
             x = F.pad(x, [self.padding] * 4)
-        if self.whitening is not None:
-            # every patch whitened, laid out along the channels: (B, N, H', W'); then the plain norm of
-            # those N values and their dot products with the unit filters, 1 x 1
-            z = _conv_ieee(x, self.whitening, self.stride)
-            return self.divide(_conv_ieee(z, m, 1), (z * z).sum(dim=1, keepdim=True))
         if self.center:
             # The patches are centred one by one (see _centred_ieee): the one-pass form
             # |v - mean(v)|^2 = s_2 - s_1^2 / N cancels on low-contrast patches, and so does the
@@ -215,6 +214,13 @@ class NNLConv(nn.Module):
         if not self.norm:
             return dot
         return self.divide(dot, sq)
+
+    def whitened(self, x: torch.Tensor) -> torch.Tensor:
+        """A whitened block's patches of ``x`` (unpadded), whitened and laid out along the channels:
+        (B, N, H', W'), the padding and stride applied here (the filters then run 1 x 1, stride 1)."""
+        if self.padding:
+            x = F.pad(x, [self.padding] * 4)
+        return _conv_ieee(x, self.whitening, self.stride)
 
     def divide(self, dot: torch.Tensor, sq: torch.Tensor, sigma: float | None = None) -> torch.Tensor:
         """The patch norm's division, dot / (sqrt(sq + sigma^2) + eps), sq = |v|^2; ``sigma``: the block's

@@ -142,18 +142,19 @@ def nnl_features(net, x, shared_limit: int, **shape):
     from edgehebb.deploy.fused import KERNEL_FILE, block_launches, layer_eps
 
     x = colour_normalise(x.detach().cpu(), net.spec.colour_norm)   # in torch, as FusedNet.features does
-    x = np.ascontiguousarray(x.numpy(), dtype=np.float32)
     launches = block_launches(net, shared_limit, **shape)
     dim = sum(launch.width for launch in launches)
-    out = np.full((x.shape[0], dim), np.nan, dtype=np.float32)  # NaN: a column the kernel never wrote
+    out = np.full((len(x), dim), np.nan, dtype=np.float32)  # NaN: a column the kernel never wrote
     ptr = ctypes.POINTER(ctypes.c_float)
     for launch in launches:
         lib = build(KERNEL_FILE, launch.plan.options, _NNL_WRAPPER)
         filters = np.ascontiguousarray(launch.filters.cpu().numpy(), dtype=np.float32)
         column = out[:, launch.offset:]  # a view: the kernel writes through the row stride
+        with torch.no_grad():
+            image = np.ascontiguousarray(launch.input(x).numpy(), dtype=np.float32)   # whitened in torch, as on the GPU
         lib.host_nnl_forward(
             ctypes.c_int(x.shape[0]), ctypes.c_int(launch.plan.chunks), ctypes.c_int(launch.plan.threads),
-            ctypes.c_longlong(launch.plan.shared_bytes), x.ctypes.data_as(ptr), filters.ctypes.data_as(ptr),
+            ctypes.c_longlong(launch.plan.shared_bytes), image.ctypes.data_as(ptr), filters.ctypes.data_as(ptr),
             ctypes.cast(column.ctypes.data, ptr), ctypes.c_int(launch.block.filters), ctypes.c_int(dim),
             ctypes.c_float(launch.block.power), ctypes.c_float(layer_eps(net)),
             ctypes.c_float(launch.block.sigma ** 2))

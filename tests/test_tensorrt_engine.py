@@ -695,7 +695,6 @@ def test_build_and_run_matches_onnxruntime(tiny_onnx, tmp_path):
 @pytest.mark.parametrize("preprocess", ["none", "uint8-nhwc"])
 def test_exported_nnl_models_build_and_match_onnxruntime(tmp_path, preprocess):
     # the real op body, not the stand-in above: a centred block and an uncentred, padded, strided one
-    import onnxruntime as ort
     import torch
 
     from edgehebb.nnl.model import save_model
@@ -710,8 +709,16 @@ def test_exported_nnl_models_build_and_match_onnxruntime(tmp_path, preprocess):
     frames = preprocess == "uint8-nhwc"
     path = export_onnx(tmp_path / "m", tmp_path / "m.onnx", preprocess=preprocess,
                        frame_size=(24, 32) if frames else None)
-    engine = build_engine(path, tmp_path / "m.engine", batch=(1, 4, 8), workspace_mib=256, log=lambda m: None)
     feed = np.random.default_rng(1).integers(0, 256, (5, 24, 32, 3), dtype=np.uint8) if frames else x[:5].numpy()
+    assert_engine_matches_onnxruntime(path, feed, tmp_path / "m.engine")
+
+
+def assert_engine_matches_onnxruntime(path, feed: np.ndarray, engine_path) -> None:
+    """An engine built from the ONNX file at ``path``: its logits of ``feed`` within OP_SPEC's 1e-4 of each
+    row's largest |logit| from ONNX Runtime on the CPU, and the same top-1."""
+    import onnxruntime as ort
+
+    engine = build_engine(path, engine_path, batch=(1, 4, 8), workspace_mib=256, log=lambda m: None)
     got = TrtRunner(engine).infer(feed)["logits"].cpu().numpy()
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     want = sess.run(["logits"], {sess.get_inputs()[0].name: feed})[0]
@@ -724,7 +731,6 @@ def test_exported_nnl_models_build_and_match_onnxruntime(tmp_path, preprocess):
 @pytest.mark.skipif(not HAVE_TRT, reason="needs TensorRT (pip install 'edgehebb[gpu]')")
 def test_a_whitened_model_builds_and_matches_onnxruntime(whitened_model, tmp_path):
     # a whitened block: a standard Conv before the op (never run through TensorRT on this project's machines)
-    import onnxruntime as ort
     import torch
 
     from edgehebb.deploy.onnx_export import export_onnx
@@ -732,12 +738,8 @@ def test_a_whitened_model_builds_and_matches_onnxruntime(whitened_model, tmp_pat
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     path = export_onnx(whitened_model[0], tmp_path / "w.onnx")
-    engine = build_engine(path, tmp_path / "w.engine", batch=(1, 4, 8), workspace_mib=256, log=lambda m: None)
-    x = np.random.default_rng(2).random((5, 3, 16, 16), dtype=np.float32)
-    got = TrtRunner(engine).infer(x)["logits"].cpu().numpy()
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    want = sess.run(["logits"], {sess.get_inputs()[0].name: x})[0]
-    assert (np.abs(got - want).max(1) <= 1e-4 * np.abs(want).max(1)).all()
+    feed = np.random.default_rng(2).random((5, 3, 16, 16), dtype=np.float32)
+    assert_engine_matches_onnxruntime(path, feed, tmp_path / "w.engine")
 
 
 def test_fp16_of_a_standard_ops_file_is_refused_before_building(tmp_path, monkeypatch):

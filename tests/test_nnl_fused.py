@@ -81,8 +81,19 @@ def test_plan_shapes_and_errors():
         fused_plan(block, (3, 32, 32), shared_limit=H100_SHARED, kc=80, threads=128)
     with pytest.raises(EdgehebbError, match="nch"):
         fused_plan(block, (3, 32, 32), shared_limit=H100_SHARED, nch=49)
-    with pytest.raises(EdgehebbError, match="shared memory"):
+    with pytest.raises(EdgehebbError, match="shared memory; choose a smaller kc"):
         fused_plan(block, (3, 32, 32), shared_limit=20000)
+    fused_plan(block, (3, 32, 32), shared_limit=20000, kc=8, threads=32)   # as the message says
+
+
+def test_a_whitened_image_too_large_for_shared_memory_says_so():
+    # the wide model's kernel reads a 48 x 29 x 29 whitened image (161 KB): an H100 (227 KB) plans it, a
+    # Jetson Orin (163 KB a block) cannot, whatever the kc
+    net, _ = load_model("fig2_left_wide-cifar10")
+    (launch,) = block_launches(net, H100_SHARED)
+    assert launch.plan.shared_bytes <= H100_SHARED
+    with pytest.raises(EdgehebbError, match=r"48x29x29 input image alone takes 161472 bytes: run this model with torch"):
+        block_launches(net, 163 * 1024)
 
 
 def test_kernel_filters_are_the_centred_unit_filters_transposed():

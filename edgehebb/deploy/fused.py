@@ -107,8 +107,15 @@ def fused_plan(block: BlockSpec, input_shape: tuple[int, int, int], *, shared_li
         fits = [n for n in range(dim, 0, -1) if size(n) <= half] or \
                [n for n in range(dim, 0, -1) if size(n) <= shared_limit]
         if not fits:
+            image = 4 * ((c * hpad * wpad + 3) // 4 * 4)
+            # the kernel holds the whole (padded) input image in shared memory: a smaller kc helps only when
+            # the image leaves room for the smallest plan (kc 8, 32 threads: 256 positions, one value a tile) (a whitened 29x29x48 image is 161 KB, beyond a Jetson Orin's 163 KB budget
+            # once the rest is added)
+            hint = "choose a smaller kc" if image + _shared_bytes(0, 0, 0, dim, 8, 256, 1, ph * pw) <= shared_limit \
+                else f"its {c}x{hpad}x{wpad} input image alone takes {image} bytes: run this model with torch, " \
+                     f"ONNX Runtime or TensorRT"
             raise EdgehebbError(f"a {block.kernel}x{block.kernel}x{c} block with kc={kc} does not fit the device's "
-                                f"{shared_limit} bytes of shared memory; choose a smaller kc")
+                                f"{shared_limit} bytes of shared memory; {hint}")
         nch = fits[0]
     if not 1 <= nch <= dim:
         raise EdgehebbError(f"nch must be in [1, {dim}], got {nch}")

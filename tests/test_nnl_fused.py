@@ -87,8 +87,8 @@ def test_plan_shapes_and_errors():
 
 
 def test_a_whitened_image_too_large_for_shared_memory_says_so():
-    # the wide model's kernel reads a 48 x 29 x 29 whitened image (161 KB): an H100 (227 KB) plans it, a
-    # Jetson Orin (163 KB a block) cannot, whatever the kc
+    # the wide model's kernel reads a 48 x 29 x 29 whitened image (158 KiB): an H100 (227 KiB) plans it, a
+    # Jetson Orin (163 KiB a block) cannot, whatever the kc
     net, _ = load_model("fig2_left_wide-cifar10")
     (launch,) = block_launches(net, H100_SHARED)
     assert launch.plan.shared_bytes <= H100_SHARED

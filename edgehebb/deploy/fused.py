@@ -109,8 +109,8 @@ def fused_plan(block: BlockSpec, input_shape: tuple[int, int, int], *, shared_li
         if not fits:
             image = 4 * ((c * hpad * wpad + 3) // 4 * 4)
             # the kernel holds the whole (padded) input image in shared memory: a smaller kc helps only when
-            # the image leaves room for the smallest plan (kc 8, 32 threads: 256 positions, one value a tile) (a whitened 29x29x48 image is 161 KB, beyond a Jetson Orin's 163 KB budget
-            # once the rest is added)
+            # the image leaves room for the smallest plan (kc 8, 32 threads: 256 positions, one value a
+            # tile); the wide model's whitened 48x29x29 image (158 KiB) does not on a Jetson Orin (163 KiB)
             hint = "choose a smaller kc" if image + _shared_bytes(0, 0, 0, dim, 8, 256, 1, ph * pw) <= shared_limit \
                 else f"its {c}x{hpad}x{wpad} input image alone takes {image} bytes: run this model with torch, " \
                      f"ONNX Runtime or TensorRT"

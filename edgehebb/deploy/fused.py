@@ -43,6 +43,7 @@ FALLBACK = "run the model with torch instead"
 # (filters per thread block, threads): a thread owns 8 positions x 8 filters, so KC / 8 threads
 # span a row of filters and threads must be a multiple of both 32 and KC / 8.
 SHAPES = ((80, 160), (64, 128), (96, 192), (128, 256), (48, 96), (32, 128), (16, 64), (8, 32))
+SMALLEST = (8, 32)   # the least shared memory a plan can take: 8 filters, one warp (256 positions)
 
 
 @dataclass(frozen=True)
@@ -109,9 +110,11 @@ def fused_plan(block: BlockSpec, input_shape: tuple[int, int, int], *, shared_li
         if not fits:
             image = 4 * ((c * hpad * wpad + 3) // 4 * 4)
             # the kernel holds the whole (padded) input image in shared memory: a smaller kc helps only when
-            # the image leaves room for the smallest plan (kc 8, 32 threads: 256 positions, one value a
-            # tile); the wide model's whitened 48x29x29 image (158 KiB) does not on a Jetson Orin (163 KiB)
-            hint = "choose a smaller kc" if image + _shared_bytes(0, 0, 0, dim, 8, 256, 1, ph * pw) <= shared_limit \
+            # the image leaves room for the smallest plan (SMALLEST: one value a tile); the wide model's
+            # whitened 48x29x29 image (158 KiB) does not on a Jetson Orin (163 KiB)
+            kc_min, threads_min = SMALLEST
+            rest = _shared_bytes(0, 0, 0, dim, kc_min, 8 * (threads_min // (kc_min // 8)), 1, ph * pw)
+            hint = "choose a smaller kc" if image + rest <= shared_limit \
                 else f"its {c}x{hpad}x{wpad} input image alone takes {image} bytes: run this model with torch, " \
                      f"ONNX Runtime or TensorRT"
             raise EdgehebbError(f"a {block.kernel}x{block.kernel}x{c} block with kc={kc} does not fit the device's "

@@ -570,11 +570,9 @@ def test_runner_refuses_a_missing_engine_and_a_machine_without_a_gpu(tmp_path, m
 
 
 @pytest.mark.gpu
-def test_runner_binds_buffers_once_and_runs_on_its_stream(tmp_path, monkeypatch):
+def test_runner_binds_buffers_once_and_runs_on_its_stream(tmp_path, monkeypatch, cuda_gpu):
     import torch
 
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
     trt = fake_runtime_tensorrt()
     monkeypatch.setitem(sys.modules, "tensorrt", trt)
     engine = tmp_path / "m.engine"
@@ -660,15 +658,26 @@ def test_deepstream_template_matches_the_model_and_labels():
 
 # --- with TensorRT --------------------------------------------------------------------------------
 
-@pytest.mark.trt
-@pytest.mark.gpu
-@pytest.mark.skipif(not HAVE_TRT, reason="needs TensorRT (pip install 'edgehebb[gpu]')")
-def test_build_and_run_matches_onnxruntime(tiny_onnx, tmp_path):
-    import onnxruntime as ort
+def real_tensorrt(test):
+    """A test that builds a real engine: marked `trt` and `gpu`, skipped without TensorRT (and, through the
+    `cuda_gpu` fixture it takes, without a CUDA GPU)."""
+    test = pytest.mark.skipif(not HAVE_TRT, reason="needs TensorRT (pip install 'edgehebb[gpu]')")(test)
+    return pytest.mark.gpu(pytest.mark.trt(test))
+
+
+@pytest.fixture
+def cuda_gpu():
     import torch
 
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
+
+
+@real_tensorrt
+def test_build_and_run_matches_onnxruntime(tiny_onnx, tmp_path, cuda_gpu):
+    import onnxruntime as ort
+    import torch
+
     engine = build_engine(tiny_onnx, tmp_path / "model.engine", batch=(1, 2, 4), workspace_mib=256,
                           timing_cache=tmp_path / "timing.cache", log=lambda m: None)
     meta = json.loads(sidecar_path(engine).read_text())
@@ -689,11 +698,9 @@ def test_build_and_run_matches_onnxruntime(tiny_onnx, tmp_path):
         runner.infer(np.zeros((5, 3, 32, 32), np.float32))
 
 
-@pytest.mark.trt
-@pytest.mark.gpu
-@pytest.mark.skipif(not HAVE_TRT, reason="needs TensorRT (pip install 'edgehebb[gpu]')")
+@real_tensorrt
 @pytest.mark.parametrize("preprocess", ["none", "uint8-nhwc"])
-def test_exported_nnl_models_build_and_match_onnxruntime(tmp_path, preprocess):
+def test_exported_nnl_models_build_and_match_onnxruntime(tmp_path, preprocess, cuda_gpu):
     # the real op body, not the stand-in above: a centred block and an uncentred, padded, strided one
     import torch
 
@@ -702,8 +709,6 @@ def test_exported_nnl_models_build_and_match_onnxruntime(tmp_path, preprocess):
     from edgehebb.deploy.onnx_export import export_onnx
     from tests.test_onnx_export import CLASSES, SPEC, patch_filters, ready
 
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
     x = torch.rand(8, *SPEC.input, generator=torch.Generator().manual_seed(0))
     save_model(tmp_path / "m", ready(NNLNet(SPEC, patch_filters(x, SPEC, seed=1)), x), CLASSES)
     frames = preprocess == "uint8-nhwc"
@@ -726,17 +731,11 @@ def assert_engine_matches_onnxruntime(path, feed: np.ndarray, engine_path) -> No
     assert (got.argmax(1) == want.argmax(1)).all()
 
 
-@pytest.mark.trt
-@pytest.mark.gpu
-@pytest.mark.skipif(not HAVE_TRT, reason="needs TensorRT (pip install 'edgehebb[gpu]')")
-def test_a_whitened_model_builds_and_matches_onnxruntime(whitened_model, tmp_path):
+@real_tensorrt
+def test_a_whitened_model_builds_and_matches_onnxruntime(whitened_model, tmp_path, cuda_gpu):
     # a whitened block: a standard Conv before the op (never run through TensorRT on this project's machines)
-    import torch
-
     from edgehebb.deploy.onnx_export import export_onnx
 
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
     path = export_onnx(whitened_model[0], tmp_path / "w.onnx")
     feed = np.random.default_rng(2).random((5, 3, 16, 16), dtype=np.float32)
     assert_engine_matches_onnxruntime(path, feed, tmp_path / "w.engine")

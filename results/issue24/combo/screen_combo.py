@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from edgehebb.data import load_split
-from edgehebb.nnl.features import cache_dir
+from edgehebb.nnl.features import cache_dir, images_to_tensor
 from edgehebb.nnl.layers import NNLNet
 from edgehebb.nnl.model import load_model, save_model
 from edgehebb.nnl.spec import spec_from_dict
@@ -47,10 +47,12 @@ class SideBySide:
         return np.concatenate([np.asarray(p[rows], np.float32) for p in self.parts], axis=1)
 
 
-nets, configs = zip(*(load_model(m) for m in models))
+nets, configs = zip(*(load_model(m) for m in models), strict=True)
 recipe = TrainConfig(**configs[0]["fit"])
+IMAGES = ("augment", "augment_fraction", "seed", "val_fraction")   # the fields that decide the training images
 for c in configs[1:]:
-    assert c["fit"] == configs[0]["fit"] and c["spec"].get("colour_norm") == configs[0]["spec"].get("colour_norm")
+    assert all(c["fit"][k] == configs[0]["fit"][k] for k in IMAGES), "the models were trained on different images"
+    assert c["spec"].get("colour_norm") == configs[0]["spec"].get("colour_norm")
 train = load_split(os.environ["EDGEHEBB_DATA"], "train", progress=False)
 x = training_images(train, recipe)
 mirrored = np.ascontiguousarray(x[:, :, ::-1])
@@ -60,12 +62,11 @@ def cached(net, images):
     """The cache entry holding ``net``'s features of ``images``. Found by content, not by key: the key
     also hashes edgehebb/nnl/layers.py, which changed (not its arithmetic) after the models were trained."""
     with torch.no_grad():
-        probe = net.features(torch.from_numpy(np.array(images[:4])).permute(0, 3, 1, 2).float() / 255).numpy()
+        first, last = (net.features(images_to_tensor(images[s])).numpy() for s in (slice(0, 4), slice(-4, None)))
     for path in sorted(cache_dir().glob("*.npy")):
         f = np.load(path, mmap_mode="r")
-        if f.shape == (len(images), probe.shape[1]) and np.allclose(f[:4], probe, rtol=1e-5, atol=1e-6) \
-                and np.allclose(f[-4:], net.features(torch.from_numpy(np.array(images[-4:])).permute(0, 3, 1, 2)
-                                                     .float() / 255).detach().numpy(), rtol=1e-5, atol=1e-6):
+        if f.shape == (len(images), first.shape[1]) and np.allclose(f[:4], first, rtol=1e-5, atol=1e-6) \
+                and np.allclose(f[-4:], last, rtol=1e-5, atol=1e-6):
             print(f"{net.spec.name}: {path.name}", file=sys.stderr)
             return f
     sys.exit(f"no cached features of {net.spec.name} for these images in {cache_dir()}: train the model with "
@@ -81,8 +82,7 @@ spec = spec_from_dict(spec_dict)
 banks = [(blk.unit_weight(), blk.whitening) if blk.whitening is not None else blk.unit_weight()
          for n in nets for blk in n.blocks]
 with torch.no_grad():   # the side-by-side network computes what the caches hold (first images only)
-    probe = NNLNet(spec, [tuple(t.clone() for t in b) if isinstance(b, tuple) else b.clone() for b in banks])
-    got = probe.features(torch.from_numpy(x[:4]).permute(0, 3, 1, 2).float() / 255)
+    got = NNLNet(spec, banks).features(images_to_tensor(x[:4]))   # the layers copy the banks they are given
     want = torch.from_numpy(feats[0:4])
     assert torch.allclose(got, want, rtol=1e-4, atol=1e-5), f"caches do not match: {(got - want).abs().max(1)}"
 for h in heads:

@@ -308,6 +308,19 @@ def test_unwritable_feature_cache_keeps_the_features(bank_dir, tmp_path):
     assert np.array_equal(feats, features.compute_features(net, images, progress=False))
 
 
+def test_freshly_computed_features_come_back_memory_mapped(bank_dir, tmp_path):
+    # The wide model's two feature matrices are 5 GB each: once written, the head must read them from
+    # the cache file (as a hit does), not hold them in memory beside its own standardised copy.
+    from edgehebb.io import load_filters
+    from edgehebb.nnl.features import cached_features
+
+    net = NNLNet(spec_from_dict(SPEC), [load_filters(bank_dir)[0]])
+    images = _gratings(7, 0).x
+    feats = cached_features(net, images, cache=str(tmp_path / "cache"), progress=False)
+    assert isinstance(feats, np.memmap) and not feats.flags.writeable
+    assert np.array_equal(feats, features.compute_features(net, images, batch=3, progress=False))
+
+
 @pytest.mark.parametrize("damage", ["empty", "truncated", "garbage", "other shape"])
 def test_a_damaged_feature_cache_entry_is_recomputed_and_replaced(bank_dir, tmp_path, monkeypatch, damage):
     from edgehebb.io import load_filters

@@ -110,7 +110,7 @@ def cached_features(net: Net, images: np.ndarray, *, device: str | torch.device 
         import warnings
         warnings.warn(f"could not write the feature cache {path}: {e}", stacklevel=2)
         return feats
-    # Hand back the memory map, as a cache hit does: a head trained on the features of the images and of
-    # their mirror images then holds neither matrix in memory (the operating system pages them).
-    del feats
+    # Hand back the memory map, as a cache hit does (the matrix in memory goes with this frame): a head
+    # trained on the features of the images and of their mirror images then holds neither matrix in memory
+    # (the operating system pages them).
     return np.load(path, mmap_mode="r")

@@ -113,4 +113,7 @@ def cached_features(net: Net, images: np.ndarray, *, device: str | torch.device 
     # Hand back the memory map, as a cache hit does (the matrix in memory goes with this frame): a head
     # trained on the features of the images and of their mirror images then holds neither matrix in memory
     # (the operating system pages them).
-    return np.load(path, mmap_mode="r")
+    try:
+        return np.load(path, mmap_mode="r")
+    except (ValueError, OSError, EOFError):   # removed or cut short meanwhile by another process: keep ours
+        return feats

@@ -43,10 +43,10 @@ def test_the_shipped_rows_train_as_the_shipped_models_record(monkeypatch):
 
     table = reproduce_paper.rows()
     for row, shipped in (("shipped-fig2_left", "fig2_left-cifar10"), ("shipped-fig2_left_wide", "fig2_left_wide-cifar10")):
-        _, config = load_model(shipped)
+        net, config = load_model(shipped)
         recipe = table[row]["training"]
         assert recipe == {k: config["fit"][k] for k in recipe}, (row, recipe, config["fit"])
-        assert table[row]["spec"].blocks == load_model(shipped)[0].spec.blocks, row
+        assert table[row]["spec"].blocks == net.spec.blocks, row
 
 
 def _small(table: dict) -> dict:

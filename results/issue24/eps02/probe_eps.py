@@ -17,7 +17,7 @@ from edgehebb.data import load_split
 from edgehebb.io import load_filters, load_whitening
 from edgehebb.nnl.spec import spec_from_dict
 from edgehebb.nnl.layers import NNLNet
-from edgehebb.nnl.features import images_to_tensor
+from edgehebb.nnl.features import compute_features
 from edgehebb.camera.augment import augment
 from edgehebb.camera.conditions import apply_condition
 
@@ -36,11 +36,7 @@ xll = apply_condition(xte, "low-light", 6.5, seed=0)
 spec_d = json.load(open(Path(__file__).parents[3] / "models" / "fig2_left_wide.json"))
 
 def feats(net, x):
-    out = []
-    with torch.no_grad():
-        for s in range(0, len(x), 250):
-            out.append(net.features(images_to_tensor(x[s:s + 250])).numpy().astype(np.float64))
-    return np.concatenate(out)
+    return compute_features(net, x, progress=False, threads=1).astype(np.float64)
 
 for bank in sys.argv[1:]:
     t0 = time.time()

@@ -1,7 +1,8 @@
 """models/MODEL_FORMAT.md is enough to run a model: its forward pass, written here in numpy from the
 document alone (the files read with the safetensors and json packages, no edgehebb code), gives every
 shipped model's logits as edgehebb.Runtime does, within OP_SPEC's tolerance, and those of a small whitened
-model trained here (so the whitening step is checked before a whitened model ships)."""
+model trained here and of small models with a linear head and a hidden layer (so those steps are checked
+whatever ships)."""
 
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ BLOCK_DEFAULTS = {"stride": 1, "padding": 0, "center": False, "norm": True, "sig
 def document_forward(model_dir: Path, images: np.ndarray) -> np.ndarray:
     """Logits of uint8 (N, H, W, 3) RGB images, step by step as MODEL_FORMAT.md says, in float64."""
     config = json.loads((model_dir / "config.json").read_text())
-    assert config["format"] == "edgehebb.model/1" and config["kind"] == "nnl"
+    hidden = config["spec"].get("head_hidden", 0)
+    assert config["format"] == f"edgehebb.model/{2 if hidden else 1}" and config["kind"] == "nnl"
     t = load_file(str(model_dir / "model.safetensors"))
     spec = config["spec"]
     x = images.astype(np.float64).transpose(0, 3, 1, 2) / 255.0                     # step 1: (N, C, H, W)
@@ -60,7 +62,10 @@ def document_forward(model_dir: Path, images: np.ndarray) -> np.ndarray:
         feats.append(y.reshape(len(x), -1))                                           # step 4: (k, row, col)
     f = np.concatenate(feats, axis=1)
     z = (f - t["feature_mean"]) * t["feature_scale"]                                  # step 5
-    return z @ t["head.weight"].T.astype(np.float64) + t["head.bias"]                 # step 6
+    if hidden:                                                                        # step 6
+        z = np.maximum(z @ t["head.hidden.weight"].T.astype(np.float64) + t["head.hidden.bias"], 0)
+        return z @ t["head.out.weight"].T.astype(np.float64) + t["head.out.bias"]
+    return z @ t["head.weight"].T.astype(np.float64) + t["head.bias"]
 
 
 def _images(n: int = 24, seed: int = 0) -> np.ndarray:
@@ -114,6 +119,26 @@ def test_the_document_computes_a_whitened_models_logits(whitened_model):
     t = load_file(str(model / "model.safetensors"))
     assert t["blocks.0.whitening"].shape == (48, 3, 4, 4)
     _check_document_against_edgehebb(model, _gratings(9, 3).x)
+
+
+@pytest.mark.parametrize("hidden", [0, 8], ids=["linear", "hidden"])
+def test_the_document_computes_both_heads(hidden, tmp_path):
+    import torch
+
+    from edgehebb.nnl import NNLNet, save_model, spec_from_dict
+    from edgehebb.nnl.train import fit_standardiser
+
+    g = torch.Generator().manual_seed(hidden)
+    spec = spec_from_dict({"name": "tiny", "input": [3, 32, 32], "classes": 3, "head_hidden": hidden,
+                           "blocks": [{"kernel": 4, "filters": 12, "power": 5, "pool": 11, "pool_stride": 6}]})
+    net = NNLNet(spec, [torch.randn(12, 3, 4, 4, generator=g)])
+    images = _images(48, seed=1)   # the standardiser from enough images that no feature's spread is ~0
+    with torch.no_grad():
+        fit_standardiser(net, net.features(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255).numpy())
+        for p in net.head.parameters():
+            p.normal_(0, 0.5, generator=g)
+    save_model(tmp_path / "m", net, ["a", "b", "c"])
+    _check_document_against_edgehebb(tmp_path / "m", images[:12])
 
 
 @per_model

@@ -42,8 +42,9 @@ def flops_per_image(spec) -> float:
         mh, mw = b.map_size(h, w)
         n = c * b.kernel ** 2
         total += 2.0 * mh * mw * n * (b.filters + 2)       # dot product + two box sums
-    feats = sum(b.filters * np.prod(b.out_size(h, w)) for b in spec.blocks)
-    return total + 2.0 * feats * spec.classes
+    from edgehebb.nnl.spec import head_macs
+
+    return total + 2.0 * head_macs(spec)
 
 
 def percentiles(ms: list[float]) -> dict:
@@ -136,6 +137,7 @@ def main(argv=None) -> int:
 
     from edgehebb.data import load_split, resolve_data_root
     from edgehebb.nnl.model import load_model
+    from edgehebb.nnl.spec import feature_dim
     from edgehebb.deploy.onnx_export import export_onnx
 
     from edgehebb import cuda_driver
@@ -152,7 +154,7 @@ def main(argv=None) -> int:
         net, config = load_model(name)
         onnx_path = export_onnx(name, tmp / f"{Path(name).name}.onnx")
         spec = net.spec
-        r = {"features": int(net.head.in_features), "flops_per_image": flops_per_image(spec), "parity": {}, "latency": {}}
+        r = {"features": feature_dim(spec), "flops_per_image": flops_per_image(spec), "parity": {}, "latency": {}}
         with torch.no_grad():
             ref = torch.cat([net(xs[i:i + 250]) for i in range(0, len(xs), 250)]).double()
             gpu_net = load_model(name, "cuda")[0]

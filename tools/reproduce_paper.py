@@ -44,7 +44,7 @@ from edgehebb.learn.loop import LearnConfig
 from edgehebb.devices import resolve_device
 from edgehebb.learn.directory import learn_to_dir
 from edgehebb.nnl.model import load_model
-from edgehebb.nnl import NetSpec, load_spec, with_options
+from edgehebb.nnl import NetSpec, feature_dim, load_spec, with_options
 from edgehebb.nnl.train import BASELINE_TRAINING, TrainConfig, train_to_dir
 
 PAPER = {"fig2_left-local": 27.80, "fig2_left-e2e": 27.11, "fig2_middle-local": 23.0, "fig2_middle-e2e": 23.0}
@@ -129,7 +129,7 @@ def run_row(name: str, how: dict, train, test, banks: Path, out: Path, args, log
     result = evaluate(net, test, config["classes"], sweep=sweep, device=args.device, progress=not args.quiet)
     spec = how["spec"]
     return {"row": name, "training": "local" if how["local"] else "backprop",
-            "spec": spec.name, "features": int(net.head.in_features),
+            "spec": spec.name, "features": feature_dim(spec),
             "power": how.get("power", spec.blocks[0].power) if not how["local"] else [b.power for b in spec.blocks],
             "patch_norm": how.get("patch_norm", True) if not how["local"] else all(b.norm for b in spec.blocks),
             "val_accuracy": config["training"]["val_accuracy"], "best_epoch": config["training"]["best_epoch"],

@@ -31,7 +31,8 @@ PAPER = {"fig2_left": 27.80, "fig2_middle": 23.0}   # published test error, % (P
 def mflop(spec, normalised: bool = True) -> float:
     """Multiply-adds x 2 per frame, in MFLOP: every block's patch dot products (K filters of N = C*W*W),
     the |v|^2 box sum (N) unless ``normalised`` is False (the end-to-end CONV twin has no patch norm), a
-    whitening convolution (N x N) where present, and the linear head."""
+    whitening convolution (N x N) where present, and the head (D x classes, or D x H + H x classes with a
+    hidden layer of H units)."""
     c, h, w = spec.input
     total = 0.0
     for b in spec.blocks:
@@ -39,9 +40,9 @@ def mflop(spec, normalised: bool = True) -> float:
         n = c * b.kernel ** 2
         per_position = b.filters * n + (n if normalised else 0) + (n * n if getattr(b, "whiten", False) else 0)
         total += 2 * mh * mw * per_position
-    from edgehebb.nnl.spec import feature_dim
+    from edgehebb.nnl.spec import head_macs
 
-    total += 2 * feature_dim(spec) * spec.classes
+    total += 2 * head_macs(spec)
     return total / 1e6
 
 

@@ -23,6 +23,9 @@ from edgehebb.cli.options import DEVICES, SEEDS, data_option, given, skipped_rec
 @click.option("--colour-norm", type=click.Choice(["none", "gray-world"]), default=None,
               help="Colour normalisation of each image before the blocks, replacing the spec's [default: the "
                    "spec's, none in the shipped specs]; gray-world multiplies each channel by the image's mean grey over the channel's mean.")
+@click.option("--head-hidden", type=click.IntRange(min=0), default=None,
+              help="A hidden layer of N ReLU units in the head (Linear -> ReLU -> Linear), replacing the spec's "
+                   "[default: the spec's; 0, a linear softmax head, in the shipped specs]. --dropout applies to it too.")
 @click.option("--baseline", is_flag=True, help="Train the spec's standard CONV twin end to end instead.")
 @click.option("--baseline-power", type=click.FloatRange(min=1), default=1.0,
               help="--baseline: n in ReLU(x)^n (1: plain ReLU).")
@@ -44,7 +47,8 @@ from edgehebb.cli.options import DEVICES, SEEDS, data_option, given, skipped_rec
 @click.option("--flip", is_flag=True, help="Also train on every training image mirrored left-right (the head: their "
               "features too; a --baseline twin: half of each batch mirrored).")
 @click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=0.0,
-              help="Dropout on the features while training (none at inference).")
+              help="Dropout on the features, and on the head's hidden layer if it has one, while training "
+                   "(none at inference).")
 @click.option("--schedule", type=click.Choice(["constant", "cosine"]), default="constant",
               help="Learning rate: constant, or annealed to 0 along a cosine over the epochs.")
 @click.option("--learn-epochs", type=click.IntRange(min=1), default=1, help="Epochs of `edgehebb learn` for missing banks.")
@@ -57,7 +61,7 @@ from edgehebb.cli.options import DEVICES, SEEDS, data_option, given, skipped_rec
 @threads_option
 @click.option("--json", "as_json", is_flag=True, help="Print the training record as JSON on stdout.")
 @click.pass_context
-def train(ctx, spec, data, out, limit, filters_from, sigma, colour_norm, baseline, baseline_power, patch_norm, epochs,
+def train(ctx, spec, data, out, limit, filters_from, sigma, colour_norm, head_hidden, baseline, baseline_power, patch_norm, epochs,
           batch, lr, weight_decay, val_fraction, augment, augment_fraction, flip, dropout, schedule, learn_epochs, learn_batch, backend, device,
           seed, skip_bad, no_cache, threads, as_json):
     """Train a classifier: the head on frozen learned filters, or (--baseline) the CONV twin end to end."""
@@ -66,7 +70,7 @@ def train(ctx, spec, data, out, limit, filters_from, sigma, colour_norm, baselin
     from edgehebb.nnl.spec import load_spec, with_options
     from edgehebb.nnl.train import check_request, train_to_dir, training_config
 
-    net_spec = with_options(load_spec(spec), sigma=sigma, colour_norm=colour_norm)
+    net_spec = with_options(load_spec(spec), sigma=sigma, colour_norm=colour_norm, head_hidden=head_hidden)
     check_request(net_spec, out, filters_from=list(filters_from), baseline=baseline,
                   baseline_only=given(ctx, {"baseline_power": "--baseline-power", "patch_norm": "--patch-norm"}),
                   learning_only=given(ctx, {"filters_from": "--filters-from", "learn_epochs": "--learn-epochs",

@@ -2,7 +2,7 @@
 
 Each patch-normalised block of a network runs as one kernel that never writes its cosine map: it
 pools in shared memory and writes only the pooled outputs, straight into their columns of the
-(B, features) matrix. Standardisation and the linear head stay in torch. The kernel computes what
+(B, features) matrix. Standardisation and the head stay in torch. The kernel computes what
 ``nnl.NNLConv`` computes (the op of export/OP_SPEC.md); ``tests/test_nnl_fused.py -m gpu`` checks it
 against the network evaluated in float64.
 

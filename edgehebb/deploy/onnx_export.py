@@ -34,7 +34,8 @@ from edgehebb.errors import EdgehebbError
 from edgehebb.deploy.frames import CHANNEL_ORDERS, FITS, check_choice, crop_box
 from edgehebb.io import atomic_write
 from edgehebb.nnl.model import load_model, model_kind
-from edgehebb.nnl.layers import COLOUR_EPS, ConvBlock, NNLConv, Net
+from edgehebb.nnl.layers import COLOUR_EPS, ConvBlock, HiddenHead, NNLConv, Net
+from edgehebb.nnl.spec import feature_dim
 from edgehebb.deploy.onnx_standard import activation_shapes, standard_ops as to_standard_ops
 
 PREPROCESS = ("none", "uint8-nhwc")
@@ -251,11 +252,19 @@ def build_model_proto(net: Net, classes: list[str], *, preprocess: str | None = 
     g.add("Identity", [feats], "features")
     z = g.add("Sub", ["features", g.init("feature_mean", net.feature_mean)], "features.centred")
     z = g.add("Mul", [z, g.init("feature_scale", net.feature_scale)], "features.standardised")
-    g.add("Gemm", [z, g.init("head.weight", net.head.weight), g.init("head.bias", net.head.bias)], "logits",
+    if isinstance(net.head, HiddenHead):
+        hidden = net.head.hidden
+        z = g.add("Gemm", [z, g.init("head.hidden.weight", hidden.weight), g.init("head.hidden.bias", hidden.bias)],
+                  "head.hidden", transB=1)
+        z = g.add("Relu", [z], "head.hidden.relu")
+        out, prefix = net.head.out, "head.out"   # initializers named as the model file's tensors
+    else:
+        out, prefix = net.head, "head"
+    g.add("Gemm", [z, g.init(f"{prefix}.weight", out.weight), g.init(f"{prefix}.bias", out.bias)], "logits",
           transB=1)
     g.add("Softmax", ["logits"], "probabilities", axis=1)
 
-    d, k = net.head.in_features, spec.classes
+    d, k = feature_dim(spec), spec.classes
     outputs = [helper.make_tensor_value_info("logits", FLOAT, ["batch", k]),
                helper.make_tensor_value_info("probabilities", FLOAT, ["batch", k]),
                helper.make_tensor_value_info("features", FLOAT, ["batch", d])]

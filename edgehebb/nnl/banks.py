@@ -13,7 +13,7 @@ from edgehebb.errors import EdgehebbError
 from edgehebb.io import CHECKPOINT_FILE, CONFIG_FILE, FILTERS_FILE, load_filters, load_tensors, load_whitening, read_json
 from edgehebb.learn.directory import learn_to_dir, normalised_data_key, settings_differ
 from edgehebb.learn.loop import LearnConfig
-from edgehebb.nnl.model import MODEL_FORMAT, WEIGHTS_FILE
+from edgehebb.nnl.model import MODEL_FORMATS, WEIGHTS_FILE
 from edgehebb.nnl.spec import BlockSpec, NetSpec, spec_from_dict
 
 Log = Callable[[str], None]
@@ -54,7 +54,7 @@ def _bank_from_dir(path: Path, block: BlockSpec, channels: int) -> FoundBank | N
         return None
     config = read_json(path / CONFIG_FILE)
     fmt = config.get("format")
-    if fmt == MODEL_FORMAT:
+    if fmt in MODEL_FORMATS:
         if config.get("kind") != "nnl":
             return None
         if not isinstance(config.get("spec"), dict):

@@ -73,12 +73,12 @@ def cache_dir() -> Path:
 
 
 def features_key(net: Net, images: np.ndarray) -> str:
-    """Hex digest of the images, the blocks' tensors (not the head's), the spec, the kind of network
+    """Hex digest of the images, the blocks' tensors (not the head's), the spec (but its head), the kind of network
     (a CONV twin's power and patch norm change its features, not its tensors) and the layer's code
     (edgehebb/nnl/layers.py: a change to its arithmetic must not reuse features computed before it)."""
     h = hashlib.sha256()
     h.update(Path(nnl.__file__).read_bytes())
-    h.update(json.dumps(net.spec.to_dict(), sort_keys=True).encode())
+    h.update(json.dumps(net.spec.without_head(), sort_keys=True).encode())   # heads share features
     h.update(json.dumps(model_kind(net)).encode())
     h.update(json.dumps([list(images.shape), str(images.dtype)]).encode())
     h.update(np.ascontiguousarray(images).data)

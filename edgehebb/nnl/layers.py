@@ -266,8 +266,29 @@ class ConvBlock(nn.Module):
 
 # ----------------------------------------------------------------------------- networks
 
+class HiddenHead(nn.Module):
+    """The head with a hidden layer (``head_hidden`` in the spec): ``out(dropout(relu(hidden(z))))``.
+
+    ``dropout`` is a training setting, not part of the model (0 unless :mod:`edgehebb.nnl.train` sets
+    it; no effect in eval mode)."""
+
+    def __init__(self, features: int, hidden: int, classes: int):
+        super().__init__()
+        self.hidden = nn.Linear(features, hidden)
+        self.out = nn.Linear(hidden, classes)
+        self.dropout = 0.0
+
+    def reset_parameters(self) -> None:
+        self.hidden.reset_parameters()
+        self.out.reset_parameters()
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.out(F.dropout(F.relu(self.hidden(z)), self.dropout, self.training))
+
+
 class Net(nn.Module):
-    """Blocks side by side on the image, flattened and concatenated, standardised, then a linear head.
+    """Blocks side by side on the image, flattened and concatenated, standardised, then the head: a
+    linear layer (softmax classifier), or with ``head_hidden`` a :class:`HiddenHead`.
 
     With n = 40 the pooled features are tiny (0.85^40 ~ 2e-3, 0.5^40 ~ 1e-12) and spread over
     orders of magnitude, so the head sees them standardised: ``(f - feature_mean) * feature_scale``
@@ -276,16 +297,17 @@ class Net(nn.Module):
 
     spec: NetSpec
     blocks: nn.ModuleList
-    head: nn.Linear
+    head: nn.Linear | HiddenHead
 
     def _init_head(self, spec: NetSpec) -> None:
         d = feature_dim(spec)
         self.register_buffer("feature_mean", torch.zeros(d))
         self.register_buffer("feature_scale", torch.ones(d))
-        self.head = nn.Linear(d, spec.classes)
+        self.head = (HiddenHead(d, spec.head_hidden, spec.classes) if spec.head_hidden
+                     else nn.Linear(d, spec.classes))
 
     def _check_input(self, x: torch.Tensor) -> None:
-        want = self.head.weight.dtype   # float32, or float64 after .double()
+        want = self.feature_mean.dtype   # float32, or float64 after .double()
         if x.dim() != 4 or tuple(x.shape[1:]) != self.spec.input or x.dtype != want:
             raise EdgehebbError(f"{self.spec.name} expects {want} images (N, {', '.join(map(str, self.spec.input))}) "
                                 f"in [0, 1], got {x.dtype} {tuple(x.shape)}")
@@ -297,7 +319,7 @@ class Net(nn.Module):
         return torch.cat([block(x).flatten(1) for block in self.blocks], dim=1)
 
     def classify(self, features: torch.Tensor) -> torch.Tensor:
-        """Logits from :meth:`features` output: standardise, then the linear head."""
+        """Logits from :meth:`features` output: standardise, then the head."""
         return self.head((features - self.feature_mean) * self.feature_scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

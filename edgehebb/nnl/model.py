@@ -2,8 +2,9 @@
 
 A model directory holds
 
-- ``config.json``: ``format`` (``edgehebb.model/1``), ``kind`` (``nnl``: frozen learned filters;
-  ``conv``: the CONV twin or a backprop ablation trained end to end, with its ``conv`` settings),
+- ``config.json``: ``format`` (``edgehebb.model/1``; ``/2`` for a head with a hidden layer), ``kind``
+  (``nnl``: frozen learned filters; ``conv``: the CONV twin or a backprop ablation trained end to end,
+  with its ``conv`` settings),
   the network ``spec`` (as in ``models/*.json``, with any per-run changes already applied), the
   ``classes`` (names, index = label), the input convention and a record of how it was trained;
 - ``model.safetensors``: the network's ``state_dict`` (filters, head, feature standardisation).
@@ -27,6 +28,13 @@ from edgehebb.nnl.layers import ConvNet, NNLNet, Net
 from edgehebb.resources import data_dirs
 
 MODEL_FORMAT = "edgehebb.model/1"
+# Version 2 added the head's hidden layer (spec ``head_hidden``). A model is written with the lowest version
+# that holds it, so a reader of version 1 still runs every model with a linear head.
+MODEL_FORMATS = (MODEL_FORMAT, "edgehebb.model/2")
+
+
+def model_format(spec: NetSpec) -> str:
+    return MODEL_FORMATS[1] if spec.head_hidden else MODEL_FORMATS[0]
 WEIGHTS_FILE = "model.safetensors"
 # Images enter every network as float32 NCHW RGB in [0, 1] (uint8 / 255).
 INPUT = {"layout": "NCHW", "dtype": "float32", "channels": "RGB", "range": [0.0, 1.0]}
@@ -72,7 +80,7 @@ def save_model(out: str | os.PathLike, net: Net, classes: list[str], record: dic
     if kind == "nnl":   # a net with trainable filters holds them raw; an nnl model file holds unit filters
         state.update({f"blocks.{i}.weight": block.unit_weight().detach() for i, block in enumerate(net.blocks)})
     save_tensors(out / WEIGHTS_FILE, {k: v.float() for k, v in state.items()})
-    config = {"format": MODEL_FORMAT, "kind": kind, "spec": net.spec.to_dict(), "classes": list(classes),
+    config = {"format": model_format(net.spec), "kind": kind, "spec": net.spec.to_dict(), "classes": list(classes),
               "input": INPUT}
     if conv is not None:
         config["conv"] = conv
@@ -110,12 +118,15 @@ def load_model(name_or_path: str | os.PathLike, device: str | torch.device = "cp
     """(network in eval mode, config dict) of a model directory written by :func:`save_model`."""
     path = resolve_model(name_or_path)
     config = read_json(path / CONFIG_FILE)
-    if config.get("format") != MODEL_FORMAT:
+    if config.get("format") not in MODEL_FORMATS:
         hint = " (a filter bank: train a model from it with `edgehebb train --filters-from`)" \
             if str(config.get("format", "")).startswith("edgehebb.filters") else ""
         raise EdgehebbError(f"{path / CONFIG_FILE} is not an edgehebb model (format {config.get('format')!r}, "
-                            f"expected {MODEL_FORMAT!r}){hint}")
+                            f"expected {' or '.join(map(repr, MODEL_FORMATS))}){hint}")
     spec = spec_from_dict(config.get("spec"), f"{path / CONFIG_FILE}: spec")
+    if config["format"] != model_format(spec):
+        raise EdgehebbError(f"{path / CONFIG_FILE}: format {config['format']!r} does not match its spec "
+                            f"(head_hidden {spec.head_hidden}: {model_format(spec)!r})")
     classes = config.get("classes")
     if not isinstance(classes, list) or len(classes) != spec.classes:
         raise EdgehebbError(f"{path / CONFIG_FILE}: 'classes' must list {spec.classes} names")

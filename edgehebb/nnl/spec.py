@@ -2,7 +2,8 @@
 
 A spec is what ``models/*.json`` holds and what a model directory's ``config.json`` records under
 ``spec``: the blocks' geometry (W, K, n, pooling, stride, padding), the patch norm's options
-(``center``, ``norm``, ``sigma``) and the net-level colour normalisation. Every key, its meaning and
+(``center``, ``norm``, ``sigma``, ``whiten``), the net-level colour normalisation and the head's
+hidden layer. Every key, its meaning and
 its default when absent are listed in ``models/MODEL_FORMAT.md``. Errors name the file and the key.
 """
 
@@ -65,6 +66,8 @@ class NetSpec:
     classes: int = 10
     description: str = ""
     colour_norm: str = "none"   # COLOUR_NORMS: a per-image colour normalisation before the blocks
+    head_hidden: int = 0        # > 0: the head is Linear(D, H) -> ReLU -> Linear(H, classes) with H units;
+                                # 0: one linear layer (softmax classifier), the paper's head
 
     def to_dict(self) -> dict:
         """JSON-ready form; :func:`spec_from_dict` reads it back."""
@@ -78,6 +81,14 @@ class NetSpec:
                 del b["whiten"]
         if d["colour_norm"] == "none":
             del d["colour_norm"]
+        if not d["head_hidden"]:
+            del d["head_hidden"]
+        return d
+
+    def without_head(self) -> dict:
+        """:meth:`to_dict` less what only the head uses: what decides the features (edgehebb.nnl.features)."""
+        d = self.to_dict()
+        d.pop("head_hidden", None)
         return d
 
 
@@ -87,6 +98,12 @@ def feature_dim(spec: NetSpec) -> int:
     return sum(b.filters * math.prod(b.out_size(h, w)) for b in spec.blocks)
 
 
+def head_macs(spec: NetSpec) -> int:
+    """Multiply-adds of the head per image: D x classes, or D x H + H x classes with a hidden layer of H."""
+    d, hidden = feature_dim(spec), spec.head_hidden
+    return d * hidden + hidden * spec.classes if hidden else d * spec.classes
+
+
 def map_floats(spec: NetSpec) -> int:
     """Floats of the cosine maps of one input image before pooling: sum over blocks of K * rows * cols."""
     _, h, w = spec.input
@@ -94,7 +111,7 @@ def map_floats(spec: NetSpec) -> int:
 
 
 _BLOCK_KEYS = {f.name for f in fields(BlockSpec)}
-_NET_KEYS = {"name", "blocks", "input", "classes", "description", "colour_norm"}
+_NET_KEYS = {"name", "blocks", "input", "classes", "description", "colour_norm", "head_hidden"}
 
 
 def _int(value, where: str, minimum: int) -> int:
@@ -183,17 +200,22 @@ def spec_from_dict(d: dict, source: str = "spec") -> NetSpec:
     colour_norm = check_colour_norm(d.get("colour_norm", "none"), f"{source}: 'colour_norm'")
     if colour_norm != "none" and c != 3:
         raise EdgehebbError(f"{source}: colour_norm {colour_norm!r} needs 3-channel (RGB) input, got {c} channel(s)")
+    head_hidden = _int(d.get("head_hidden", 0), f"{source}: 'head_hidden'", 0)
     return NetSpec(name=name, blocks=tuple(blocks), input=(c, h, w), classes=classes,
-                   description=str(d.get("description", "")), colour_norm=colour_norm)
+                   description=str(d.get("description", "")), colour_norm=colour_norm, head_hidden=head_hidden)
 
 
-def with_options(spec: NetSpec, sigma: float | None = None, colour_norm: str | None = None) -> NetSpec:
-    """``spec`` with every block's ``sigma`` and/or the net's ``colour_norm`` replaced (None: kept), checked."""
+def with_options(spec: NetSpec, sigma: float | None = None, colour_norm: str | None = None,
+                 head_hidden: int | None = None) -> NetSpec:
+    """``spec`` with every block's ``sigma``, the net's ``colour_norm`` and/or ``head_hidden`` replaced
+    (None: kept), checked."""
     d = spec.to_dict()
     if sigma is not None:
         d["blocks"] = [{**b, "sigma": sigma} for b in d["blocks"]]
     if colour_norm is not None:
         d["colour_norm"] = colour_norm
+    if head_hidden is not None:
+        d["head_hidden"] = head_hidden
     return spec_from_dict(d, spec.name)
 
 

@@ -34,7 +34,7 @@ from edgehebb.io import CONFIG_FILE, check_writable_dir
 from edgehebb.learn.loop import check_seed
 from edgehebb.nnl.banks import filter_banks, require_bank
 from edgehebb.nnl.features import cached_features
-from edgehebb.nnl.layers import ConvNet, Net, NNLNet
+from edgehebb.nnl.layers import ConvNet, HiddenHead, Net, NNLNet
 from edgehebb.nnl.model import save_model
 from edgehebb.nnl.spec import NetSpec
 
@@ -64,7 +64,8 @@ class TrainConfig:
     augment: str = ""           # camera conditions (edgehebb.camera.conditions names, comma-separated) applied to a
     augment_fraction: float = 0.5   # share of the training images (edgehebb.camera.augment.augment); "" = none
     flip: bool = False          # the head also trains on each training image mirrored left-right (its features)
-    dropout: float = 0.0        # dropout on the standardised features while the head trains (none at inference)
+    dropout: float = 0.0        # dropout on the standardised features while the head trains, and on its hidden
+                                # layer if it has one (none at inference)
     schedule: str = "constant"  # the learning rate: constant, or "cosine": annealed to 0 over the epochs, step by step
 
     def check(self) -> None:
@@ -189,9 +190,15 @@ def _fit(params, logits_of: Callable[[torch.Tensor], torch.Tensor], labels: torc
     return {"best_epoch": best_epoch, "val_accuracy": best, "history": history}
 
 
+def _set_hidden_dropout(net: Net, p: float) -> None:
+    """The training's dropout also on the hidden layer of a :class:`HiddenHead` (a linear head has none)."""
+    if isinstance(net.head, HiddenHead):
+        net.head.dropout = p
+
+
 def train_head(net: Net, feats: np.ndarray, labels: np.ndarray, cfg: TrainConfig, *, device: str = "cpu",
                flipped: np.ndarray | None = None, progress: bool = True, log: Log = _stderr) -> dict:
-    """Fit ``net``'s standardiser and softmax head on frozen ``feats`` (N, D); the blocks are untouched.
+    """Fit ``net``'s standardiser and head on frozen ``feats`` (N, D); the blocks are untouched.
 
     ``flipped``: the features of the same N images mirrored left-right (``cfg.flip``); the rows of the
     training split join the training set, the validation split stays the unflipped images."""
@@ -206,6 +213,7 @@ def train_head(net: Net, feats: np.ndarray, labels: np.ndarray, cfg: TrainConfig
     net.to(device)
     torch.manual_seed(cfg.seed)
     net.head.reset_parameters()
+    _set_hidden_dropout(net, cfg.dropout)
     # Standardise once; ~3.6 GB for the fig. 2-middle features of 50k images (float32). A matrix above 4 GB
     # is kept in float16 (z-scores, ~5e-4 relative), each batch widened to float32 for the head.
     n, d = len(feats), feats.shape[1]
@@ -233,6 +241,7 @@ def train_end_to_end(net: Net, images: np.ndarray, labels: np.ndarray, cfg: Trai
     cfg.check()
     train_idx, val_idx = validation_split(labels, cfg.val_fraction, cfg.seed)
     net.to(device)
+    _set_hidden_dropout(net, cfg.dropout)
     if torch.device(device).type == "cpu":
         keep_freed_memory()   # each step's maps come and go: 0.47 instead of 0.6 s a step for fig2_left's twin
     x = torch.from_numpy(np.array(images)).to(device)     # uint8 NHWC (copied: may be a read-only memmap) stays small on the device

@@ -61,8 +61,8 @@ from edgehebb.cli.options import DEVICES, SEEDS, data_option, given, skipped_rec
 @threads_option
 @click.option("--json", "as_json", is_flag=True, help="Print the training record as JSON on stdout.")
 @click.pass_context
-def train(ctx, spec, data, out, limit, filters_from, sigma, colour_norm, head_hidden, baseline, baseline_power, patch_norm, epochs,
-          batch, lr, weight_decay, val_fraction, augment, augment_fraction, flip, dropout, schedule, learn_epochs, learn_batch, backend, device,
+def train(ctx, spec, data, out, limit, filters_from, sigma, colour_norm, head_hidden, baseline, baseline_power, patch_norm,
+          epochs, batch, lr, weight_decay, val_fraction, augment, augment_fraction, flip, dropout, schedule, learn_epochs, learn_batch, backend, device,
           seed, skip_bad, no_cache, threads, as_json):
     """Train a classifier: the head on frozen learned filters, or (--baseline) the CONV twin end to end."""
     from edgehebb import threads as thread_policy

@@ -31,13 +31,14 @@ MODEL_FORMAT = "edgehebb.model/1"
 # Version 2 added the head's hidden layer (spec ``head_hidden``). A model is written with the lowest version
 # that holds it, so a reader of version 1 still runs every model with a linear head.
 MODEL_FORMATS = (MODEL_FORMAT, "edgehebb.model/2")
-
-
-def model_format(spec: NetSpec) -> str:
-    return MODEL_FORMATS[1] if spec.head_hidden else MODEL_FORMATS[0]
 WEIGHTS_FILE = "model.safetensors"
 # Images enter every network as float32 NCHW RGB in [0, 1] (uint8 / 255).
 INPUT = {"layout": "NCHW", "dtype": "float32", "channels": "RGB", "range": [0.0, 1.0]}
+
+
+def model_format(spec: NetSpec) -> str:
+    """The format version a model of ``spec`` is written with (the lowest that holds it)."""
+    return MODEL_FORMATS[1] if spec.head_hidden else MODEL_FORMATS[0]
 
 
 def build_net(kind: str, spec: NetSpec, conv: dict | None = None, where: str = "model") -> Net:

@@ -3,8 +3,8 @@
 A spec is what ``models/*.json`` holds and what a model directory's ``config.json`` records under
 ``spec``: the blocks' geometry (W, K, n, pooling, stride, padding), the patch norm's options
 (``center``, ``norm``, ``sigma``, ``whiten``), the net-level colour normalisation and the head's
-hidden layer. Every key, its meaning and
-its default when absent are listed in ``models/MODEL_FORMAT.md``. Errors name the file and the key.
+hidden layer. Every key, its meaning and its default when absent are listed in
+``models/MODEL_FORMAT.md``. Errors name the file and the key.
 """
 
 from __future__ import annotations

@@ -73,8 +73,8 @@ def cache_dir() -> Path:
 
 
 def features_key(net: Net, images: np.ndarray) -> str:
-    """Hex digest of the images, the blocks' tensors (not the head's), the spec (but its head), the kind of network
-    (a CONV twin's power and patch norm change its features, not its tensors) and the layer's code
+    """Hex digest of the images, the blocks' tensors (not the head's), the spec less its head, the kind of
+    network (a CONV twin's power and patch norm change its features, not its tensors) and the layer's code
     (edgehebb/nnl/layers.py: a change to its arithmetic must not reuse features computed before it)."""
     h = hashlib.sha256()
     h.update(Path(nnl.__file__).read_bytes())

@@ -26,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "combo"))
 from screen_combo import cached  # noqa: E402
 
 from edgehebb.data import load_split  # noqa: E402
-from edgehebb.nnl import NNLNet, load_model, save_model, with_options  # noqa: E402
+from edgehebb.nnl import load_model, save_model, with_options  # noqa: E402
+from edgehebb.nnl.model import build_net  # noqa: E402
 from edgehebb.nnl.train import TrainConfig, train_head, training_images  # noqa: E402
 
 
@@ -41,13 +42,12 @@ def main():
     x = training_images(train, recipe)
     feats = cached(shipped, x)
     flipped = cached(shipped, np.ascontiguousarray(x[:, :, ::-1]))
-    banks = [(b.unit_weight(), b.whitening) if b.whitening is not None else b.unit_weight() for b in shipped.blocks]
     for h in heads:
         h = dict(h)
         spec = with_options(shipped.spec, head_hidden=h.pop("head_hidden"))
         cfg = dataclasses.replace(recipe, **h)
-        net = NNLNet(spec, banks)
-        net.blocks.load_state_dict(shipped.blocks.state_dict())   # the shipped tensors, not renormalised copies
+        net = build_net("nnl", spec)
+        net.blocks.load_state_dict(shipped.blocks.state_dict())   # the shipped tensors, bit for bit
         t0 = time.perf_counter()
         result = train_head(net, feats, train.y, cfg, flipped=flipped, progress=False,
                             log=lambda s: print(s, file=sys.stderr, flush=True))
